@@ -1,0 +1,48 @@
+"""Device-side measurements that decide which prompt layers travel (SPEC section 2).
+
+The maths lives in :mod:`fedpeptao.core.scoring` and :mod:`fedpeptao.core.hessian`; this module
+only feeds them a client's batch through the prompted model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fedpeptao.core.hessian import hvp_fn
+from fedpeptao.core.scoring import layer_scores
+from fedpeptao.data.encoding import EncodedDataset
+from fedpeptao.models.classifier import PromptedClassifier
+
+
+def _first_batch(data: EncodedDataset, indices: np.ndarray, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    return next(data.batches(indices, batch_size, shuffle=True, rng=rng))
+
+
+@torch.no_grad()
+def client_layer_scores(model: PromptedClassifier, data: EncodedDataset, indices: np.ndarray,
+                        batch_size: int, seed: int) -> torch.Tensor:
+    """Layer-importance scores from one batch of this client's data (needs >= 2 examples)."""
+    if len(indices) < 2:
+        raise ValueError("layer scoring needs at least 2 examples on the client")
+    model.eval()
+    batch = _first_batch(data, indices, batch_size, seed)
+    outputs = model.layer_outputs(batch["input_ids"], batch["attention_mask"])
+    mask = batch["attention_mask"].unsqueeze(-1).to(outputs[0].dtype)
+    return layer_scores([h * mask for h in outputs])
+
+
+def client_hvp(model: PromptedClassifier, data: EncodedDataset, indices: np.ndarray, batch_size: int,
+               seed: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """Hessian-vector products of this client's batch loss w.r.t. all prompt parameters.
+
+    Evaluated in eval mode (no dropout) so that the operator is a fixed symmetric matrix.
+    """
+    model.eval()
+    batch = _first_batch(data, indices, batch_size, seed)
+    params = [model.prompt.layers[str(i)] for i in model.prompt.active_layers]
+    dim = sum(p.numel() for p in params)
+    return hvp_fn(lambda: model(**batch).loss, params), dim

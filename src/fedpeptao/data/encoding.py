@@ -1,0 +1,149 @@
+"""Turn text examples into token ids for each classification rule (SPEC section 1).
+
+Templates are lists of segments: the placeholders ``{a}``, ``{b}`` and ``{mask}`` and literal
+text. Segments are tokenised separately and only the text placeholders are truncated, so the
+template (and the label-word position) survives any input length.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from fedpeptao.data.dataset import DataError, TextDataset
+
+DEFAULT_TEMPLATES = {
+    ("mlm", False): "{a} . It was {mask} .",
+    ("mlm", True): "{a} ? {mask} , {b}",
+    ("lm", False): "{a} It was",
+    ("lm", True): "{a} {b} They are",
+}
+
+# Verbaliser words for label names people commonly use; anything else is its own word.
+_KNOWN_WORDS = {
+    "rotten": "bad", "fresh": "good", "negative": "bad", "positive": "good",
+    "entailment": "yes", "not_entailment": "no", "subjective": "personal", "objective": "factual",
+    "spam": "spam", "ham": "normal",
+}
+
+
+def default_label_words(label_names: list[str], is_pair: bool) -> list[str]:
+    """Label words for a verbaliser when the user gave none."""
+    if [n.lower() for n in label_names] == ["0", "1"]:
+        return ["no", "yes"] if is_pair else ["bad", "good"]
+    return [_KNOWN_WORDS.get(n.lower(), n) for n in label_names]
+
+
+def label_word_ids(tokenizer, words: list[str], head: str) -> list[int]:
+    """One token id per label word; decoders see the word after a space."""
+    ids = []
+    for word in words:
+        text = f" {word}" if head == "lm" else word
+        pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not pieces:
+            raise DataError(f"label word '{word}' produces no tokens")
+        ids.append(pieces[0])
+    if len(set(ids)) != len(ids):
+        raise DataError(f"label words {words} share a first token; choose words that start differently")
+    return ids
+
+
+@dataclass
+class EncodedDataset:
+    input_ids: list[list[int]]
+    target_pos: np.ndarray  # where the class is read: the <mask> or the last token
+    labels: np.ndarray
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batches(self, indices: np.ndarray, batch_size: int, shuffle: bool = False,
+                rng: np.random.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Right-padded batches, padded only to the longest example in the batch."""
+        order = np.asarray(indices)
+        if shuffle:
+            order = order[(rng or np.random.default_rng()).permutation(len(order))]
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            width = max(len(self.input_ids[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                seq = self.input_ids[i]
+                ids[row, :len(seq)] = torch.tensor(seq)
+                mask[row, :len(seq)] = 1
+            yield {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "target_pos": torch.as_tensor(self.target_pos[chunk], dtype=torch.long),
+                "labels": torch.as_tensor(self.labels[chunk], dtype=torch.long),
+            }
+
+
+def _segments(template: str) -> list[str]:
+    return [s for s in re.split(r"(\{a\}|\{b\}|\{mask\})", template) if s]
+
+
+def _fit(lengths: dict[str, int], budget: int) -> dict[str, int]:
+    """Shrink the longest text first until everything fits (like ``truncation='longest_first'``)."""
+    lengths = dict(lengths)
+    while sum(lengths.values()) > budget and any(lengths.values()):
+        longest = max(lengths, key=lambda k: lengths[k])
+        lengths[longest] -= 1
+    return lengths
+
+
+def encode(dataset: TextDataset, tokenizer, head: str, max_length: int, template: str | None = None) -> EncodedDataset:
+    """Tokenise a dataset for one classification rule."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if head == "linear":
+        enc = tokenizer(dataset.texts_a, dataset.texts_b, truncation=True, max_length=max_length)
+        ids = enc["input_ids"]
+        return EncodedDataset(ids, np.zeros(len(ids), dtype=np.int64), dataset.labels.copy(), pad_id)
+
+    template = template or DEFAULT_TEMPLATES[(head, dataset.is_pair)]
+    parts = _segments(template)
+    if dataset.is_pair and "{b}" not in parts:
+        raise DataError(f"template '{template}' has no {{b}} for a sentence-pair task")
+    if head == "mlm" and "{mask}" not in parts:
+        raise DataError(f"template '{template}' needs a {{mask}} for the mlm head")
+    literal = {p: tokenizer(p, add_special_tokens=False)["input_ids"] for p in parts if p not in ("{a}", "{b}", "{mask}")}
+    specials = tokenizer.build_inputs_with_special_tokens([])  # e.g. [CLS][SEP], or <bos>, or nothing
+    fixed = len(specials) + sum(len(v) for v in literal.values()) + parts.count("{mask}")
+    tok_a = tokenizer(dataset.texts_a, add_special_tokens=False)["input_ids"]
+    tok_b = tokenizer(dataset.texts_b, add_special_tokens=False)["input_ids"] if dataset.is_pair else None
+
+    all_ids, targets = [], []
+    for i in range(len(dataset)):
+        texts = {"{a}": tok_a[i]} | ({"{b}": tok_b[i]} if tok_b is not None else {})
+        keep = _fit({k: len(v) for k, v in texts.items()}, max_length - fixed)
+        body: list[int] = []
+        mask_at = -1
+        for part in parts:
+            if part in texts:
+                body += texts[part][:keep[part]]
+            elif part == "{mask}":
+                mask_at = len(body)
+                body.append(tokenizer.mask_token_id)
+            else:
+                body += literal[part]
+        ids = tokenizer.build_inputs_with_special_tokens(body)
+        offset = _leading_specials(tokenizer)
+        if head == "mlm":
+            targets.append(mask_at + offset)
+        else:  # the label word is predicted from the last template token
+            targets.append(offset + len(body) - 1)
+        all_ids.append(ids)
+    return EncodedDataset(all_ids, np.asarray(targets, dtype=np.int64), dataset.labels.copy(), pad_id)
+
+
+def _leading_specials(tokenizer) -> int:
+    """How many special tokens the tokenizer puts before the text (e.g. [CLS] or <bos>)."""
+    marker = tokenizer.convert_tokens_to_ids(tokenizer.unk_token) if tokenizer.unk_token else 0
+    ids = tokenizer.build_inputs_with_special_tokens([marker, marker])
+    return ids.index(marker)

@@ -1,0 +1,38 @@
+"""Resolve a data configuration to (train, eval) splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fedpeptao.data.bundled import rotten_tomatoes
+from fedpeptao.data.dataset import DataError, TextDataset
+from fedpeptao.data.readers import load_task_dir, read_table
+
+BUNDLED = {"rotten_tomatoes": rotten_tomatoes}
+
+
+def _cap(dataset: TextDataset, limit: int | None, seed: int) -> TextDataset:
+    """A seeded random subset, for quick studies on large tasks."""
+    if limit is None or len(dataset) <= limit:
+        return dataset
+    keep = np.sort(np.random.default_rng(seed).choice(len(dataset), size=limit, replace=False))
+    return dataset.subset(keep)
+
+
+def load_splits(cfg, seed: int) -> tuple[TextDataset, TextDataset]:
+    """Bundled task, task folder, or explicit train/eval files (``cfg`` is a DataConfig)."""
+    columns = dict(text_a=cfg.text_a, text_b=cfg.text_b, label=cfg.label)
+    if cfg.train_file:
+        train = read_table(cfg.train_file, **columns)
+        if not cfg.eval_file:
+            raise DataError("data.eval_file: required when data.train_file is given")
+        evaluation = read_table(cfg.eval_file, label_names=train.label_names, **columns)
+    elif cfg.task in BUNDLED:
+        train, evaluation = BUNDLED[cfg.task](seed=seed)
+    elif Path(cfg.task).is_dir():
+        train, evaluation = load_task_dir(cfg.task)
+    else:
+        raise DataError(f"data.task: '{cfg.task}' is neither a bundled task ({', '.join(BUNDLED)}) nor a folder")
+    return _cap(train, cfg.max_train_examples, seed), _cap(evaluation, cfg.max_eval_examples, seed + 1)

@@ -1,0 +1,127 @@
+"""A frozen backbone with deep prompts and a classification rule (SPEC section 1).
+
+Three ways to turn the backbone into a classifier:
+
+- ``linear``: a small trainable linear head on the mean-pooled last hidden state (encoders);
+- ``mlm``: the frozen masked-LM head read at the ``<mask>`` token, restricted to label words
+  (the paper's choice for RoBERTa);
+- ``lm``: label-word scoring for decoders: the language-model loss of the label word that
+  follows the template; the predicted class is the word with the lowest loss.
+
+Only the prompt (and the linear head) are trainable. One instance serves every simulated
+client: clients differ only in the tensors loaded with :meth:`load_trainable`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedpeptao.prompts.prefix import DeepPrompt, attach, attention_shape, position_ids
+
+HeadKind = Literal["linear", "mlm", "lm"]
+PROMPT_PREFIX = "prompt.layers."
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # [B, C] class scores
+    loss: torch.Tensor | None
+
+
+class PromptedClassifier(nn.Module):
+    def __init__(
+        self,
+        model: nn.Module,
+        head: HeadKind,
+        num_labels: int,
+        num_prompt_tokens: int,
+        label_word_ids: list[int] | None = None,
+        prompt_dropout: float = 0.1,
+        prompt_layers: list[int] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if head in ("mlm", "lm") and (label_word_ids is None or len(label_word_ids) != num_labels):
+            raise ValueError(f"head '{head}' needs one label word per class ({num_labels})")
+        self.model = model
+        self.head_kind: HeadKind = head
+        self.num_labels = num_labels
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        generator = torch.Generator().manual_seed(seed)
+        num_layers, num_kv_heads, head_dim = attention_shape(model.config)
+        self.prompt = DeepPrompt(num_layers, num_prompt_tokens, num_kv_heads, head_dim, prompt_dropout,
+                                 generator=generator, layers=prompt_layers)
+        attach(model, self.prompt)
+        self.head: nn.Linear | None = None
+        if head == "linear":
+            hidden = model.config.get_text_config().hidden_size
+            self.head = nn.Linear(hidden, num_labels)
+            with torch.no_grad():
+                self.head.weight.normal_(0.0, 0.02, generator=generator)
+                self.head.bias.zero_()
+        self.register_buffer("label_word_ids", torch.tensor(label_word_ids or [], dtype=torch.long), persistent=False)
+
+    # -- trainable state: what clients own and what the server may aggregate ----------------
+    def trainable_names(self) -> list[str]:
+        return [name for name, param in self.named_parameters() if param.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """A detached copy of every trainable tensor (prompt layers and head)."""
+        return {name: param.detach().clone() for name, param in self.named_parameters() if param.requires_grad}
+
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        """Overwrite trainable tensors in place; every key must be trainable and shape-compatible."""
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                param = params.get(name)
+                if param is None or not param.requires_grad:
+                    raise KeyError(f"'{name}' is not a trainable parameter of this model")
+                if param.shape != value.shape:
+                    raise ValueError(f"'{name}': expected shape {tuple(param.shape)}, got {tuple(value.shape)}")
+                param.copy_(value)
+
+    def layer_names(self, layers: list[int]) -> list[str]:
+        """Parameter names of the given prompt layers."""
+        return [f"{PROMPT_PREFIX}{i}" for i in layers if str(i) in self.prompt.layers]
+
+    def head_names(self) -> list[str]:
+        return [n for n in self.trainable_names() if not n.startswith(PROMPT_PREFIX)]
+
+    # -- forward ------------------------------------------------------------------------------
+    def _base_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_states: bool = False):
+        positions = position_ids(self.model, attention_mask, self.prompt.num_tokens)
+        base = self.model.base_model if self.head_kind != "mlm" else self.model
+        return base(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                    output_hidden_states=hidden_states, return_dict=True)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_pos: torch.Tensor,
+                labels: torch.Tensor | None = None) -> Output:
+        out = self._base_outputs(input_ids, attention_mask)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        if self.head_kind == "linear":
+            mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+            pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            logits = self.head(pooled)
+            return Output(logits, F.cross_entropy(logits, labels) if labels is not None else None)
+        if self.head_kind == "mlm":
+            vocab_logits = out.logits[rows, target_pos]
+            logits = vocab_logits[:, self.label_word_ids]
+            return Output(logits, F.cross_entropy(logits, labels) if labels is not None else None)
+        # lm: score only the position that predicts the label word (saves a [B, T, V] projection)
+        hidden = out.last_hidden_state[rows, target_pos]
+        vocab_logits = self.model.get_output_embeddings()(hidden)
+        logits = vocab_logits[:, self.label_word_ids]
+        loss = F.cross_entropy(vocab_logits, self.label_word_ids[labels]) if labels is not None else None
+        return Output(logits, loss)
+
+    def layer_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """Output hidden states of every transformer layer ``[B, T, H]`` (for layer scoring)."""
+        out = self._base_outputs(input_ids, attention_mask, hidden_states=True)
+        return list(out.hidden_states[1:])

@@ -1,0 +1,257 @@
+"""The embedded simulator: every client in one process around ONE frozen backbone.
+
+Per client we keep only its trainable tensors and optimiser state (:class:`ClientState`); the
+backbone, the tokenised data and the model object are shared. A client's turn is: load its
+tensors into the shared model, train, read them back. Memory therefore grows with the prompt
+size per client, not with the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from fedpeptao.config import ExperimentConfig, save_config
+from fedpeptao.core import payload
+from fedpeptao.core.client import LocalTrainConfig, predict
+from fedpeptao.core.federation import Aggregator, ClientState, client_round, round_seed
+from fedpeptao.core.hessian import estimate_ratio
+from fedpeptao.core.metrics import metric_for_task, score
+from fedpeptao.core.scoring import combine_scores, rank_layers, select_layers
+from fedpeptao.core.selection import client_hvp, client_layer_scores
+from fedpeptao.core.server import ClientUpdate, ServerStepConfig
+from fedpeptao.data.encoding import EncodedDataset, default_label_words, encode, label_word_ids
+from fedpeptao.data.partition import partition
+from fedpeptao.data.tasks import load_splits
+from fedpeptao.models.classifier import PromptedClassifier
+from fedpeptao.models.registry import Backbone, default_head, load_backbone
+from fedpeptao.prompts.prefix import max_text_length
+
+
+@dataclass
+class Selection:
+    scores: list[float]
+    ranking: list[int]
+    ratio: float
+    layers: list[int]
+
+
+def resolve_head(cfg: ExperimentConfig, backbone: Backbone) -> str:
+    return default_head(backbone.kind) if cfg.model.head == "auto" else cfg.model.head
+
+
+def local_config(cfg: ExperimentConfig) -> LocalTrainConfig:
+    c = cfg.client
+    return LocalTrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
+                            max_grad_norm=c.max_grad_norm, optimizer=c.optimizer, reset_optimizer=c.reset_optimizer)
+
+
+def server_step_config(cfg: ExperimentConfig) -> ServerStepConfig:
+    s = cfg.server
+    return ServerStepConfig(num_clients=cfg.federated.num_clients, local_lr=cfg.client.lr, beta=s.momentum,
+                            server_lr=s.lr, server_lr_decay=s.lr_decay, server_lr_min=s.lr_min,
+                            variant=s.variant, control_variates=s.use_control_variates, momentum=s.use_momentum)
+
+
+class Simulation:
+    """Build everything from a config, then :meth:`run` the rounds."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path | None = None, backbone: Backbone | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        torch.manual_seed(cfg.seed)
+        self.backbone = backbone or load_backbone(cfg.model.name, head=cfg.model.head)
+        self.head = resolve_head(cfg, self.backbone)
+        self.train_set, self.eval_set = load_splits(cfg.data, cfg.seed)
+        self.metric = metric_for_task(cfg.data.task)
+        tokenizer = self.backbone.tokenizer
+        words = None
+        if self.head in ("mlm", "lm"):
+            words = cfg.model.label_words or default_label_words(self.train_set.label_names, self.train_set.is_pair)
+            if len(words) != self.train_set.num_labels:
+                raise ValueError(f"model.label_words: expected {self.train_set.num_labels} words, got {len(words)}")
+        self.model = PromptedClassifier(
+            self.backbone.model, self.head, self.train_set.num_labels, cfg.model.num_prompt_tokens,
+            label_word_ids(tokenizer, words, self.head) if words else None, cfg.model.prompt_dropout, seed=cfg.seed)
+        length = max_text_length(self.backbone.model, cfg.model.num_prompt_tokens, cfg.model.max_length)
+        self.train_data: EncodedDataset = encode(self.train_set, tokenizer, self.head, length, cfg.model.template)
+        self.eval_data: EncodedDataset = encode(self.eval_set, tokenizer, self.head, length, cfg.model.template)
+        fed = cfg.federated
+        self.train_parts, self.eval_parts = partition(
+            self.train_set.labels, self.eval_set.labels, cfg.data.partition, fed.num_clients, cfg.data.alpha, cfg.seed,
+            min_size=2) if cfg.data.partition != "paper-dirichlet" else self._paper_partition()
+        initial = self.model.trainable_state()
+        # Clients start from the same tensors; a client gets its own copy when it first trains.
+        self.clients = [ClientState(params=initial) for _ in range(fed.num_clients)]
+        self.aggregator = Aggregator(params=dict(initial), shared=self.model.trainable_names())
+        self.local_cfg = local_config(cfg)
+        self.selection: Selection | None = None
+        self.rng = np.random.default_rng(cfg.seed)
+        self.history: list[dict] = []
+
+    def _paper_partition(self):
+        from fedpeptao.data.partition import apply_plan, paper_dirichlet_plan  # noqa: PLC0415 - one scheme only
+
+        fed, data = self.cfg.federated, self.cfg.data
+        plan = paper_dirichlet_plan(fed.num_clients, self.train_set.num_labels, data.alpha, data.size_alpha, self.cfg.seed)
+        return (apply_plan(self.train_set.labels, plan, self.cfg.seed, min_size=2),
+                apply_plan(self.eval_set.labels, plan, self.cfg.seed + 1, min_size=0))
+
+    # -- FedPepTAO layer selection ---------------------------------------------------------
+    def score_layers(self) -> tuple[list[float], list[int]]:
+        """Every client scores the layers of the pretrained model with fresh prompts; size-weighted."""
+        self.model.load_trainable(self.aggregator.params)
+        per_client = [client_layer_scores(self.model, self.train_data, part, self.cfg.selection.score_batch_size,
+                                          round_seed(self.cfg.seed, -1, k))
+                      for k, part in enumerate(self.train_parts) if len(part) >= 2]
+        sizes = [len(part) for part in self.train_parts if len(part) >= 2]
+        combined = combine_scores(per_client, sizes)
+        return combined.tolist(), rank_layers(combined)
+
+    def estimate_ratio(self) -> float:
+        """Hessian eigen-density of a few clients' losses at the warmed-up global prompts."""
+        sel = self.cfg.selection
+        self.model.load_trainable(self.aggregator.params)
+        chosen = self.rng.choice(len(self.train_parts), size=min(sel.hessian_clients, len(self.train_parts)), replace=False)
+        hvps = [client_hvp(self.model, self.train_data, self.train_parts[k], 32, round_seed(self.cfg.seed, -2, int(k)))
+                for k in chosen]
+        return estimate_ratio(hvps, num_iters=sel.lanczos_iters, seed=self.cfg.seed)
+
+    def select(self, scores: list[float], ranking: list[int]) -> Selection:
+        sel = self.cfg.selection
+        num_layers = len(ranking)
+        if sel.layers is not None:
+            bad = [i for i in sel.layers if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(f"selection.layers: {bad} outside 0..{num_layers - 1}")
+            layers, ratio = sorted(set(sel.layers)), len(set(sel.layers)) / num_layers
+        else:
+            ratio = self.estimate_ratio() if sel.ratio == "auto" else float(sel.ratio)
+            layers = select_layers(ranking, ratio)
+        return Selection(scores, ranking, ratio, layers)
+
+    def _switch_to_fedpeptao(self, scores: list[float], ranking: list[int]) -> None:
+        self.selection = self.select(scores, ranking)
+        shared = self.model.layer_names(self.selection.layers)
+        if self.cfg.selection.share_head:
+            shared += self.model.head_names()
+        # Every device continues from the warmed-up global tensors; from now on the unselected
+        # layers are personal and never leave the device.
+        warmed = dict(self.aggregator.params)
+        for client in self.clients:
+            client.params = warmed
+        self.aggregator.use_fedpeptao(shared, server_step_config(self.cfg))
+        if self.run_dir is not None:
+            (self.run_dir / "selection.json").write_text(json.dumps(self.selection.__dict__, indent=2))
+
+    # -- rounds ----------------------------------------------------------------------------
+    def train_round(self, round_index: int) -> dict:
+        fed = self.cfg.federated
+        sampled = np.sort(self.rng.choice(fed.num_clients, size=fed.clients_per_round, replace=False))
+        global_shared = self.aggregator.broadcast()
+        down = payload.num_bytes(global_shared)
+        updates, slowest, up, losses = [], 0.0, 0, []
+        for k in sampled:
+            update, result = client_round(self.model, self.clients[k], global_shared, self.train_data,
+                                          self.train_parts[k], self.local_cfg, round_seed(self.cfg.seed, round_index, int(k)))
+            up += payload.num_bytes(update)
+            slowest = max(slowest, result.seconds)
+            losses.append(result.mean_loss)
+            updates.append(ClientUpdate(int(k), update, result.num_examples, result.num_steps))
+        self.aggregator.aggregate(updates)
+        return {"clients": sampled.tolist(), "bytes_up": up, "bytes_down": down * len(sampled),
+                "slowest_client_s": slowest, "train_loss": float(np.mean(losses))}
+
+    def evaluate(self) -> dict:
+        """Each client with its own personal tensors plus the global shared ones; predictions pooled."""
+        shared = self.aggregator.broadcast()
+        preds, labels, loss = [], [], 0.0
+        for client, part in zip(self.clients, self.eval_parts):
+            if len(part) == 0:
+                continue
+            self.model.load_trainable({**client.params, **shared})
+            p, l = predict(self.model, self.eval_data, part)
+            preds.append(p)
+            labels.append(self.eval_data.labels[part])
+            loss += l
+        preds, labels = np.concatenate(preds), np.concatenate(labels)
+        return {"accuracy": score("accuracy", preds, labels), "metric": score(self.metric, preds, labels),
+                "eval_loss": loss / len(labels)}
+
+    def run(self) -> list[dict]:
+        cfg, fed = self.cfg, self.cfg.federated
+        start = time.perf_counter()
+        switch_round = -1
+        if cfg.algorithm == "fedpeptao":
+            scores, ranking = self.score_layers()
+            switch_round = cfg.selection.warmup_rounds if cfg.selection.ratio == "auto" and cfg.selection.layers is None else 0
+        bar = tqdm(range(fed.rounds), desc=f"{cfg.algorithm} rounds", disable=not cfg.progress, dynamic_ncols=True)
+        train_time, total_bytes = 0.0, 0
+        for t in bar:
+            if t == switch_round:
+                self._switch_to_fedpeptao(scores, ranking)
+            row = {"round": t, **self.train_round(t)}
+            train_time += row["slowest_client_s"]
+            total_bytes += row["bytes_up"] + row["bytes_down"]
+            if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
+                row.update(self.evaluate())
+                bar.set_postfix(acc=f"{row['accuracy']:.3f}", loss=f"{row['train_loss']:.3f}")
+            row.update({"shared_tensors": len(self.aggregator.shared), "train_time_s": train_time,
+                        "total_bytes": total_bytes, "elapsed_s": time.perf_counter() - start})
+            self.history.append(row)
+            if self.run_dir is not None:
+                with (self.run_dir / "metrics.jsonl").open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+        if cfg.algorithm == "fedpeptao" and self.selection is None:  # rounds ended inside the warm-up
+            self._switch_to_fedpeptao(scores, ranking)
+        return self.history
+
+    def summary(self) -> dict:
+        evaluated = [r for r in self.history if "accuracy" in r]
+        best = max(evaluated, key=lambda r: r["metric"])
+        target = self.cfg.federated.target_accuracy
+        reached = next((r for r in evaluated if target is not None and r["metric"] >= target), None)
+        majority = float(np.bincount(self.eval_set.labels).max() / len(self.eval_set))
+        return {
+            "algorithm": self.cfg.algorithm, "model": self.cfg.model.name, "task": self.cfg.data.task,
+            "metric": self.metric, "final_metric": evaluated[-1]["metric"], "final_accuracy": evaluated[-1]["accuracy"],
+            "best_metric": best["metric"], "best_round": best["round"], "majority_rate": majority,
+            "target": target, "rounds_to_target": None if reached is None else reached["round"] + 1,
+            "seconds_to_target": None if reached is None else reached["train_time_s"],
+            "total_mb": self.history[-1]["total_bytes"] / 1e6, "elapsed_s": self.history[-1]["elapsed_s"],
+            "shared_layers": None if self.selection is None else self.selection.layers,
+            "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+        }
+
+    def save_final(self) -> None:
+        if self.run_dir is None:
+            return
+        save_file({k: v.contiguous() for k, v in self.aggregator.params.items()}, self.run_dir / "global.safetensors")
+        (self.run_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2))
+
+
+def new_run_dir(cfg: ExperimentConfig) -> Path:
+    name = cfg.run_name or f"{cfg.algorithm}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.output_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run directory {run_dir} already exists and is not empty; choose another run_name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def run_experiment(cfg: ExperimentConfig, backbone: Backbone | None = None) -> tuple[Simulation, Path]:
+    run_dir = new_run_dir(cfg)
+    sim = Simulation(cfg, run_dir, backbone)
+    sim.run()
+    sim.save_final()
+    return sim, run_dir
+
