@@ -113,8 +113,8 @@ def encode(dataset: TextDataset, tokenizer, head: str, max_length: int, template
     if head == "mlm" and "{mask}" not in parts:
         raise DataError(f"template '{template}' needs a {{mask}} for the mlm head")
     literal = {p: tokenizer(p, add_special_tokens=False)["input_ids"] for p in parts if p not in ("{a}", "{b}", "{mask}")}
-    specials = tokenizer.build_inputs_with_special_tokens([])  # e.g. [CLS][SEP], or <bos>, or nothing
-    fixed = len(specials) + sum(len(v) for v in literal.values()) + parts.count("{mask}")
+    before, after = special_wrap(tokenizer)  # e.g. [CLS] ... [SEP], or <bos> ..., or nothing
+    fixed = len(before) + len(after) + sum(len(v) for v in literal.values()) + parts.count("{mask}")
     tok_a = tokenizer(dataset.texts_a, add_special_tokens=False)["input_ids"]
     tok_b = tokenizer(dataset.texts_b, add_special_tokens=False)["input_ids"] if dataset.is_pair else None
 
@@ -132,18 +132,23 @@ def encode(dataset: TextDataset, tokenizer, head: str, max_length: int, template
                 body.append(tokenizer.mask_token_id)
             else:
                 body += literal[part]
-        ids = tokenizer.build_inputs_with_special_tokens(body)
-        offset = _leading_specials(tokenizer)
         if head == "mlm":
-            targets.append(mask_at + offset)
+            targets.append(len(before) + mask_at)
         else:  # the label word is predicted from the last template token
-            targets.append(offset + len(body) - 1)
-        all_ids.append(ids)
+            targets.append(len(before) + len(body) - 1)
+        all_ids.append(before + body + after)
     return EncodedDataset(all_ids, np.asarray(targets, dtype=np.int64), dataset.labels.copy(), pad_id)
 
 
-def _leading_specials(tokenizer) -> int:
-    """How many special tokens the tokenizer puts before the text (e.g. [CLS] or <bos>)."""
-    marker = tokenizer.convert_tokens_to_ids(tokenizer.unk_token) if tokenizer.unk_token else 0
-    ids = tokenizer.build_inputs_with_special_tokens([marker, marker])
-    return ids.index(marker)
+def special_wrap(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a single text.
+
+    Read off by tokenising a probe word with and without special tokens, because fast
+    tokenizers in transformers 5 no longer expose ``build_inputs_with_special_tokens``.
+    """
+    probe = tokenizer("hello", add_special_tokens=False)["input_ids"]
+    full = tokenizer("hello")["input_ids"]
+    for start in range(len(full) - len(probe) + 1):
+        if full[start:start + len(probe)] == probe:
+            return full[:start], full[start + len(probe):]
+    raise DataError("cannot find where this tokenizer places text among its special tokens")

@@ -86,8 +86,8 @@ class Simulation:
         self.eval_data: EncodedDataset = encode(self.eval_set, tokenizer, self.head, length, cfg.model.template)
         fed = cfg.federated
         self.train_parts, self.eval_parts = partition(
-            self.train_set.labels, self.eval_set.labels, cfg.data.partition, fed.num_clients, cfg.data.alpha, cfg.seed,
-            min_size=2) if cfg.data.partition != "paper-dirichlet" else self._paper_partition()
+            self.train_set.labels, self.eval_set.labels, cfg.data.partition, fed.num_clients, cfg.data.alpha,
+            cfg.seed, min_size=2, size_alpha=cfg.data.size_alpha)
         initial = self.model.trainable_state()
         # Clients start from the same tensors; a client gets its own copy when it first trains.
         self.clients = [ClientState(params=initial) for _ in range(fed.num_clients)]
@@ -96,14 +96,6 @@ class Simulation:
         self.selection: Selection | None = None
         self.rng = np.random.default_rng(cfg.seed)
         self.history: list[dict] = []
-
-    def _paper_partition(self):
-        from fedpeptao.data.partition import apply_plan, paper_dirichlet_plan  # noqa: PLC0415 - one scheme only
-
-        fed, data = self.cfg.federated, self.cfg.data
-        plan = paper_dirichlet_plan(fed.num_clients, self.train_set.num_labels, data.alpha, data.size_alpha, self.cfg.seed)
-        return (apply_plan(self.train_set.labels, plan, self.cfg.seed, min_size=2),
-                apply_plan(self.eval_set.labels, plan, self.cfg.seed + 1, min_size=0))
 
     # -- FedPepTAO layer selection ---------------------------------------------------------
     def score_layers(self) -> tuple[list[float], list[int]]:

@@ -1,0 +1,139 @@
+"""PNG plots for a report, drawn with matplotlib's Agg canvas.
+
+Figures are built with :class:`matplotlib.figure.Figure` and an explicit ``FigureCanvasAgg``
+rather than ``pyplot``: no global backend switch, no GUI, no figure registry to leak memory when
+a long-running process writes many reports. Each function returns the path it wrote, or ``None``
+when no run has the data it needs (the report then says so instead of showing an empty plot).
+Rounds are drawn counted from 1, as the report's tables count them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from fedpeptao.report.runs import RunData, finite
+
+DPI = 110
+
+
+def _figure(width: float = 7.0, height: float = 4.2) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _round_axis(ax) -> None:
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _metric_label(runs: list[RunData]) -> str:
+    names = {r.metric_name for r in runs}
+    return names.pop() if len(names) == 1 else "metric"
+
+
+def metric_per_round(runs: list[RunData], path: Path, target: float | None = None) -> Path | None:
+    """The evaluation metric per round, all runs overlaid; accuracy dashed where it differs from the metric."""
+    if not any(r.evaluated for r in runs):
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, run in enumerate(runs):
+        ev = run.evaluated
+        if not ev:
+            continue
+        x = [r["round"] + 1 for r in ev]
+        ax.plot(x, [r["metric"] for r in ev], color=f"C{i}", marker="o", markersize=3, label=run.label)
+        if run.metric_name != "accuracy" and all("accuracy" in r for r in ev):
+            ax.plot(x, [r["accuracy"] for r in ev], color=f"C{i}", linestyle="--", label=f"{run.label} (accuracy)")
+    for goal in sorted({g for run in runs if (g := run.target(target)) is not None}):
+        ax.axhline(goal, color="grey", linestyle=":", linewidth=1, label=f"target {goal:g}")
+    ax.set(ylabel=_metric_label(runs), title="Evaluation per round")
+    _round_axis(ax)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def loss_per_round(runs: list[RunData], path: Path) -> Path | None:
+    """Mean local training loss (solid) and evaluation loss (dashed, eval rounds only) per round."""
+    if not any("train_loss" in r or "eval_loss" in r for run in runs for r in run.rows):
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, run in enumerate(runs):
+        train = [(r["round"] + 1, r["train_loss"]) for r in run.rows if "train_loss" in r]
+        evals = [(r["round"] + 1, r["eval_loss"]) for r in run.rows if "eval_loss" in r]
+        if train:
+            ax.plot(*zip(*train), color=f"C{i}", label=f"{run.label} train")
+        if evals:
+            ax.plot(*zip(*evals), color=f"C{i}", linestyle="--", marker="o", markersize=3, label=f"{run.label} eval")
+    ax.set(ylabel="loss", title="Loss per round")
+    _round_axis(ax)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def metric_vs_communication(runs: list[RunData], path: Path) -> Path | None:
+    """The metric against cumulative megabytes sent up and down: the paper's cost axis."""
+    points = [[(r.get("total_bytes", 0) / 1e6, r["metric"]) for r in run.evaluated if "total_bytes" in r] for run in runs]
+    if not any(points):
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, (run, pts) in enumerate(zip(runs, points)):
+        if pts:
+            ax.plot(*zip(*pts), color=f"C{i}", marker="o", markersize=3, label=run.label)
+    ax.set(xlabel="MB communicated (cumulative, up + down)", ylabel=_metric_label(runs), title="Evaluation vs communication")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def client_spread(runs: list[RunData], path: Path) -> Path | None:
+    """Box plot of per-client accuracy at each run's last round that recorded ``client_accuracy``."""
+    data, labels = [], []
+    for run in runs:
+        row = next((r for r in reversed(run.rows) if isinstance(r.get("client_accuracy"), list)), None)
+        values = finite(row["client_accuracy"]) if row else []
+        if values:
+            data.append(values)
+            labels.append(f"{run.label}\n(round {row['round'] + 1}, {len(values)} clients)")
+    if not data:
+        return None
+    fig = _figure(max(5.0, 1.8 * len(data) + 2), 4.2)
+    ax = fig.add_subplot()
+    ax.boxplot(data, showmeans=True)
+    ax.set_xticks(range(1, len(labels) + 1), labels, fontsize="small")
+    ax.set(ylabel="client accuracy", title="Per-client accuracy spread (last evaluated round)")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def layer_selection(runs: list[RunData], path: Path) -> Path | None:
+    """Each layer's importance score; the selected (shared) layers drawn in colour, the rest grey."""
+    chosen = [(i, run) for i, run in enumerate(runs) if run.selection and run.selection.get("scores")]
+    if not chosen:
+        return None
+    fig = _figure(7.0, 2.6 * len(chosen) + 0.6)
+    axes = fig.subplots(len(chosen), 1, squeeze=False)[:, 0]
+    for ax, (i, run) in zip(axes, chosen):
+        scores = run.selection["scores"]
+        shared = set(run.selection.get("layers") or [])
+        colors = [f"C{i}" if layer in shared else "lightgrey" for layer in range(len(scores))]
+        ax.bar(range(len(scores)), scores, color=colors)
+        ratio = run.selection.get("ratio")
+        ratio_text = f"ratio {ratio:.3g}, " if isinstance(ratio, (int, float)) else ""
+        ax.set(xlabel="layer", ylabel="score", title=f"{run.label}: {ratio_text}{len(shared)} of {len(scores)} layers shared")
+        ax.set_xticks(range(len(scores)))
+        ax.tick_params(axis="x", labelsize="x-small")
+    return _save(fig, path)
