@@ -20,9 +20,16 @@ from fedpeptao.models.classifier import PromptedClassifier
 Algorithm = Literal["fedavg", "fedpeptao"]
 
 
-def round_seed(seed: int, round_index: int, client_id: int) -> int:
-    """A seed for one client's work in one round, independent of the order clients run in."""
-    return int(np.random.SeedSequence([seed, round_index, client_id]).generate_state(1)[0])
+TRAIN_STREAM, SCORE_STREAM, HESSIAN_STREAM = 0, 1, 2
+
+
+def round_seed(seed: int, round_index: int, client_id: int, stream: int = TRAIN_STREAM) -> int:
+    """A seed for one client's work in one round, independent of the order clients run in.
+
+    ``stream`` separates draws for different purposes (training, layer scoring, Hessian batches).
+    """
+    entropy = [seed, round_index, client_id] + ([stream] if stream != TRAIN_STREAM else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 @dataclass

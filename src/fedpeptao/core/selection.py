@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fedpeptao.core.hessian import hvp_fn
 from fedpeptao.core.scoring import layer_scores
@@ -39,10 +40,12 @@ def client_hvp(model: PromptedClassifier, data: EncodedDataset, indices: np.ndar
                seed: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
     """Hessian-vector products of this client's batch loss w.r.t. all prompt parameters.
 
-    Evaluated in eval mode (no dropout) so that the operator is a fixed symmetric matrix.
+    Evaluated in eval mode (no dropout) so that the operator is a fixed symmetric matrix, and with
+    the math SDPA kernel: PyTorch's fused CPU attention kernels have no double backward.
     """
     model.eval()
     batch = _first_batch(data, indices, batch_size, seed)
     params = [model.prompt.layers[str(i)] for i in model.prompt.active_layers]
     dim = sum(p.numel() for p in params)
-    return hvp_fn(lambda: model(**batch).loss, params), dim
+    with sdpa_kernel(SDPBackend.MATH):
+        return hvp_fn(lambda: model(**batch).loss, params), dim

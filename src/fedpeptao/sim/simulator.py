@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from fedpeptao.config import ExperimentConfig, save_config
 from fedpeptao.core import payload
 from fedpeptao.core.client import LocalTrainConfig, predict
-from fedpeptao.core.federation import Aggregator, ClientState, client_round, round_seed
+from fedpeptao.core.federation import HESSIAN_STREAM, SCORE_STREAM, Aggregator, ClientState, client_round, round_seed
 from fedpeptao.core.hessian import estimate_ratio
 from fedpeptao.core.metrics import metric_for_task, score
 from fedpeptao.core.scoring import combine_scores, rank_layers, select_layers
@@ -102,7 +102,7 @@ class Simulation:
         """Every client scores the layers of the pretrained model with fresh prompts; size-weighted."""
         self.model.load_trainable(self.aggregator.params)
         per_client = [client_layer_scores(self.model, self.train_data, part, self.cfg.selection.score_batch_size,
-                                          round_seed(self.cfg.seed, -1, k))
+                                          round_seed(self.cfg.seed, 0, k, SCORE_STREAM))
                       for k, part in enumerate(self.train_parts) if len(part) >= 2]
         sizes = [len(part) for part in self.train_parts if len(part) >= 2]
         combined = combine_scores(per_client, sizes)
@@ -113,7 +113,7 @@ class Simulation:
         sel = self.cfg.selection
         self.model.load_trainable(self.aggregator.params)
         chosen = self.rng.choice(len(self.train_parts), size=min(sel.hessian_clients, len(self.train_parts)), replace=False)
-        hvps = [client_hvp(self.model, self.train_data, self.train_parts[k], 32, round_seed(self.cfg.seed, -2, int(k)))
+        hvps = [client_hvp(self.model, self.train_data, self.train_parts[k], 32, round_seed(self.cfg.seed, 0, int(k), HESSIAN_STREAM))
                 for k in chosen]
         return estimate_ratio(hvps, num_iters=sel.lanczos_iters, seed=self.cfg.seed)
 

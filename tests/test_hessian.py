@@ -1,0 +1,194 @@
+"""Hessian-vector products, Lanczos / SLQ on known spectra, and the ratio search (SPEC 2.2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedpeptao.core import hessian
+from fedpeptao.core.hessian import (
+    estimate_ratio,
+    hvp_fn,
+    lanczos,
+    search_ratio,
+    slq_density,
+    spectral_mass_above,
+)
+
+
+def known_matrix(eigenvalues: np.ndarray, seed: int = 0, rotate: bool = True) -> torch.Tensor:
+    """``Q diag(eigenvalues) Q^T`` with a random orthogonal Q (or a signed permutation)."""
+    rng = np.random.default_rng(seed)
+    n = len(eigenvalues)
+    if rotate:
+        q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    else:
+        q = np.eye(n)[rng.permutation(n)] * rng.choice([-1.0, 1.0], size=n)
+    return torch.from_numpy(q @ np.diag(eigenvalues) @ q.T)
+
+
+def matvec(a: torch.Tensor):
+    return lambda v: a @ v
+
+
+SPECTRUM = np.concatenate([np.linspace(-0.5, -0.01, 6), np.linspace(0.02, 0.5, 20), np.linspace(1.0, 8.0, 14)])
+
+
+def test_hvp_of_quadratic_is_a_times_v():
+    a = known_matrix(np.linspace(-1, 3, 10), seed=3).to(torch.float64)
+    x1 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def loss():
+        x = torch.cat([x1.reshape(-1), x2])
+        return 0.5 * x @ a @ x
+
+    hvp = hvp_fn(loss, [x1, x2, unused])
+    for seed in range(3):
+        v = torch.randn(13, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        got = hvp(v)
+        torch.testing.assert_close(got[:10], a @ v[:10])
+        torch.testing.assert_close(got[10:], torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        hvp(torch.zeros(12, dtype=torch.float64))
+
+
+def test_hvp_matches_autograd_hessian_and_keeps_v_dtype():
+    x = torch.randn(5, requires_grad=True)
+    w = torch.randn(5, 5)
+
+    def loss():
+        return torch.tanh(w @ x).pow(2).sum() + x.pow(4).sum() / 4
+
+    hessian = torch.autograd.functional.hessian(lambda y: torch.tanh(w @ y).pow(2).sum() + y.pow(4).sum() / 4,
+                                                x.detach())
+    v = torch.randn(5, dtype=torch.float64)
+    got = hvp_fn(loss, [x])(v)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, (hessian.double() @ v), rtol=1e-5, atol=1e-5)
+
+
+def test_lanczos_with_full_iterations_recovers_every_eigenvalue():
+    a = known_matrix(SPECTRUM, seed=1)
+    nodes, weights = slq_density(matvec(a), 40, num_iters=40, seed=0)
+    np.testing.assert_allclose(np.sort(nodes.numpy()), np.sort(SPECTRUM), atol=1e-6)
+    assert abs(float(weights.sum()) - 1.0) < 1e-12
+    assert torch.all(weights >= 0)
+
+
+def test_lanczos_tridiagonal_is_consistent_and_stops_on_breakdown():
+    a = known_matrix(SPECTRUM, seed=2)
+    alphas, betas = lanczos(matvec(a), 40, 60, torch.Generator().manual_seed(0))
+    assert len(alphas) == 40 and len(betas) == 39  # capped at dim
+    trace = float(alphas.sum())
+    assert abs(trace - SPECTRUM.sum()) < 1e-8  # T is similar to A after dim steps
+    # Only 3 distinct eigenvalues: the Krylov space is invariant after 3 steps.
+    a3 = known_matrix(np.repeat([1.0, 2.0, 5.0], [10, 10, 20]), seed=4)
+    alphas, betas = lanczos(matvec(a3), 40, 30, torch.Generator().manual_seed(0))
+    assert len(alphas) == 3 and len(betas) == 2
+    nodes, weights = slq_density(matvec(a3), 40, num_iters=30)
+    np.testing.assert_allclose(nodes.numpy(), [1.0, 2.0, 5.0], atol=1e-10)
+    assert abs(float(weights.sum()) - 1.0) < 1e-12
+
+
+@pytest.mark.parametrize("threshold", [-0.2, 0.0, 0.3, 0.75, 4.0, 9.0])
+def test_density_mass_matches_eigenvalue_fraction(threshold):
+    # A signed permutation keeps the Rademacher probe's weight exactly 1/n on every eigenvector.
+    a = known_matrix(SPECTRUM, seed=5, rotate=False)
+    nodes, weights = slq_density(matvec(a), 40, num_iters=40, seed=3)
+    exact = float(np.mean(SPECTRUM > threshold))
+    assert spectral_mass_above(nodes, weights, threshold) == pytest.approx(exact, abs=1e-6)
+
+
+def test_many_probes_average_to_the_eigenvalue_fraction():
+    a = known_matrix(SPECTRUM, seed=6)
+    # Fewer iterations than eigenvalues: Gauss quadrature of a step function plus probe noise, ~0.02.
+    nodes, weights = slq_density(matvec(a), 40, num_iters=20, num_probes=400, seed=0)
+    assert float(weights.sum()) == pytest.approx(1.0, abs=1e-12)
+    for threshold in (0.0, 0.75, 4.0):
+        assert spectral_mass_above(nodes, weights, threshold) == pytest.approx(float(np.mean(SPECTRUM > threshold)),
+                                                                               abs=0.03)
+
+
+def test_slq_through_hvp_fn_on_a_quadratic():
+    eig = np.linspace(0.1, 2.0, 12)
+    a = known_matrix(eig, seed=7)
+    x = torch.zeros(12, dtype=torch.float64, requires_grad=True)
+    hvp = hvp_fn(lambda: 0.5 * x @ a @ x, [x])
+    nodes, _ = slq_density(hvp, 12, num_iters=12)
+    np.testing.assert_allclose(np.sort(nodes.numpy()), eig, atol=1e-8)
+
+
+def test_smoothed_mass_counts_a_node_at_the_threshold_half():
+    nodes, weights = torch.tensor([0.0, 2.0]), torch.tensor([0.5, 0.5])
+    assert spectral_mass_above(nodes, weights, 0.0) == 0.5
+    assert spectral_mass_above(nodes, weights, 0.0, sigma_squared=1e-6) == pytest.approx(0.75)
+    assert spectral_mass_above(nodes, weights, 1.0, sigma_squared=1e-6) == pytest.approx(0.5)
+
+
+@pytest.fixture
+def thresholds(monkeypatch):
+    """Record every threshold the search evaluates."""
+    seen: list[float] = []
+    real = hessian.spectral_mass_above
+
+    def spy(nodes, weights, threshold, **kwargs):
+        seen.append(threshold)
+        return real(nodes, weights, threshold, **kwargs)
+
+    monkeypatch.setattr(hessian, "spectral_mass_above", spy)
+    return seen
+
+
+PLATEAU = (torch.tensor([0.05, 0.15, 0.25, 5.0], dtype=torch.float64),
+           torch.tensor([0.25, 0.1, 0.05, 0.6], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("kwargs", "walk"), [
+    # r(0)=1, r(.1)=.75, r(.2)=.65, r(.3)=.6, r(.4)=.6, r(.5)=.6, r(.6)=.6: four values within 0.005
+    ({}, [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]),
+    ({"patience": 2}, [0.0, 0.1, 0.2, 0.3, 0.4]),  # stops at the first repeat
+    ({"tol": 0.5}, [0.0, 0.1, 0.2, 0.3]),  # 1 -> .75 -> .65 -> .6 all change by < .5
+    ({"tol": 0.11}, [0.0, 0.1, 0.2, 0.3, 0.4]),  # .75 -> .65 -> .6 -> .6
+])
+def test_search_ratio_plateau_without_halving(thresholds, kwargs, walk):
+    assert search_ratio(*PLATEAU, **kwargs) == pytest.approx(0.6)
+    assert thresholds == pytest.approx(walk)
+
+
+def test_search_ratio_halves_the_step_when_mass_falls_below_half(thresholds):
+    nodes, weights = torch.tensor([0.04, 0.08, 3.0]), torch.tensor([0.3, 0.4, 0.3])
+    assert search_ratio(nodes, weights) == pytest.approx(1.0)
+    assert thresholds == pytest.approx([
+        0.0, 0.1,  # r: 1, .3 < 1/2 -> halve
+        0.0, 0.05, 0.1,  # 1, .7, .3 -> halve
+        0.0, 0.025, 0.05, 0.075, 0.1,  # 1, 1, .7, .7, .3 -> halve
+        0.0, 0.0125, 0.025, 0.0375,  # 1, 1, 1, 1 -> stop
+    ])
+    thresholds.clear()
+    # Half of r(start) is what counts: from t = .05, r = .7 and .3 < .35 still forces a halving.
+    assert search_ratio(nodes, weights, start=0.05, step=0.01) == pytest.approx(0.7)
+    assert thresholds == pytest.approx([0.05, 0.06, 0.07, 0.08, 0.05, 0.055, 0.06, 0.065])
+
+
+def test_search_ratio_edge_cases():
+    assert search_ratio(torch.tensor([-1.0, 0.0]), torch.tensor([0.5, 0.5])) == 0.0  # no mass above 0
+    assert search_ratio(torch.tensor([-1.0, 10.0]), torch.tensor([0.4, 0.6])) == pytest.approx(0.6)
+    with pytest.raises(RuntimeError):
+        search_ratio(torch.tensor([0.04, 0.08, 3.0]), torch.tensor([0.3, 0.4, 0.3]), max_iters=5)
+    with pytest.raises(ValueError):
+        search_ratio(torch.tensor([1.0]), torch.tensor([1.0]), step=0.0)
+
+
+def test_estimate_ratio_averages_clients():
+    # Diagonal-like matrices: weights are exactly 1/n, so each client's ratio is its plateau mass.
+    spectrum_a = np.concatenate([-np.ones(5), np.full(15, 4.0)])  # r = 0.75
+    spectrum_b = np.concatenate([-np.ones(15), np.linspace(2.0, 3.0, 5)])  # r = 0.25
+    a = known_matrix(spectrum_a, seed=8, rotate=False)
+    b = known_matrix(spectrum_b, seed=9, rotate=False)
+    got = estimate_ratio([(matvec(a), 20), (matvec(b), 20)], num_iters=20)
+    assert got == pytest.approx(0.5, abs=1e-9)
+    with pytest.raises(ValueError):
+        estimate_ratio([])
