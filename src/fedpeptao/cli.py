@@ -6,14 +6,24 @@ import argparse
 import os
 import sys
 
+from pathlib import Path
+
 from fedpeptao.config import ConfigError, load_config
+from fedpeptao.utils.checkpoint import CheckpointError
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)  # validated before anything heavy is imported
-    from fedpeptao.sim.simulator import run_experiment  # noqa: PLC0415 - keep `--help` and config errors instant
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume takes the run directory's own config; give only overrides such as federated.rounds=N")
+        from fedpeptao.sim.simulator import resume_experiment  # noqa: PLC0415
 
-    sim, run_dir = run_experiment(cfg)
+        sim, run_dir = resume_experiment(Path(args.resume), args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)  # validated before anything heavy is imported
+        from fedpeptao.sim.simulator import run_experiment  # noqa: PLC0415 - keep `--help` and config errors instant
+
+        sim, run_dir = run_experiment(cfg)
     s = sim.summary()
     print(f"run directory: {run_dir}")
     print(f"final {s['metric']}: {s['final_metric']:.4f} (best {s['best_metric']:.4f} at round {s['best_round'] + 1}; "
@@ -27,8 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a federated experiment in the embedded simulator")
     run.add_argument("config", nargs="?", help="TOML or YAML config file (defaults apply without one)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federated.rounds=5 algorithm=fedpeptao")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest valid checkpoint")
     run.set_defaults(func=_run)
+    report = sub.add_parser("report", help="Markdown report and PNG plots for one or more run directories")
+    report.add_argument("run_dirs", nargs="+", type=Path)
+    report.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/report)")
+    report.add_argument("--target", type=float, help="target metric for time-to-target columns")
+    report.set_defaults(func=_report)
     return parser
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedpeptao.report import write_report  # noqa: PLC0415
+
+    print(f"report: {write_report(args.run_dirs, args.out, args.target)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -78,6 +78,15 @@ class ServerConfig(_Section):
     variant: Literal["plain", "reference"] = "plain"
     use_control_variates: bool = True
     use_momentum: bool = True
+    validate_updates: bool = True
+    max_update_norm: float | None = Field(None, gt=0.0)  # reject a client whose change is larger (L2)
+    aggregation: Literal["weighted_mean", "median", "trimmed_mean"] = "weighted_mean"
+    trim_ratio: float = Field(0.1, ge=0.0, lt=0.5)
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(10, ge=0)  # rounds between checkpoints; 0 = only the final state
+    keep: int = Field(3, ge=1)
 
 
 class SelectionConfig(_Section):
@@ -108,6 +117,13 @@ class ExperimentConfig(_Section):
     client: ClientConfig = ClientConfig()
     server: ServerConfig = ServerConfig()
     selection: SelectionConfig = SelectionConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _robust_only_with_fedavg(self) -> "ExperimentConfig":
+        if self.algorithm == "fedpeptao" and self.server.aggregation != "weighted_mean":
+            raise ValueError("server.aggregation: median/trimmed_mean apply to fedavg; FedPepTAO's step averages by data size")
+        return self
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -9,15 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import logging
+
 import numpy as np
 import torch
 
 from fedpeptao.core.client import LocalResult, LocalTrainConfig, local_train
 from fedpeptao.core.server import ClientUpdate, ServerState, ServerStepConfig, fedpeptao_step, weighted_average
+from fedpeptao.core.validation import ValidationPolicy, coordinate_median, filter_updates, trimmed_mean
 from fedpeptao.data.encoding import EncodedDataset
 from fedpeptao.models.classifier import PromptedClassifier
 
 Algorithm = Literal["fedavg", "fedpeptao"]
+Averaging = Literal["weighted_mean", "median", "trimmed_mean"]
+log = logging.getLogger("fedpeptao.server")
 
 
 TRAIN_STREAM, SCORE_STREAM, HESSIAN_STREAM = 0, 1, 2
@@ -68,7 +73,10 @@ def client_round(
 class Aggregator:
     """The server's copy of every trainable tensor, and the rule that updates the shared ones.
 
-    Tensors outside ``shared`` are never sent, never received and never changed here.
+    Tensors outside ``shared`` are never sent, never received and never changed here. Every
+    update is validated first (keys, shapes, dtypes, finiteness, norm); a bad one is left out
+    of the round and named in the log and in ``rejected``, so one participant cannot corrupt
+    the global state.
     """
 
     params: dict[str, torch.Tensor]
@@ -76,7 +84,10 @@ class Aggregator:
     algorithm: Algorithm = "fedavg"
     step_config: ServerStepConfig | None = None
     server_state: ServerState | None = None
-    history: list[list[int]] = field(default_factory=list)
+    validation: ValidationPolicy | None = field(default_factory=ValidationPolicy)
+    averaging: Averaging = "weighted_mean"
+    trim_ratio: float = 0.1
+    rejected: list[tuple[int, str]] = field(default_factory=list)
 
     def broadcast(self) -> dict[str, torch.Tensor]:
         return {name: self.params[name] for name in self.shared}
@@ -89,11 +100,19 @@ class Aggregator:
         self.server_state = ServerState(server_lr=step_config.server_lr)
 
     def aggregate(self, updates: list[ClientUpdate]) -> None:
-        if not updates:
-            return
         current = self.broadcast()
+        self.rejected = []
+        if self.validation is not None:
+            updates, self.rejected = filter_updates(updates, current, self.validation, log)
+        if not updates:
+            log.warning("no valid update this round; global state unchanged")
+            return
         if self.algorithm == "fedpeptao":
             new = fedpeptao_step(current, updates, self.server_state, self.step_config)
+        elif self.averaging == "median":
+            new = coordinate_median(updates)
+        elif self.averaging == "trimmed_mean":
+            new = trimmed_mean(updates, self.trim_ratio)
         else:
             new = weighted_average(updates)
         self.params.update({name: new[name].to(current[name].dtype) for name in self.shared})

@@ -9,6 +9,7 @@ size per client, not with the model size.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from fedpeptao.config import ExperimentConfig, save_config
+from fedpeptao.config import ExperimentConfig, load_config, save_config
 from fedpeptao.core import payload
 from fedpeptao.core.client import LocalTrainConfig, predict
 from fedpeptao.core.federation import HESSIAN_STREAM, SCORE_STREAM, Aggregator, ClientState, client_round, round_seed
@@ -27,13 +28,16 @@ from fedpeptao.core.hessian import estimate_ratio
 from fedpeptao.core.metrics import metric_for_task, score
 from fedpeptao.core.scoring import combine_scores, rank_layers, select_layers
 from fedpeptao.core.selection import client_hvp, client_layer_scores
-from fedpeptao.core.server import ClientUpdate, ServerStepConfig
+from fedpeptao.core.server import ClientUpdate, ServerState, ServerStepConfig
+from fedpeptao.core.validation import ValidationPolicy
 from fedpeptao.data.encoding import EncodedDataset, default_label_words, encode, label_word_ids
 from fedpeptao.data.partition import partition
 from fedpeptao.data.tasks import load_splits
 from fedpeptao.models.classifier import PromptedClassifier
 from fedpeptao.models.registry import Backbone, default_head, load_backbone
 from fedpeptao.prompts.prefix import max_text_length
+from fedpeptao.utils.checkpoint import (capture_rng_state, flatten_state, load_latest_checkpoint, restore_rng_state,
+                                        save_checkpoint, unflatten_state)
 
 
 @dataclass
@@ -91,11 +95,17 @@ class Simulation:
         initial = self.model.trainable_state()
         # Clients start from the same tensors; a client gets its own copy when it first trains.
         self.clients = [ClientState(params=initial) for _ in range(fed.num_clients)]
-        self.aggregator = Aggregator(params=dict(initial), shared=self.model.trainable_names())
+        srv = cfg.server
+        self.aggregator = Aggregator(
+            params=dict(initial), shared=self.model.trainable_names(),
+            validation=ValidationPolicy(max_norm=srv.max_update_norm) if srv.validate_updates else None,
+            averaging=srv.aggregation, trim_ratio=srv.trim_ratio)
         self.local_cfg = local_config(cfg)
         self.selection: Selection | None = None
         self.rng = np.random.default_rng(cfg.seed)
         self.history: list[dict] = []
+        self.scores: list[float] | None = None
+        self.ranking: list[int] | None = None
 
     # -- FedPepTAO layer selection ---------------------------------------------------------
     def score_layers(self) -> tuple[list[float], list[int]]:
@@ -130,8 +140,8 @@ class Simulation:
             layers = select_layers(ranking, ratio)
         return Selection(scores, ranking, ratio, layers)
 
-    def _switch_to_fedpeptao(self, scores: list[float], ranking: list[int]) -> None:
-        self.selection = self.select(scores, ranking)
+    def _switch_to_fedpeptao(self) -> None:
+        self.selection = self.select(self.scores, self.ranking)
         shared = self.model.layer_names(self.selection.layers)
         if self.cfg.selection.share_head:
             shared += self.model.head_names()
@@ -143,6 +153,13 @@ class Simulation:
         self.aggregator.use_fedpeptao(shared, server_step_config(self.cfg))
         if self.run_dir is not None:
             (self.run_dir / "selection.json").write_text(json.dumps(self.selection.__dict__, indent=2))
+
+    def switch_round(self) -> int:
+        """The round FedPepTAO's selective step starts: after the warm-up when the ratio is estimated."""
+        if self.cfg.algorithm != "fedpeptao":
+            return -1
+        sel = self.cfg.selection
+        return sel.warmup_rounds if sel.ratio == "auto" and sel.layers is None else 0
 
     # -- rounds ----------------------------------------------------------------------------
     def train_round(self, round_index: int) -> dict:
@@ -160,36 +177,42 @@ class Simulation:
             updates.append(ClientUpdate(int(k), update, result.num_examples, result.num_steps))
         self.aggregator.aggregate(updates)
         return {"clients": sampled.tolist(), "bytes_up": up, "bytes_down": down * len(sampled),
-                "slowest_client_s": slowest, "train_loss": float(np.mean(losses))}
+                "slowest_client_s": slowest, "train_loss": float(np.nanmean(losses)),
+                "rejected": [list(r) for r in self.aggregator.rejected]}
 
     def evaluate(self) -> dict:
         """Each client with its own personal tensors plus the global shared ones; predictions pooled."""
         shared = self.aggregator.broadcast()
-        preds, labels, loss = [], [], 0.0
+        preds, labels, per_client, loss = [], [], [], 0.0
         for client, part in zip(self.clients, self.eval_parts):
             if len(part) == 0:
+                per_client.append(None)
                 continue
             self.model.load_trainable({**client.params, **shared})
             p, l = predict(self.model, self.eval_data, part)
             preds.append(p)
             labels.append(self.eval_data.labels[part])
+            per_client.append(score("accuracy", p, labels[-1]))
             loss += l
         preds, labels = np.concatenate(preds), np.concatenate(labels)
         return {"accuracy": score("accuracy", preds, labels), "metric": score(self.metric, preds, labels),
-                "eval_loss": loss / len(labels)}
+                "eval_loss": loss / len(labels), "client_accuracy": per_client}
 
     def run(self) -> list[dict]:
+        """Run the remaining rounds (all of them, or those after a resumed checkpoint)."""
         cfg, fed = self.cfg, self.cfg.federated
-        start = time.perf_counter()
-        switch_round = -1
-        if cfg.algorithm == "fedpeptao":
-            scores, ranking = self.score_layers()
-            switch_round = cfg.selection.warmup_rounds if cfg.selection.ratio == "auto" and cfg.selection.layers is None else 0
-        bar = tqdm(range(fed.rounds), desc=f"{cfg.algorithm} rounds", disable=not cfg.progress, dynamic_ncols=True)
-        train_time, total_bytes = 0.0, 0
+        first = len(self.history)
+        last = self.history[-1] if self.history else {}
+        train_time, total_bytes = last.get("train_time_s", 0.0), last.get("total_bytes", 0)
+        start = time.perf_counter() - last.get("elapsed_s", 0.0)
+        if cfg.algorithm == "fedpeptao" and self.scores is None:
+            self.scores, self.ranking = self.score_layers()
+        switch = self.switch_round()
+        bar = tqdm(range(first, fed.rounds), desc=f"{cfg.algorithm} rounds", disable=not cfg.progress,
+                   dynamic_ncols=True, initial=first, total=fed.rounds)
         for t in bar:
-            if t == switch_round:
-                self._switch_to_fedpeptao(scores, ranking)
+            if t == switch:
+                self._switch_to_fedpeptao()
             row = {"round": t, **self.train_round(t)}
             train_time += row["slowest_client_s"]
             total_bytes += row["bytes_up"] + row["bytes_down"]
@@ -202,9 +225,53 @@ class Simulation:
             if self.run_dir is not None:
                 with (self.run_dir / "metrics.jsonl").open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
+                every = cfg.checkpoint.every
+                if (every and (t + 1) % every == 0) or t == fed.rounds - 1:
+                    self.save_checkpoint(t)
         if cfg.algorithm == "fedpeptao" and self.selection is None:  # rounds ended inside the warm-up
-            self._switch_to_fedpeptao(scores, ranking)
+            self._switch_to_fedpeptao()
         return self.history
+
+    # -- checkpoint and resume ---------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything needed to continue exactly: server, every client, selection, RNG, history."""
+        agg = self.aggregator
+        return {
+            "aggregator": {"params": agg.params, "shared": agg.shared, "algorithm": agg.algorithm,
+                           "server_state": None if agg.server_state is None else agg.server_state.to_tensors()},
+            "clients": [{"params": c.params, "optimizer": c.optimizer, "rounds_trained": c.rounds_trained}
+                        for c in self.clients],
+            "selection": None if self.selection is None else self.selection.__dict__,
+            "scores": self.scores, "ranking": self.ranking,
+            "rng": capture_rng_state(self.rng), "history": self.history,
+        }
+
+    def load_state(self, state: dict) -> None:
+        agg = state["aggregator"]
+        self.aggregator.params = agg["params"]
+        self.aggregator.shared = list(agg["shared"])
+        if agg["algorithm"] == "fedpeptao":
+            self.aggregator.algorithm = "fedpeptao"
+            self.aggregator.step_config = server_step_config(self.cfg)
+            self.aggregator.server_state = ServerState.from_tensors(agg["server_state"])
+        self.clients = [ClientState(**c) for c in state["clients"]]
+        self.selection = None if state["selection"] is None else Selection(**state["selection"])
+        self.scores, self.ranking = state["scores"], state["ranking"]
+        restore_rng_state(state["rng"], self.rng)
+        self.history = list(state["history"])
+
+    def save_checkpoint(self, round_index: int) -> Path:
+        tensors, skeleton = flatten_state(self.state())
+        meta = {"state": skeleton, "config": self.cfg.model_dump(mode="json")}
+        return save_checkpoint(self.run_dir, round_index, tensors, meta, keep=self.cfg.checkpoint.keep)
+
+    def resume(self) -> int:
+        """Load the newest valid checkpoint of ``run_dir``; returns the round it ended."""
+        round_index, tensors, meta = load_latest_checkpoint(self.run_dir)
+        self.load_state(unflatten_state(tensors, meta["state"]))
+        # Rows written after that checkpoint belong to rounds that will be run again.
+        _atomic_write(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        return round_index
 
     def summary(self) -> dict:
         evaluated = [r for r in self.history if "accuracy" in r]
@@ -230,20 +297,51 @@ class Simulation:
         (self.run_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2))
 
 
-def new_run_dir(cfg: ExperimentConfig) -> Path:
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_run_dir(cfg: ExperimentConfig) -> Path:
+    """The run directory this config will write to; refuses one that already holds a run."""
     name = cfg.run_name or f"{cfg.algorithm}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.output_dir) / name
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"run directory {run_dir} already exists and is not empty; choose another run_name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+        raise FileExistsError(f"run directory {run_dir} already exists and is not empty; choose another run_name "
+                              f"or resume it with --resume")
     return run_dir
 
 
 def run_experiment(cfg: ExperimentConfig, backbone: Backbone | None = None) -> tuple[Simulation, Path]:
-    run_dir = new_run_dir(cfg)
-    sim = Simulation(cfg, run_dir, backbone)
+    """Validate inputs and build everything first; only then create the run directory and train."""
+    run_dir = check_run_dir(cfg)
+    sim = Simulation(cfg, None, backbone)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    sim.run_dir = run_dir
     sim.run()
     sim.save_final()
     return sim, run_dir
 
+
+RESUMABLE_CHANGES = {"federated.rounds", "progress"}
+
+
+def resume_experiment(run_dir: Path, overrides: list[str] = ()) -> tuple[Simulation, Path]:
+    """Continue a run from its newest valid checkpoint (``overrides`` may extend the rounds)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if key not in RESUMABLE_CHANGES:
+            raise ValueError(f"{key}: cannot change when resuming (only {', '.join(sorted(RESUMABLE_CHANGES))})")
+    cfg = load_config(config_path, overrides)
+    sim = Simulation(cfg, run_dir)
+    sim.resume()
+    sim.run()
+    sim.save_final()
+    save_config(cfg, config_path)
+    return sim, run_dir
