@@ -7,7 +7,7 @@ accuracy, bytes and seconds per round, and peak resident memory:
 2. SmolLM2-135M on MR (label-word scoring);
 3. the same MiniLM run with 10 and with 100 clients: peak memory ratio (backbone shared).
 
-    .venv/bin/python benchmarks/foundation.py [--rounds N] [--quick]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/foundation.py [--rounds N] [--quick]
 """
 
 from __future__ import annotations
@@ -66,16 +66,17 @@ def main() -> None:
         child(args.child)
         return
     mr = str(TASKS / "mr")
-    cap = ["data.max_train_examples=1000", "data.max_eval_examples=400"] if args.quick else \
-          ["data.max_train_examples=4000", "data.max_eval_examples=1000"]
+    cap = ["data.max_train_examples=600", "data.max_eval_examples=300"] if args.quick else \
+          ["data.max_train_examples=2000", "data.max_eval_examples=600"]
     common = [f"data.task={mr}", "data.partition=paper-dirichlet", "data.alpha=1.0", "algorithm=fedavg",
               f"federated.rounds={args.rounds}", "model.max_length=64", "client.lr=0.02", *cap]
     minilm = launch(common + ["model.name=minilm", "model.num_prompt_tokens=10", "federated.num_clients=20",
                               "federated.clients_per_round=5"])
     per_round_table("MiniLM (BERT, 22.7M) on MR, FedAvg, deep prompts, 20 clients, alpha=1.0", minilm)
     smol = launch(common + ["model.name=smollm2-135m", "model.num_prompt_tokens=5", "federated.num_clients=20",
-                            "federated.clients_per_round=5", "data.max_train_examples=1000",
-                            "data.max_eval_examples=300", "client.epochs=1", "client.lr=0.01"])
+                            "federated.clients_per_round=5", "data.max_train_examples=800",
+                            "data.max_eval_examples=300", "client.epochs=1", "client.lr=0.01",
+                            f"federated.rounds={max(3, args.rounds // 2)}"])
     per_round_table("SmolLM2-135M (LLaMA) on MR, FedAvg, deep prompts, label-word scoring, 20 clients", smol)
 
     memory = {n: launch(common + ["model.name=minilm", "model.num_prompt_tokens=10", f"federated.num_clients={n}",
