@@ -29,7 +29,7 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) benchmarks/foundation.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/foundation.py && OMP_NUM_THREADS=1 $(PY) benchmarks/algorithm.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

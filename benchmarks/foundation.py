@@ -13,34 +13,8 @@ accuracy, bytes and seconds per round, and peak resident memory:
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
-import sys
-from pathlib import Path
 
-TASKS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tasks"
-
-
-def child(overrides: list[str]) -> None:
-    """Run one experiment and print its per-round rows and peak memory as JSON."""
-    from fedpeptao.config import load_config
-    from fedpeptao.sim.simulator import Simulation
-
-    cfg = load_config(None, overrides + ["progress=false"])
-    sim = Simulation(cfg)
-    history = sim.run()
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps({"history": history, "summary": sim.summary(), "peak_mb": peak_mb}))
-
-
-def launch(overrides: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", *overrides], capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"benchmark run failed:\n{proc.stderr[-3000:]}")
-
+from common import TASKS, launch
 
 def per_round_table(title: str, result: dict) -> None:
     print(f"\n## {title}")
@@ -60,11 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="smaller data, for a smoke run")
-    parser.add_argument("--child", nargs=argparse.REMAINDER)
     args = parser.parse_args()
-    if args.child is not None:
-        child(args.child)
-        return
     mr = str(TASKS / "mr")
     cap = ["data.max_train_examples=600", "data.max_eval_examples=300"] if args.quick else \
           ["data.max_train_examples=2000", "data.max_eval_examples=600"]

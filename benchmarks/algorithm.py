@@ -1,0 +1,62 @@
+"""FedPepTAO against FedAvg (all layers shared) and each ablation, side by side in one run.
+
+Same model (MiniLM), partition (paper Dirichlet, alpha=1.0), seed and budget for every method,
+on MR and SST-2 from ../shared/data/tasks. Prints best accuracy, accuracy per round, rounds and
+seconds (sum of the slowest sampled client's training time) to a target, and MB communicated.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/algorithm.py [--rounds 12] [--target 0.7]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from common import TASKS, launch
+
+METHODS = {
+    "FedPepTAO": ["algorithm=fedpeptao"],
+    "FedAvg (P-tuning v2, all layers)": ["algorithm=fedavg"],
+    "- no layer selection": ["algorithm=fedpeptao", "selection.ratio=1.0"],
+    "- no control variate": ["algorithm=fedpeptao", "server.use_control_variates=false"],
+    "- no server momentum": ["algorithm=fedpeptao", "server.use_momentum=false"],
+    "- device SGD": ["algorithm=fedpeptao", "client.optimizer=sgd"],
+    "FedPepTAO, reference variant": ["algorithm=fedpeptao", "server.variant=reference"],
+}
+
+
+def fmt(value, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--target", type=float, default=0.70)
+    parser.add_argument("--tasks", nargs="+", default=["mr", "sst-2"])
+    parser.add_argument("--train", type=int, default=1500)
+    args = parser.parse_args()
+    for task in args.tasks:
+        common = [f"data.task={TASKS / task}", "data.partition=paper-dirichlet", "data.alpha=1.0", "seed=0",
+                  "model.name=minilm", "model.num_prompt_tokens=10", "model.max_length=48",
+                  f"data.max_train_examples={args.train}", "data.max_eval_examples=500",
+                  "federated.num_clients=20", "federated.clients_per_round=5", f"federated.rounds={args.rounds}",
+                  f"federated.target_accuracy={args.target}", "client.lr=0.02",
+                  f"selection.warmup_rounds={args.warmup}", "selection.lanczos_iters=30"]
+        results = {name: launch(common + extra) for name, extra in METHODS.items()}
+        print(f"\n## {task}: MiniLM, 20 clients (5 per round), paper Dirichlet alpha=1.0, {args.rounds} rounds, "
+              f"target {args.target}")
+        print("| method | best acc | final acc | rounds to target | s to target | MB | shared layers (ratio) |")
+        print("|---|---|---|---|---|---|---|")
+        for name, res in results.items():
+            s, sel = res["summary"], res["selection"]
+            layers = "all" if sel is None else f"{sel['layers']} ({sel['ratio']:.2f})"
+            print(f"| {name} | {s['best_metric']:.4f} | {s['final_metric']:.4f} | {fmt(s['rounds_to_target'], 'd')} | "
+                  f"{fmt(s['seconds_to_target'])} | {s['total_mb']:.2f} | {layers} |")
+        print("\naccuracy per round:")
+        for name, res in results.items():
+            print(f"  {name:32s} " + " ".join(f"{r['accuracy']:.3f}" for r in res["history"] if "accuracy" in r))
+
+
+if __name__ == "__main__":
+    main()
