@@ -4,7 +4,7 @@ Same model (MiniLM), partition (paper Dirichlet, alpha=1.0), seed and budget for
 on MR and SST-2 from ../shared/data/tasks. Prints best accuracy, accuracy per round, rounds and
 seconds (sum of the slowest sampled client's training time) to a target, and MB communicated.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/algorithm.py [--rounds 12] [--target 0.7]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/algorithm.py [--rounds 10] [--target 0.7]
 """
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ def fmt(value, spec: str = ".1f") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--target", type=float, default=0.70)
     parser.add_argument("--tasks", nargs="+", default=["mr", "sst-2"])
-    parser.add_argument("--train", type=int, default=1500)
+    parser.add_argument("--train", type=int, default=1200)
     args = parser.parse_args()
     for task in args.tasks:
         common = [f"data.task={TASKS / task}", "data.partition=paper-dirichlet", "data.alpha=1.0", "seed=0",
                   "model.name=minilm", "model.num_prompt_tokens=10", "model.max_length=48",
-                  f"data.max_train_examples={args.train}", "data.max_eval_examples=500",
+                  f"data.max_train_examples={args.train}", "data.max_eval_examples=400",
                   "federated.num_clients=20", "federated.clients_per_round=5", f"federated.rounds={args.rounds}",
                   f"federated.target_accuracy={args.target}", "client.lr=0.02",
                   f"selection.warmup_rounds={args.warmup}", "selection.lanczos_iters=30"]
