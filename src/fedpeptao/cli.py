@@ -8,6 +8,7 @@ import sys
 
 from pathlib import Path
 
+from fedpeptao.baselines.compare import add_arguments as add_compare_arguments
 from fedpeptao.config import ConfigError, load_config
 from fedpeptao.utils.checkpoint import CheckpointError
 
@@ -39,12 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federated.rounds=5 algorithm=fedpeptao")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest valid checkpoint")
     run.set_defaults(func=_run)
+    compare = sub.add_parser("compare", help="run several methods on one shared partition, seed and budget")
+    add_compare_arguments(compare)
+    compare.set_defaults(func=_compare)
     report = sub.add_parser("report", help="Markdown report and PNG plots for one or more run directories")
     report.add_argument("run_dirs", nargs="+", type=Path)
     report.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/report)")
     report.add_argument("--target", type=float, help="target metric for time-to-target columns")
     report.set_defaults(func=_report)
     return parser
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fedpeptao.baselines.compare import compare_main  # noqa: PLC0415
+
+    return compare_main(args)
 
 
 def _report(args: argparse.Namespace) -> int:
