@@ -1,0 +1,334 @@
+"""Test helpers for the Flower app: an in-process Grid, a tiny task, and real Flower processes.
+
+``InProcessGrid`` hands each message straight to the ClientApp with one ``Context`` per node,
+so the ServerApp/ClientApp logic can be checked in seconds. ``FlowerDeployment`` starts a real
+SuperLink and SuperNodes as separate processes (TLS, SuperNode authentication) and always stops
+every process it started, with their children, even when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+POSITIVE = ["a great and moving film", "wonderful acting and a clever story", "i loved every minute of it",
+            "a joyful delight", "brilliant , warm and funny", "beautifully shot and sharply written"]
+NEGATIVE = ["a dull and tedious mess", "boring from start to end", "i hated the plot",
+            "a clumsy waste of time", "flat , lifeless and silly", "badly written and painfully slow"]
+ENDINGS = ["", " indeed", " overall", " truly", " for sure"]
+
+
+def write_task(folder: Path, train: int = 40, test: int = 16) -> Path:
+    """A small labelled sentiment task (train.tsv, test.tsv), the same every time."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def rows(count: int, offset: int) -> str:
+        lines = ["sentence\tlabel"]
+        for i in range(count):
+            label = (i + offset) % 2
+            words = POSITIVE if label else NEGATIVE
+            lines.append(f"{words[(i * 7 + offset) % len(words)]}{ENDINGS[(i * 3 + offset) % len(ENDINGS)]}\t{label}")
+        return "\n".join(lines) + "\n"
+
+    (folder / "train.tsv").write_text(rows(train, 0))
+    (folder / "test.tsv").write_text(rows(test, 1))
+    return folder
+
+
+def tiny_experiment(task: Path, **sections: Mapping[str, Any]) -> dict[str, Any]:
+    """A 2-client FedPepTAO experiment on a tiny random BERT: seconds per round on a CPU."""
+    cfg: dict[str, Any] = {
+        "algorithm": "fedpeptao", "seed": 7, "progress": False,
+        "model": {"name": "tiny-bert", "num_prompt_tokens": 4, "max_length": 32},
+        "data": {"task": str(task), "partition": "iid"},
+        "federated": {"num_clients": 2, "clients_per_round": 2, "rounds": 2},
+        "client": {"epochs": 1, "batch_size": 8},
+        "selection": {"ratio": 0.5},
+    }
+    for name, values in sections.items():
+        if isinstance(values, Mapping):
+            cfg.setdefault(name, {}).update(values)
+        else:
+            cfg[name] = values
+    return cfg
+
+
+def write_toml(path: Path, data: Mapping[str, Any]) -> Path:
+    """Minimal TOML writer for flat tables of scalars (all an experiment file needs)."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    top = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
+    tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items())
+              for k, v in data.items() if isinstance(v, Mapping)]
+    path.write_text("\n".join(top) + "\n" + "\n".join(tables) + "\n")
+    return path
+
+
+# -- in-process Flower ----------------------------------------------------------------------------
+
+class InProcessGrid(Grid):
+    """Delivers messages synchronously to ``client_app``; nodes in ``silent`` never answer (a timeout),
+    nodes in ``raising`` answer with an error, as a crashed ClientApp does."""
+
+    def __init__(self, client_app: ClientApp, node_configs: Mapping[int, Mapping[str, Any]], run_id: int = 1) -> None:
+        self.client_app = client_app
+        # Flower stamps new messages with the running task's identity; in-process we are that task.
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
+        self.contexts = {node: Context(run_id, node, dict(conf), RecordDict(), {})
+                         for node, conf in node_configs.items()}
+        self.silent: set[int] = set()
+        self.raising: set[int] = set()
+        self.offline: set[int] = set()
+        self.sent: list[Message] = []
+
+    def set_run(self, run) -> None:  # pragma: no cover - not used in-process
+        raise NotImplementedError
+
+    @property
+    def run(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # pragma: no cover
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [node for node in self.contexts if node not in self.offline]
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            if node in self.silent or node in self.offline:
+                continue
+            if node in self.raising:
+                replies.append(Message(Error(code=0, reason="ClientApp raised"), reply_to=message))
+                continue
+            try:
+                replies.append(self.client_app(message=message, context=self.contexts[node]))
+            except Exception as exc:  # as Flower's ClientApp runner does: the error travels as the reply
+                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message))
+        return replies
+
+
+# -- real processes ---------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state first), or None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """Every descendant of ``pid`` as ``(pid, start time)``, so detached grandchildren are stopped too
+    and a recycled pid is never mistaken for one of them."""
+    parents: dict[int, list[tuple[int, str]]] = {}
+    for entry in Path("/proc").iterdir():
+        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None:
+            parents.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
+def _alive(process: tuple[int, str]) -> bool:
+    fields = _stat(process[0])
+    return fields is not None and fields[0] != "Z" and fields[19] == process[1]
+
+
+def _signal(processes: list[tuple[int, str]], sig: int) -> None:
+    for process in processes:
+        if _alive(process):
+            try:
+                os.kill(process[0], sig)
+            except ProcessLookupError:
+                pass
+
+
+def stop_process(proc: subprocess.Popen, hard: bool = False) -> None:
+    """Stop a process we started, its process group and every descendant (they may detach)."""
+    victims = _descendants(proc.pid)
+    sig = signal.SIGKILL if hard else signal.SIGTERM
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    _signal(victims, sig)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(v) for v in victims):
+        time.sleep(0.1)
+    _signal(victims, signal.SIGKILL)
+
+
+def is_running_clientapp(parent: int) -> bool:
+    """True while a ClientApp process of this SuperNode is working on a message."""
+    for pid, start in _descendants(parent):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"flwr-clientapp" in cmd and _alive((pid, start)):
+            return True
+    return False
+
+
+class FlowerDeployment:
+    """A SuperLink with TLS and SuperNode authentication, and SuperNodes, on 127.0.0.1.
+
+    Use as a context manager: on exit every process started here is stopped, with its children.
+    """
+
+    def __init__(self, root: Path, certs: Path) -> None:
+        self.root, self.certs = root, certs
+        self.home = root / "flwr-home"
+        self.logs = root / "logs"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2", "HF_HUB_OFFLINE": "1",
+                    "TOKENIZERS_PARALLELISM": "false", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        (self.home / "config.toml").write_text(
+            '[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{certs / "ca.crt"}"\n')
+
+    def __enter__(self) -> FlowerDeployment:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for name in reversed(list(self.procs)):
+            stop_process(self.procs.pop(name))
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("wb")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
+                                start_new_session=True)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.root, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def start_superlink(self) -> None:
+        c = self.certs
+        self._start("superlink", [str(BIN / "flower-superlink"), "--port", str(self.port),
+                                  "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem"),
+                                  "--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth",
+                                  "--disable-runtime-dependency-installation"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.procs["superlink"].poll() is not None:
+                raise RuntimeError("SuperLink exited:\n" + self.log("superlink"))
+            if "Uvicorn running" in self.log("superlink"):
+                return
+            time.sleep(0.2)
+        raise RuntimeError("SuperLink did not start:\n" + self.log("superlink"))
+
+    def register(self, *public_keys: Path) -> None:
+        """``flwr supernode register KEY test`` for each key (in parallel: each call is a CLI start-up)."""
+        calls = [subprocess.Popen([str(BIN / "flwr"), "supernode", "register", str(key), "test"], env=self.env,
+                                  cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for key in public_keys]
+        outputs = [call.communicate(timeout=60)[0] for call in calls]
+        failed = [out for call, out in zip(calls, outputs) if call.returncode != 0]
+        if failed:
+            raise RuntimeError("flwr supernode register failed:\n" + "\n".join(failed))
+
+    def start_supernode(self, name: str, private_key: Path, node_config: str) -> subprocess.Popen:
+        return self._start(name, [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                                  "--root-certificates", str(self.certs / "ca.crt"),
+                                  "--auth-supernode-private-key", str(private_key),
+                                  "--node-config", node_config, "--port", str(free_port())])
+
+    def run_app(self, run_config: Path) -> int:
+        """``flwr run flower_app test -c run_config``; returns the run id."""
+        result = self.flwr("run", str(REPO / "flower_app"), "test", "--run-config", str(run_config),
+                           "--format", "json")
+        if result.returncode != 0:
+            raise RuntimeError(f"flwr run failed:\n{result.stdout}\n{result.stderr}")
+        return int(json.loads(result.stdout)["run-id"])
+
+    def run_status(self, run_id: int) -> str:
+        result = self.flwr("ls", "test", "--run-id", str(run_id), "--format", "json")
+        if result.returncode != 0:
+            return ""
+        return json.loads(result.stdout)["runs"][0]["status"]
+
+    def wait_for_run(self, run_id: int, timeout: float, done_file: Path, during=None) -> str:
+        """Wait until the run finishes; ``during()`` is called between polls (e.g. to kill a node).
+
+        The ServerApp writes ``done_file`` last, so the file is watched and the SuperLink is asked
+        (a ``flwr`` CLI call: a second of CPU) only every few seconds, to notice a failed run.
+        """
+        deadline = time.monotonic() + timeout
+        next_status = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if during is not None:
+                during()
+            if done_file.exists() or time.monotonic() > next_status:
+                status = self.run_status(run_id)
+                if status.startswith("finished"):
+                    return status
+                next_status = time.monotonic() + (1 if done_file.exists() else 10)
+            time.sleep(0.1)
+        raise TimeoutError(f"run {run_id} did not finish in {timeout:.0f}s; SuperLink log:\n"
+                           + self.log("superlink")[-4000:])

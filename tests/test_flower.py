@@ -1,0 +1,363 @@
+"""The Flower app runs the embedded simulator's algorithm: same numbers, failures tolerated, nodes authenticated.
+
+Fast tests drive the ServerApp and ClientApp in-process (``InProcessGrid``); the deployment tests
+start a real SuperLink and SuperNodes as separate processes on 127.0.0.1 over TLS with SuperNode
+authentication, and submit the app with ``flwr run``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flower_helpers import (REPO, FlowerDeployment, InProcessGrid, is_running_clientapp, stop_process,  # noqa: E402
+                            tiny_experiment, write_task, write_toml)
+
+from fedpeptao.config import ConfigError, ExperimentConfig  # noqa: E402
+from fedpeptao.flower.client_app import app as client_app  # noqa: E402
+from fedpeptao.flower.server_app import app as server_app  # noqa: E402
+from fedpeptao.flower.settings import RUN_CONFIG_DEFAULTS, NodeSettings, ServerSettings  # noqa: E402
+from fedpeptao.sim.simulator import Simulation  # noqa: E402
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process handling uses /proc")
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def keep_process_settings():
+    """The in-process apps set torch's thread count, Flower's task identity and log handlers, as they
+    would in their own process; give the rest of the test session its settings back. One thread, as
+    each client uses: tiny models run much faster so, most of all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    identity = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    logger = logging.getLogger("fedpeptao")
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    torch.set_num_threads(threads)
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = identity
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
+def simulate(experiment: dict) -> Simulation:
+    sim = Simulation(ExperimentConfig.model_validate(experiment))
+    sim.run()
+    return sim
+
+
+def assert_same_tensors(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        diff = (tensor - actual[name]).abs().max().item()
+        assert diff <= TOL, f"{name}: differs from the simulator by {diff:.3g}"
+
+
+def run_in_process(tmp_path: Path, experiment: dict, grid_setup=None, node_extra: dict | None = None,
+                   **run_config) -> tuple[Path, InProcessGrid]:
+    """Run the ServerApp against in-process ClientApps, one node per partition; returns the output dir."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = write_toml(tmp_path / "experiment.toml", experiment)
+    n = experiment["federated"]["num_clients"]
+    nodes = {1000 + k: {"partition-id": k, "num-partitions": n, "state-dir": str(tmp_path / f"state-{k}"),
+                        **(node_extra or {})} for k in range(n)}
+    grid = InProcessGrid(client_app, nodes)
+    if grid_setup is not None:
+        grid_setup(grid)
+    out = tmp_path / "out"
+    settings = {**RUN_CONFIG_DEFAULTS, "config": str(config), "output-dir": str(out), "node-wait-timeout": 0.0,
+                **run_config}
+    server_app(grid, Context(1, 0, {}, RecordDict(), settings))
+    return out, grid
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- in-process: the app logic --------------------------------------------------------------------
+
+def test_app_matches_simulator_with_sampling_warmup_and_hessian_ratio(tmp_path):
+    """4 clients, 2 per round, FedAvg warm-up, Hessian-estimated ratio, then FedPepTAO: same as the simulator."""
+    experiment = tiny_experiment(write_task(tmp_path / "task"),
+                                 federated={"num_clients": 4, "clients_per_round": 2, "rounds": 4},
+                                 client={"epochs": 2},
+                                 selection={"ratio": "auto", "warmup_rounds": 2, "lanczos_iters": 8,
+                                            "hessian_clients": 2})
+    out, _ = run_in_process(tmp_path, experiment)
+    sim = simulate(experiment)
+    assert_same_tensors(sim.aggregator.params, load_file(out / "global.safetensors"))
+    selection = json.loads((out / "selection.json").read_text())
+    assert selection["layers"] == sim.selection.layers
+    assert selection["ratio"] == pytest.approx(sim.selection.ratio)
+    rows = metrics(out)
+    assert [r["sampled"] for r in rows] == [h["clients"] for h in sim.history]
+    assert [r["accuracy"] for r in rows] == pytest.approx([h["accuracy"] for h in sim.history])
+    assert [r["bytes_up"] for r in rows] == [h["bytes_up"] for h in sim.history]
+
+
+@pytest.mark.parametrize("algorithm,variant", [("fedavg", "plain"), ("fedpeptao", "reference")])
+def test_every_algorithm_is_selectable(tmp_path, algorithm, variant):
+    experiment = tiny_experiment(write_task(tmp_path / "task"), algorithm=algorithm, server={"variant": variant},
+                                 federated={"rounds": 3})
+    out, _ = run_in_process(tmp_path, experiment)
+    assert_same_tensors(simulate(experiment).aggregator.params, load_file(out / "global.safetensors"))
+    assert json.loads((out / "summary.json").read_text())["algorithm"] == algorithm
+
+
+def test_restarted_node_continues_from_its_disk_state(tmp_path):
+    """Every node forgets its context.state after each message (a restart): personal prompts and AdamW
+    moments must come back from disk, or the result drifts from the simulator."""
+    experiment = tiny_experiment(write_task(tmp_path / "task"), client={"epochs": 2}, federated={"rounds": 3},
+                                 selection={"ratio": 0.34})
+
+    class Forgetful(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            for context in self.contexts.values():
+                context.state = RecordDict()
+            return replies
+
+    def forgetful(grid):
+        grid.__class__ = Forgetful
+
+    sim = simulate(experiment)
+    out, _ = run_in_process(tmp_path / "with-disk", experiment, forgetful)
+    assert_same_tensors(sim.aggregator.params, load_file(out / "global.safetensors"))
+    # Without the disk copy the same restarts lose the personal state: the test can fail.
+    out, _ = run_in_process(tmp_path / "no-disk", experiment, forgetful, node_extra={"state-dir": "none"})
+    drift = max((sim.aggregator.params[k] - v).abs().max().item()
+                for k, v in load_file(out / "global.safetensors").items())
+    assert drift > TOL
+
+
+def test_node_back_under_a_new_id_is_recognised_by_its_client_id(tmp_path):
+    """Client 1's SuperNode restarts without node authentication: Flower gives it a new node id and a
+    fresh context; the server re-identifies it and it continues from its state on disk."""
+    experiment = tiny_experiment(write_task(tmp_path / "task"), client={"epochs": 2}, federated={"rounds": 3})
+
+    def restart_after_first_round(grid):
+        original = grid.send_and_receive
+        trains = []
+
+        def send_and_receive(messages, *, timeout=None):
+            messages = list(messages)
+            replies = original(messages, timeout=timeout)
+            trains.extend(m for m in messages if m.metadata.message_type == "train")
+            if len(trains) == 2 and 1001 in grid.contexts:
+                config = grid.contexts.pop(1001).node_config
+                grid.contexts[1077] = Context(1, 1077, dict(config), RecordDict(), {})
+            return replies
+        grid.send_and_receive = send_and_receive
+
+    out, grid = run_in_process(tmp_path, experiment, restart_after_first_round)
+    assert_same_tensors(simulate(experiment).aggregator.params, load_file(out / "global.safetensors"))
+    last_round = [m.metadata.dst_node_id for m in grid.sent if m.metadata.group_id == "3"]
+    assert 1077 in last_round and 1001 not in last_round
+
+
+def test_failed_and_silent_clients_are_left_out(tmp_path):
+    experiment = tiny_experiment(write_task(tmp_path / "task"),
+                                 federated={"num_clients": 3, "clients_per_round": 3, "rounds": 2})
+
+    def break_two(grid):
+        original = grid.send_and_receive
+
+        def send_and_receive(messages, *, timeout=None):
+            messages = list(messages)
+            if any(m.metadata.message_type == "train" for m in messages):
+                grid.raising, grid.silent = {1000}, {1001}  # client 0 crashes, client 1 never answers
+            return original(messages, timeout=timeout)
+        grid.send_and_receive = send_and_receive
+
+    out, grid = run_in_process(tmp_path, experiment, break_two)
+    rows = metrics(out)
+    assert [r["clients"] for r in rows] == [[2], [2]]
+    assert [r["failed"] for r in rows] == [[0, 1], [0, 1]]
+    evaluated = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "evaluate"}
+    assert evaluated == {1002}, "a client that just failed is not asked to evaluate in the same round"
+    initial = Simulation(ExperimentConfig.model_validate(experiment)).aggregator.params
+    final = load_file(out / "global.safetensors")
+    assert any(not torch.equal(initial[k], final[k]) for k in final)
+
+
+def test_round_below_min_replies_leaves_global_unchanged(tmp_path):
+    experiment = tiny_experiment(write_task(tmp_path / "task"), federated={"rounds": 2})
+
+    def one_silent(grid):
+        original = grid.send_and_receive
+
+        def send_and_receive(messages, *, timeout=None):
+            messages = list(messages)
+            grid.silent = {1001} if any(m.metadata.message_type == "train" for m in messages) else set()
+            return original(messages, timeout=timeout)
+        grid.send_and_receive = send_and_receive
+
+    out, _ = run_in_process(tmp_path, experiment, one_silent, **{"min-replies": 2})
+    assert all(r.get("skipped") for r in metrics(out))
+    initial = Simulation(ExperimentConfig.model_validate(experiment)).aggregator.params
+    assert_same_tensors(initial, load_file(out / "global.safetensors"))
+
+
+def test_node_with_another_model_is_refused(tmp_path):
+    experiment = tiny_experiment(write_task(tmp_path / "task"),
+                                 federated={"num_clients": 3, "clients_per_round": 3, "rounds": 1})
+
+    def odd_node(grid):
+        grid.contexts[1002].node_config["model-path"] = "tiny-llama"
+
+    out, _ = run_in_process(tmp_path, experiment, odd_node)
+    assert json.loads((out / "summary.json").read_text())["clients"] == [0, 1]
+    assert metrics(out)[0]["clients"] == [0, 1]
+
+
+def test_nodes_with_their_own_data_folders(tmp_path):
+    """``data-path``: each node trains on a local task folder instead of a partition of a shared one."""
+    folders = [write_task(tmp_path / "node-a", train=24, test=8), write_task(tmp_path / "node-b", train=16, test=6)]
+    experiment = tiny_experiment(tmp_path / "not-on-the-server", federated={"rounds": 1})
+
+    def own_data(grid):
+        for (node, context), folder, cid in zip(sorted(grid.contexts.items()), folders, (5, 9)):
+            context.node_config.clear()
+            context.node_config.update({"data-path": str(folder), "client-id": cid, "state-dir": "none"})
+
+    out, _ = run_in_process(tmp_path, experiment, own_data)
+    row = metrics(out)[0]
+    assert row["client_examples"] == {"5": 24, "9": 16}
+    assert row["eval_examples"] == 14 and set(row["client_accuracy"]) == {"5", "9"}
+
+
+def test_settings_are_validated(tmp_path):
+    cfg = ExperimentConfig.model_validate(tiny_experiment(tmp_path))
+    with pytest.raises(ConfigError, match="num-partitions"):
+        NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 5}, cfg)
+    with pytest.raises(ConfigError, match="client-id"):
+        NodeSettings.from_node_config({"data-path": str(tmp_path)}, cfg)
+    with pytest.raises(ConfigError, match="roundtimeout"):
+        ServerSettings.from_run_config({"roundtimeout": 3}, run_id=1)
+    with pytest.raises(ConfigError, match="federated.rounds"):
+        ServerSettings.from_run_config({"overrides": "seed=2; federated.rounds=0"}, run_id=1)
+    node = NodeSettings.from_node_config({"data-path": str(tmp_path), "client-id": 9, "state-dir": "none"}, cfg)
+    assert (node.client_id, node.partition, node.state_dir) == (9, None, None)
+
+
+def test_flower_app_declares_every_run_config_key():
+    app = tomllib.loads((REPO / "flower_app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["config"] == RUN_CONFIG_DEFAULTS
+    assert app["components"] == {"serverapp": "fedpeptao.flower.server_app:app",
+                                 "clientapp": "fedpeptao.flower.client_app:app"}
+
+
+# -- real processes: SuperLink + SuperNodes over TLS with node authentication --------------------
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    if shutil.which("openssl") is None:
+        pytest.skip("scripts/make_certs.sh needs openssl")
+    folder = tmp_path_factory.mktemp("certs")
+    subprocess.run(["bash", str(REPO / "scripts" / "make_certs.sh"), str(folder), "--nodes", "3"], check=True,
+                   capture_output=True, env={**os.environ, "PYTHON": sys.executable})
+    return folder
+
+
+def start_federation(root: Path, certs: Path, experiment: dict, **run_config) -> tuple[FlowerDeployment, Path]:
+    """SuperLink, two registered SuperNodes (partitions 0 and 1) and the run config file for `flwr run`."""
+    deployment = FlowerDeployment(root, certs)
+    try:
+        deployment.start_superlink()
+        deployment.register(certs / "node-1.pub", certs / "node-2.pub")
+        for k in (1, 2):
+            deployment.start_supernode(f"node-{k}", certs / f"node-{k}",
+                                       f"partition-id={k - 1} num-partitions=2 state-dir='{root / f'state-{k}'}'")
+    except BaseException:
+        deployment.close()
+        raise
+    config = write_toml(root / "experiment.toml", experiment)
+    run_toml = write_toml(root / "run.toml", {"config": str(config), "output-dir": str(root / "out"), **run_config})
+    return deployment, run_toml
+
+
+def test_deployment_over_tls_matches_simulator(tmp_path, certs):
+    experiment = tiny_experiment(write_task(tmp_path / "task"), federated={"rounds": 2, "eval_every": 2})
+    deployment, run_toml = start_federation(tmp_path, certs, experiment, **{"round-timeout": 120.0})
+    with deployment:
+        run_id = deployment.run_app(run_toml)
+        status = deployment.wait_for_run(run_id, timeout=150, done_file=tmp_path / "out" / "summary.json")
+    assert status == "finished:completed", deployment.log("superlink")[-3000:]
+    out = tmp_path / "out"
+    sim = simulate(experiment)
+    assert_same_tensors(sim.aggregator.params, load_file(out / "global.safetensors"))
+    assert json.loads((out / "selection.json").read_text())["layers"] == sim.selection.layers
+    rows = metrics(out)
+    assert [r["clients"] for r in rows] == [[0, 1], [0, 1]]
+    assert rows[-1]["accuracy"] == pytest.approx(sim.history[-1]["accuracy"])
+    # personal state was kept on each node's disk, per run and client
+    assert list((tmp_path / "state-2").glob(f"run-{run_id}/client-1/checkpoints/round-*"))
+
+
+def test_killed_supernode_is_left_out_and_run_completes(tmp_path, certs):
+    experiment = tiny_experiment(write_task(tmp_path / "task"), federated={"rounds": 1})
+    deployment, run_toml = start_federation(tmp_path, certs, experiment,
+                                            **{"round-timeout": 40.0, "min-replies": 1})
+    victim = deployment.procs["node-2"]
+    seen = []  # node 2's ClientApp activity: True while it works on a message
+
+    def kill_node_two_in_round_one():
+        """Node 2 first answers the setup query; kill it as soon as it starts on its round-1 training."""
+        if victim.poll() is not None:
+            return
+        busy = is_running_clientapp(victim.pid)
+        if not seen or seen[-1] != busy:
+            seen.append(busy)
+        if seen == [False, True, False, True] or seen == [True, False, True]:
+            stop_process(victim, hard=True)
+
+    with deployment:
+        run_id = deployment.run_app(run_toml)
+        status = deployment.wait_for_run(run_id, timeout=170, done_file=tmp_path / "out" / "summary.json",
+                                         during=kill_node_two_in_round_one)
+    assert victim.poll() is not None, f"node 2 was never seen starting its round-1 work ({seen})"
+    assert status == "finished:completed", deployment.log("superlink")[-3000:]
+    rows = metrics(tmp_path / "out")
+    assert [(r["sampled"], r["clients"], r["failed"]) for r in rows] == [([0, 1], [0], [1])]
+    assert "accuracy" in rows[0] and list(rows[0]["client_accuracy"]) == ["0"], "the survivor still evaluated"
+    assert not list((tmp_path / "state-2").glob("run-*/client-1/checkpoints/round-*")), "node 2 never finished"
+
+
+def test_supernode_with_unknown_key_is_refused(tmp_path, certs):
+    with FlowerDeployment(tmp_path, certs) as deployment:
+        deployment.start_superlink()
+        deployment.register(certs / "node-1.pub")  # node-3's key is never registered
+        known = deployment.start_supernode("known", certs / "node-1", "partition-id=0 num-partitions=2")
+        stranger = deployment.start_supernode("stranger", certs / "node-3", "partition-id=1 num-partitions=2")
+        try:
+            code = stranger.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a SuperNode with an unregistered key kept running")
+        assert code != 0
+        assert "Failed to initialize the connection" in deployment.log("stranger")
+        deadline, statuses = time.monotonic() + 30, []
+        while time.monotonic() < deadline:  # the registered node, started alongside, is let in
+            listed = deployment.flwr("supernode", "list", "test", "--format", "json")
+            assert listed.returncode == 0, listed.stderr
+            statuses = [node["status"] for node in json.loads(listed.stdout)["nodes"]]
+            if statuses == ["online"]:
+                break
+            time.sleep(0.5)
+        assert statuses == ["online"], f"expected only the registered node, online; got {statuses}"
+        assert known.poll() is None
