@@ -1,82 +1,24 @@
 """Build a device's model and data from an ExperimentConfig exactly as the embedded simulator does.
 
 Equality between a Flower run and the simulator rests on both building the same frozen backbone,
-the same initial prompts (seeded by ``cfg.seed``), the same tokenised data and the same partition.
-:func:`build_federation` is that construction, step for step the one in
-``Simulation.__init__`` (which could call it instead of repeating it).
+the same initial prompts, the same tokenised data and the same partition: both call
+:func:`fedpeptao.experiment.build_federation`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fedpeptao.config import ExperimentConfig, SelectionConfig
-from fedpeptao.core.client import LocalTrainConfig
-from fedpeptao.core.metrics import MetricName, metric_for_task
 from fedpeptao.core.scoring import select_layers
-from fedpeptao.data.encoding import EncodedDataset, default_label_words, encode, label_word_ids
-from fedpeptao.data.partition import partition
-from fedpeptao.data.tasks import load_splits
-from fedpeptao.models.classifier import PROMPT_PREFIX, PromptedClassifier
-from fedpeptao.models.registry import Backbone, load_backbone
-from fedpeptao.prompts.prefix import max_text_length
-from fedpeptao.sim.simulator import local_config, resolve_head
+from fedpeptao.models.classifier import PROMPT_PREFIX
+from fedpeptao.experiment import Federation, build_federation
 
 Tensors = dict[str, torch.Tensor]
-
-
-@dataclass
-class Federation:
-    """One prompted model plus every client's data, as the simulator holds them.
-
-    ``initial`` is a copy of the freshly initialised trainable tensors: what every client starts from.
-    """
-
-    cfg: ExperimentConfig
-    model: PromptedClassifier
-    initial: Tensors
-    train_data: EncodedDataset
-    eval_data: EncodedDataset
-    train_parts: list[np.ndarray]
-    eval_parts: list[np.ndarray]
-    local_cfg: LocalTrainConfig
-    metric: MetricName
-    num_labels: int
-
-
-def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, own_data: bool = False) -> Federation:
-    """The simulator's construction. ``own_data``: the data set is one client's, not partitioned."""
-    torch.manual_seed(cfg.seed)
-    backbone = backbone or load_backbone(cfg.model.name, head=cfg.model.head)
-    head = resolve_head(cfg, backbone)
-    train_set, eval_set = load_splits(cfg.data, cfg.seed)
-    tokenizer = backbone.tokenizer
-    words = None
-    if head in ("mlm", "lm"):
-        words = cfg.model.label_words or default_label_words(train_set.label_names, train_set.is_pair)
-        if len(words) != train_set.num_labels:
-            raise ValueError(f"model.label_words: expected {train_set.num_labels} words, got {len(words)}")
-    model = PromptedClassifier(
-        backbone.model, head, train_set.num_labels, cfg.model.num_prompt_tokens,
-        label_word_ids(tokenizer, words, head) if words else None, cfg.model.prompt_dropout, seed=cfg.seed)
-    length = max_text_length(backbone.model, cfg.model.num_prompt_tokens, cfg.model.max_length)
-    train_data = encode(train_set, tokenizer, head, length, cfg.model.template)
-    eval_data = encode(eval_set, tokenizer, head, length, cfg.model.template)
-    if own_data:
-        train_parts = [np.arange(len(train_set), dtype=np.int64)]
-        eval_parts = [np.arange(len(eval_set), dtype=np.int64)]
-    else:
-        train_parts, eval_parts = partition(
-            train_set.labels, eval_set.labels, cfg.data.partition, cfg.federated.num_clients, cfg.data.alpha,
-            cfg.seed, min_size=2, size_alpha=cfg.data.size_alpha)
-    return Federation(cfg, model, model.trainable_state(), train_data, eval_data, train_parts, eval_parts,
-                      local_config(cfg), metric_for_task(cfg.data.task), train_set.num_labels)
 
 
 @lru_cache(maxsize=1)

@@ -41,7 +41,7 @@ from fedpeptao.core.server import ClientUpdate
 from fedpeptao.core.validation import ValidationPolicy
 from fedpeptao.flower import records as R
 from fedpeptao.flower.build import choose_layers, head_names, layer_names
-from fedpeptao.sim.simulator import server_step_config
+from fedpeptao.experiment import server_step_config
 
 log = logging.getLogger("fedpeptao.flower.server")
 

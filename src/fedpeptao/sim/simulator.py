@@ -16,26 +16,21 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fedpeptao.config import ExperimentConfig, load_config, save_config
+from fedpeptao.experiment import build_federation, server_step_config
 from fedpeptao.core import payload
-from fedpeptao.core.client import LocalTrainConfig, predict
+from fedpeptao.core.client import predict
 from fedpeptao.core.federation import HESSIAN_STREAM, SCORE_STREAM, Aggregator, ClientState, client_round, round_seed
 from fedpeptao.core.hessian import estimate_ratio
-from fedpeptao.core.metrics import metric_for_task, score
+from fedpeptao.core.metrics import score
 from fedpeptao.core.scoring import combine_scores, rank_layers, select_layers
 from fedpeptao.core.selection import client_hvp, client_layer_scores
-from fedpeptao.core.server import ClientUpdate, ServerState, ServerStepConfig
+from fedpeptao.core.server import ClientUpdate, ServerState
 from fedpeptao.core.validation import ValidationPolicy
-from fedpeptao.data.encoding import EncodedDataset, default_label_words, encode, label_word_ids
-from fedpeptao.data.partition import partition
-from fedpeptao.data.tasks import load_splits
-from fedpeptao.models.classifier import PromptedClassifier
-from fedpeptao.models.registry import Backbone, default_head, load_backbone
-from fedpeptao.prompts.prefix import max_text_length
+from fedpeptao.models.registry import Backbone
 from fedpeptao.utils.checkpoint import (capture_rng_state, flatten_state, load_latest_checkpoint, restore_rng_state,
                                         save_checkpoint, unflatten_state)
 
@@ -48,51 +43,19 @@ class Selection:
     layers: list[int]
 
 
-def resolve_head(cfg: ExperimentConfig, backbone: Backbone) -> str:
-    return default_head(backbone.kind) if cfg.model.head == "auto" else cfg.model.head
-
-
-def local_config(cfg: ExperimentConfig) -> LocalTrainConfig:
-    c = cfg.client
-    return LocalTrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
-                            max_grad_norm=c.max_grad_norm, optimizer=c.optimizer, reset_optimizer=c.reset_optimizer)
-
-
-def server_step_config(cfg: ExperimentConfig) -> ServerStepConfig:
-    s = cfg.server
-    return ServerStepConfig(num_clients=cfg.federated.num_clients, local_lr=cfg.client.lr, beta=s.momentum,
-                            server_lr=s.lr, server_lr_decay=s.lr_decay, server_lr_min=s.lr_min,
-                            variant=s.variant, control_variates=s.use_control_variates, momentum=s.use_momentum)
-
-
 class Simulation:
     """Build everything from a config, then :meth:`run` the rounds."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path | None = None, backbone: Backbone | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
-        torch.manual_seed(cfg.seed)
-        self.backbone = backbone or load_backbone(cfg.model.name, head=cfg.model.head)
-        self.head = resolve_head(cfg, self.backbone)
-        self.train_set, self.eval_set = load_splits(cfg.data, cfg.seed)
-        self.metric = metric_for_task(cfg.data.task)
-        tokenizer = self.backbone.tokenizer
-        words = None
-        if self.head in ("mlm", "lm"):
-            words = cfg.model.label_words or default_label_words(self.train_set.label_names, self.train_set.is_pair)
-            if len(words) != self.train_set.num_labels:
-                raise ValueError(f"model.label_words: expected {self.train_set.num_labels} words, got {len(words)}")
-        self.model = PromptedClassifier(
-            self.backbone.model, self.head, self.train_set.num_labels, cfg.model.num_prompt_tokens,
-            label_word_ids(tokenizer, words, self.head) if words else None, cfg.model.prompt_dropout, seed=cfg.seed)
-        length = max_text_length(self.backbone.model, cfg.model.num_prompt_tokens, cfg.model.max_length)
-        self.train_data: EncodedDataset = encode(self.train_set, tokenizer, self.head, length, cfg.model.template)
-        self.eval_data: EncodedDataset = encode(self.eval_set, tokenizer, self.head, length, cfg.model.template)
+        built = build_federation(cfg, backbone)
+        self.backbone, self.head, self.model = built.backbone, built.head, built.model
+        self.train_set, self.eval_set, self.metric = built.train_set, built.eval_set, built.metric
+        self.train_data, self.eval_data = built.train_data, built.eval_data
+        self.train_parts, self.eval_parts = built.train_parts, built.eval_parts
         fed = cfg.federated
-        self.train_parts, self.eval_parts = partition(
-            self.train_set.labels, self.eval_set.labels, cfg.data.partition, fed.num_clients, cfg.data.alpha,
-            cfg.seed, min_size=2, size_alpha=cfg.data.size_alpha)
-        initial = self.model.trainable_state()
+        initial = built.initial
         # Clients start from the same tensors; a client gets its own copy when it first trains.
         self.clients = [ClientState(params=initial) for _ in range(fed.num_clients)]
         srv = cfg.server
@@ -100,7 +63,7 @@ class Simulation:
             params=dict(initial), shared=self.model.trainable_names(),
             validation=ValidationPolicy(max_norm=srv.max_update_norm) if srv.validate_updates else None,
             averaging=srv.aggregation, trim_ratio=srv.trim_ratio)
-        self.local_cfg = local_config(cfg)
+        self.local_cfg = built.local_cfg
         self.selection: Selection | None = None
         self.rng = np.random.default_rng(cfg.seed)
         self.history: list[dict] = []
