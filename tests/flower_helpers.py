@@ -208,16 +208,18 @@ def stop_process(proc: subprocess.Popen, hard: bool = False) -> None:
     _signal(victims, signal.SIGKILL)
 
 
-def is_running_clientapp(parent: int) -> bool:
-    """True while a ClientApp process of this SuperNode is working on a message."""
+def running_clientapps(parent: int) -> set[tuple[int, int]]:
+    """(pid, start time) of this SuperNode's ClientApp processes now at work (one per message)."""
+    found = set()
     for pid, start in _descendants(parent):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
         if b"flwr-clientapp" in cmd and _alive((pid, start)):
-            return True
-    return False
+            found.add((pid, start))
+    return found
+
 
 
 class FlowerDeployment:
