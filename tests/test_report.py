@@ -78,6 +78,7 @@ def test_two_runs_table_and_plots(tmp_path):
     assert rb["algorithm"] == "fedavg"  # from config.yaml: this run has no summary.json
     assert rb["best"] == "0.6500" and rb["best round"] == "4" and rb["rounds to target"] == "not reached"
     assert "stopped or still running" in text and "shared layers (ratio 0.5): [1, 3]" in text
+    assert "layer scores: 0: 3, 1: 9.5, 2: 1.2, 3: 7.7" in text
     for name in PLOTS:
         assert f"]({name})" in text
         assert_png(out / name)

@@ -121,6 +121,10 @@ def _run_section(run: RunData, out: Path) -> list[str]:
         ratio = run.selection.get("ratio")
         ratio_text = f" (ratio {ratio:.3g})" if isinstance(ratio, (int, float)) else ""
         lines.append(f"- shared layers{ratio_text}: {layers}")
+        scores = run.selection.get("scores")
+        if scores:
+            # the bar chart starts at zero; close scores are only readable as numbers
+            lines.append("- layer scores: " + ", ".join(f"{i}: {s:.4g}" for i, s in enumerate(scores)))
     rejected = sum(len(r.get("rejected", []) or []) for r in run.rows)
     if rejected:
         lines.append(f"- client updates rejected by the server: {rejected}")
