@@ -86,3 +86,23 @@ def test_fedpeptao_on_real_smollm2_with_label_words(tmp_path):
     # training the prompts lowers the label-word LM loss of the real model (accuracy is a benchmark matter)
     losses = [r["train_loss"] for r in sim.history]
     assert losses[-1] < losses[0] and np.isfinite(losses).all()
+
+
+def test_tensorboard_mirrors_the_jsonl_rows(task_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny(task_dir, "tensorboard=true", f"output_dir={tmp_path}", "run_name=tb", "federated.eval_every=1")
+    sim, run_dir = simulator.run_experiment(cfg)
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    for key in ("accuracy", "train_loss", "total_bytes"):
+        logged = [(e.step, e.value) for e in events.Scalars(f"round/{key}")]
+        assert logged == [(r["round"] + 1, pytest.approx(r[key], rel=1e-6)) for r in sim.history], key
+
+
+def test_tensorboard_without_the_package_is_a_config_error(monkeypatch):
+    from fedpeptao import config
+
+    monkeypatch.setattr(config, "tensorboard_available", lambda: False)
+    with pytest.raises(config.ConfigError, match="tensorboard"):
+        load_config(None, ["tensorboard=true"])

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedpeptao.utils.round_log import tensorboard_available
 
 
 class ConfigError(ValueError):
@@ -111,6 +113,7 @@ class ExperimentConfig(_Section):
     output_dir: str = "runs"
     run_name: str | None = None
     progress: bool = True
+    tensorboard: bool = False  # also write round metrics to RUN_DIR/tensorboard (needs the tensorboard package)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     federated: FederatedConfig = FederatedConfig()
@@ -118,6 +121,13 @@ class ExperimentConfig(_Section):
     server: ServerConfig = ServerConfig()
     selection: SelectionConfig = SelectionConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _tensorboard_installed(cls, value: bool) -> bool:
+        if value and not tensorboard_available():
+            raise ValueError("the tensorboard package is not installed (pip install 'fedpeptao[tensorboard]')")
+        return value
 
     @model_validator(mode="after")
     def _robust_only_with_fedavg(self) -> "ExperimentConfig":

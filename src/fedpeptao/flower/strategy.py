@@ -42,6 +42,7 @@ from fedpeptao.core.validation import ValidationPolicy
 from fedpeptao.flower import records as R
 from fedpeptao.flower.build import choose_layers, head_names, layer_names
 from fedpeptao.experiment import server_step_config
+from fedpeptao.utils.round_log import RoundLog
 
 log = logging.getLogger("fedpeptao.flower.server")
 
@@ -77,6 +78,7 @@ class FedPepTAOStrategy(Strategy):
         self._sampled: dict[int, int] = {}
         self._failed_nodes: set[int] = set()
         self._started = time.perf_counter()
+        self._log: RoundLog | None = None
 
     # -- Strategy interface ----------------------------------------------------------------
     def summary(self) -> None:
@@ -204,12 +206,15 @@ class FedPepTAOStrategy(Strategy):
             validation=ValidationPolicy(max_norm=srv.max_update_norm) if srv.validate_updates else None,
             averaging=srv.aggregation, trim_ratio=srv.trim_ratio)
         self._started = time.perf_counter()
+        self._log = None if self.run_dir is None else RoundLog(self.run_dir, self.cfg.tensorboard)
         log.info("federation: clients %s on %d SuperNodes", sorted(self.clients), len(self.clients))
 
     def finish(self, grid: Grid) -> None:
         """Like the simulator: a run that ended inside the warm-up still reports its layer selection."""
         if self.cfg.algorithm == "fedpeptao" and self.selection is None:
             self._switch(grid, self.cfg.federated.rounds)
+        if self._log is not None:
+            self._log.close()
 
     def switch_round(self) -> int:
         """The round FedPepTAO's selective step starts (-1: never, plain FedAvg)."""
@@ -344,9 +349,8 @@ class FedPepTAOStrategy(Strategy):
         row["total_bytes"] = last.get("total_bytes", 0) + row.get("bytes_up", 0) + row.get("bytes_down", 0)
         row["elapsed_s"] = time.perf_counter() - self._started
         self.history.append(row)
-        if self.run_dir is not None:
-            with (self.run_dir / "metrics.jsonl").open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+        if self._log is not None:
+            self._log.write(row)
 
     # -- FedPepTAO layer selection -----------------------------------------------------------
     def _switch(self, grid: Grid, t: int) -> None:

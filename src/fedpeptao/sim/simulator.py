@@ -9,7 +9,6 @@ size per client, not with the model size.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,6 +32,7 @@ from fedpeptao.core.validation import ValidationPolicy
 from fedpeptao.models.registry import Backbone
 from fedpeptao.utils.checkpoint import (capture_rng_state, flatten_state, load_latest_checkpoint, restore_rng_state,
                                         save_checkpoint, unflatten_state)
+from fedpeptao.utils.round_log import RoundLog
 
 
 @dataclass
@@ -173,6 +173,7 @@ class Simulation:
         switch = self.switch_round()
         bar = tqdm(range(first, fed.rounds), desc=f"{cfg.algorithm} rounds", disable=not cfg.progress,
                    dynamic_ncols=True, initial=first, total=fed.rounds)
+        log = None if self.run_dir is None else RoundLog(self.run_dir, cfg.tensorboard, first)
         for t in bar:
             if t == switch:
                 self._switch_to_fedpeptao()
@@ -185,12 +186,13 @@ class Simulation:
             row.update({"shared_tensors": len(self.aggregator.shared), "train_time_s": train_time,
                         "total_bytes": total_bytes, "elapsed_s": time.perf_counter() - start})
             self.history.append(row)
-            if self.run_dir is not None:
-                with (self.run_dir / "metrics.jsonl").open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+            if log is not None:
+                log.write(row)
                 every = cfg.checkpoint.every
                 if (every and (t + 1) % every == 0) or t == fed.rounds - 1:
                     self.save_checkpoint(t)
+        if log is not None:
+            log.close()
         if cfg.algorithm == "fedpeptao" and self.selection is None:  # rounds ended inside the warm-up
             self._switch_to_fedpeptao()
         return self.history
@@ -233,7 +235,7 @@ class Simulation:
         round_index, tensors, meta = load_latest_checkpoint(self.run_dir)
         self.load_state(unflatten_state(tensors, meta["state"]))
         # Rows written after that checkpoint belong to rounds that will be run again.
-        _atomic_write(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        RoundLog(self.run_dir).rewrite(self.history)
         return round_index
 
     def summary(self) -> dict:
@@ -258,12 +260,6 @@ class Simulation:
             return
         save_file({k: v.contiguous() for k, v in self.aggregator.params.items()}, self.run_dir / "global.safetensors")
         (self.run_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_run_dir(cfg: ExperimentConfig) -> Path:

@@ -1,0 +1,63 @@
+"""Per-round metrics: one JSON line per round in ``metrics.jsonl``, optionally mirrored to TensorBoard.
+
+The JSONL file is the source of truth (reports and resume read it); TensorBoard is a live view for
+people who already watch their runs there. Both runtimes (simulator and Flower strategy) write
+through :class:`RoundLog`, so the two files never disagree on what a round row holds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+#: Row keys worth a TensorBoard curve; the rest (lists, ids, counters) stay in the JSONL only.
+SCALARS = ("accuracy", "metric", "eval_loss", "train_loss", "bytes_up", "bytes_down", "total_bytes",
+           "slowest_client_s", "train_time_s", "elapsed_s")
+
+
+def tensorboard_available() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+class RoundLog:
+    """Appends round rows to ``run_dir/metrics.jsonl`` (and ``run_dir/tensorboard/`` when asked)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False, first_round: int = 0) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._writer = None
+        if tensorboard:
+            if not tensorboard_available():
+                raise ModuleNotFoundError("tensorboard=true needs the tensorboard package: pip install tensorboard")
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events of rounds a resumed run is about to train again
+            self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=first_round or None)
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self._writer is not None:
+            step = int(row["round"]) + 1  # rounds are shown from 1, as in reports
+            for key in SCALARS:
+                value = row.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(f"round/{key}", value, step)
+            self._writer.flush()
+
+    def rewrite(self, rows: list[Mapping[str, Any]]) -> None:
+        """Replace the file with ``rows`` atomically (resume drops rows past its checkpoint)."""
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+__all__ = ["SCALARS", "RoundLog", "tensorboard_available"]
