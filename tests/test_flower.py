@@ -28,8 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flower_helpers import (REPO, FlowerDeployment, InProcessGrid, running_clientapps, stop_process,  # noqa: E402
                             tiny_experiment, write_task, write_toml)
 
-from fedpeptao.config import ConfigError, ExperimentConfig  # noqa: E402
+from fedpeptao.baselines.methods import METHODS, make_simulation, method_overrides  # noqa: E402
+from fedpeptao.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
 from fedpeptao.flower.client_app import app as client_app  # noqa: E402
+from fedpeptao.flower.node_state import ClientStore  # noqa: E402
 from fedpeptao.flower.server_app import app as server_app  # noqa: E402
 from fedpeptao.flower.settings import RUN_CONFIG_DEFAULTS, NodeSettings, ServerSettings  # noqa: E402
 from fedpeptao.sim.simulator import Simulation  # noqa: E402
@@ -57,6 +59,13 @@ def keep_process_settings():
 
 def simulate(experiment: dict) -> Simulation:
     sim = Simulation(ExperimentConfig.model_validate(experiment))
+    sim.run()
+    return sim
+
+
+def simulate_method(config: Path, name: str) -> Simulation:
+    """The simulator's run of method ``name`` on an experiment file, as ``fedpeptao compare`` builds it."""
+    sim = make_simulation(load_config(config, method_overrides(name)), name)
     sim.run()
     return sim
 
@@ -90,6 +99,20 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+class ForgetfulGrid(InProcessGrid):
+    """Every node forgets its context.state after each message, as if its SuperNode restarted."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for context in self.contexts.values():
+            context.state = RecordDict()
+        return replies
+
+
+def forgetful(grid: InProcessGrid) -> None:
+    grid.__class__ = ForgetfulGrid
+
+
 # -- in-process: the app logic --------------------------------------------------------------------
 
 def test_app_matches_simulator_with_sampling_warmup_and_hessian_ratio(tmp_path):
@@ -120,22 +143,60 @@ def test_every_algorithm_is_selectable(tmp_path, algorithm, variant):
     assert json.loads((out / "summary.json").read_text())["algorithm"] == algorithm
 
 
+# Every code path of the baselines: own models (PEFT weights, instance-dependent prompts), client hooks
+# with per-device state (SCAFFOLD's c_k, MOON's previous model, FedProx's anchor), server state
+# (FedAdam), and a native ablation whose config overrides the method applies.
+METHOD_CASES = ["lora", "idpg", "scaffold", "moon", "fedadam", "fedprox", "fedpeptao-no-cv"]
+
+
+@pytest.mark.parametrize("name", METHOD_CASES)
+def test_every_method_is_selectable_and_matches_the_simulator(tmp_path, name):
+    experiment = tiny_experiment(write_task(tmp_path / "task"), algorithm="fedavg", federated={"rounds": 2})
+    out, _ = run_in_process(tmp_path, experiment, method=name)
+    sim = simulate_method(tmp_path / "experiment.toml", name)
+    assert_same_tensors(sim.aggregator.params, load_file(out / "global.safetensors"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == name and summary["algorithm"] == sim.summary()["algorithm"]
+    rows = metrics(out)
+    assert [(r["bytes_up"], r["bytes_down"]) for r in rows] == [(h["bytes_up"], h["bytes_down"]) for h in sim.history]
+    assert [r["accuracy"] for r in rows] == pytest.approx([h["accuracy"] for h in sim.history])
+
+
+def test_scaffold_client_control_variates_survive_a_node_restart(tmp_path):
+    """SCAFFOLD's c_k lives on the node: after restarts it comes back from disk. With a fresh optimiser
+    each round and every tensor shared, c_k is the only thing a device carries between rounds."""
+    experiment = tiny_experiment(write_task(tmp_path / "task"), algorithm="fedavg", federated={"rounds": 3},
+                                 client={"reset_optimizer": True})
+    out, _ = run_in_process(tmp_path / "with-disk", experiment, forgetful, method="scaffold")
+    sim = simulate_method(tmp_path / "with-disk" / "experiment.toml", "scaffold")
+    assert_same_tensors(sim.aggregator.params, load_file(out / "global.safetensors"))
+    for k in range(2):
+        (folder,) = (tmp_path / "with-disk" / f"state-{k}").glob(f"run-*/client-{k}")
+        assert_same_tensors(sim.rule.client_control[k], ClientStore(RecordDict(), folder).load().rule_state)
+    # Without the disk copy the restarts lose c_k: the test can fail.
+    out, _ = run_in_process(tmp_path / "no-disk", experiment, forgetful, node_extra={"state-dir": "none"},
+                            method="scaffold")
+    drift = max((sim.aggregator.params[k] - v).abs().max().item()
+                for k, v in load_file(out / "global.safetensors").items())
+    assert drift > TOL
+
+
+def test_method_is_validated(tmp_path):
+    with pytest.raises(ConfigError, match=r"^run config 'method': unknown method 'fedsgd'; choose from fedpeptao"):
+        ServerSettings.from_run_config({"method": "fedsgd"}, run_id=1)
+    with pytest.raises(ConfigError, match="run config 'method': lora runs with algorithm=fedavg"):
+        ServerSettings.from_run_config({"method": "lora", "overrides": "algorithm=fedpeptao"}, run_id=1)
+    settings = ServerSettings.from_run_config({"method": "fedpeptao-no-cv"}, run_id=1)
+    assert settings.method is METHODS["fedpeptao-no-cv"]
+    assert settings.experiment.algorithm == "fedpeptao" and not settings.experiment.server.use_control_variates
+    assert ServerSettings.from_run_config({}, run_id=1).method is METHODS["fedavg"]  # the experiment's algorithm
+
+
 def test_restarted_node_continues_from_its_disk_state(tmp_path):
     """Every node forgets its context.state after each message (a restart): personal prompts and AdamW
     moments must come back from disk, or the result drifts from the simulator."""
     experiment = tiny_experiment(write_task(tmp_path / "task"), client={"epochs": 2}, federated={"rounds": 3},
                                  selection={"ratio": 0.34})
-
-    class Forgetful(InProcessGrid):
-        def send_and_receive(self, messages, *, timeout=None):
-            replies = super().send_and_receive(messages, timeout=timeout)
-            for context in self.contexts.values():
-                context.state = RecordDict()
-            return replies
-
-    def forgetful(grid):
-        grid.__class__ = Forgetful
-
     sim = simulate(experiment)
     out, _ = run_in_process(tmp_path / "with-disk", experiment, forgetful)
     assert_same_tensors(sim.aggregator.params, load_file(out / "global.safetensors"))

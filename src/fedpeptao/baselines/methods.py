@@ -17,6 +17,10 @@ accounting are the simulator's own code. It changes only
 ``fedavg`` (P-tuning v2, every layer shared) and ``fedpeptao`` run on the stock ``Simulation``
 with ``algorithm=fedavg`` / ``algorithm=fedpeptao``: nothing is swapped for them.
 
+The Flower app runs the same methods from the same pieces (run config ``method``): its clients
+build the model with :func:`build_model` on their federation's backbone and run the rule's device
+side, its strategy holds the rule's server side in a :class:`RuleAggregator`.
+
 Limitation: the simulator's checkpoints hold the model tensors and client states, not a rule's own
 state (FedAdam's ``m``/``v``, SCAFFOLD's ``c``/``c_k``), so a baseline run is not resumable mid-run;
 ``fedpeptao compare --resume`` works per finished method instead.
@@ -43,6 +47,7 @@ from fedpeptao.core import payload
 from fedpeptao.core.federation import Aggregator, ClientState, client_round, round_seed
 from fedpeptao.core.server import ClientUpdate
 from fedpeptao.core.validation import filter_updates
+from fedpeptao.experiment import Federation
 from fedpeptao.models.classifier import PromptedClassifier
 from fedpeptao.models.registry import Backbone
 from fedpeptao.sim.simulator import Simulation
@@ -122,8 +127,20 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
 
 
-def build_model(kind: str, sim: Simulation) -> PromptedClassifier:
-    """The trainable model of a method, on the simulation's (frozen) backbone."""
+def check_method_config(cfg: ExperimentConfig, method: Method) -> None:
+    """Baselines replace the server step of plain FedAvg: they need ``algorithm=fedavg``."""
+    if not method.native and cfg.algorithm != "fedavg":
+        raise ValueError(f"{method.name} runs with algorithm=fedavg (its own rule replaces the server step), "
+                         f"not algorithm={cfg.algorithm}")
+
+
+def method_rule(method: Method, cfg: ExperimentConfig, rule_options: dict | None = None) -> FedAvgRule:
+    """A fresh rule of ``method`` for ``cfg``: server and devices build theirs alike (native methods: FedAvg's)."""
+    return make_rule(method.rule, cfg.federated.num_clients, cfg.client.lr, **(rule_options or {}))
+
+
+def build_model(kind: str, sim: Simulation | Federation) -> PromptedClassifier:
+    """The trainable model of a method, on the (frozen) backbone of a simulation or a Flower client's federation."""
     from fedpeptao.baselines import peft_methods, prompts  # noqa: PLC0415
 
     if kind == "deep":
@@ -190,8 +207,7 @@ class BaselineSimulation(Simulation):
         method = get_method(method) if isinstance(method, str) else method
         if method.native:
             raise ValueError(f"{method.name} runs on the stock Simulation (overrides {list(method.overrides)})")
-        if cfg.algorithm != "fedavg":
-            raise ValueError("baselines run with algorithm=fedavg (their own rule replaces the server step)")
+        check_method_config(cfg, method)
         super().__init__(cfg, run_dir, backbone)
         self.method = method
         if method.model != "deep":
@@ -200,7 +216,7 @@ class BaselineSimulation(Simulation):
             self.clients = [ClientState(params=initial) for _ in range(cfg.federated.num_clients)]
             self.aggregator.params = dict(initial)
             self.aggregator.shared = self.model.trainable_names()
-        self.rule = make_rule(method.rule, cfg.federated.num_clients, self.local_cfg.lr, **(rule_options or {}))
+        self.rule = method_rule(method, cfg, rule_options)
         self.aggregator = RuleAggregator.wrap(self.aggregator, self.rule)
 
     def train_round(self, round_index: int) -> dict:

@@ -1,13 +1,24 @@
 """Federated optimisers for the baselines: client-side hooks and server rules on the shared tensors.
 
-A *rule* is what a federated optimiser adds to plain local training and averaging:
+A *rule* is what a federated optimiser adds to plain local training and averaging. Its server
+side holds the server's state (FedOpt's ``m``/``v``, SCAFFOLD's ``c``):
 
 - ``down(global_shared)``: what the server sends to each sampled client;
-- ``client(sim, k, global_shared)``: a context manager around client ``k``'s local training that
-  yields an ``extra_loss(model)`` for :func:`fedpeptao.core.client.local_train` (or ``None``) and
-  may install gradient hooks on the model's parameters;
-- ``upload(k, global_shared, update, result)``: what client ``k`` sends back;
 - ``aggregate(current, updates)``: the server's new shared tensors.
+
+Its device side reads no server state, only what the device received and what the device keeps,
+so a real device (the Flower ClientApp) runs it on its own state:
+
+- ``received_model(received)``: the model tensors of what ``down`` sent;
+- ``device_training(model, received, own, state)``: a context manager around the device's local
+  training that yields an ``extra_loss(model)`` for :func:`fedpeptao.core.client.local_train` (or
+  ``None``) and may install hooks; ``own`` is the device's trainable tensors from its last round
+  (MOON's previous local model), ``state`` the rule's per-device tensors (SCAFFOLD's ``c_k``);
+- ``device_upload(received, update, num_steps, state)``: ``(what the device sends, its new state)``.
+
+The embedded simulator runs every device in one process and calls ``client(sim, k, global_shared)``
+and ``upload(k, global_shared, update, num_steps)``: the device side for simulated client ``k``,
+with that client's rule state kept in ``client_control[k]`` (the server never reads it).
 
 Every rule here acts on the same shared tensors as FedAvg (for the prompt baselines: every layer's
 deep prompt and the head) and the device optimiser is the experiment's (AdamW by default), so the
@@ -55,7 +66,7 @@ current global tensors.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -142,23 +153,50 @@ def scaffold_server(x: Tensor, c: Tensor, ys: Sequence[Tensor], delta_cs: Sequen
 # ------------------------------------------------------------------------------------------
 # rules
 # ------------------------------------------------------------------------------------------
+ExtraLoss = Callable[[torch.nn.Module], Tensor]
+
+
 @dataclass
 class FedAvgRule:
     weighted: bool = True
     name: str = "fedavg"
+    # The simulated clients' rule state by client id (SCAFFOLD's c_k); see the module docstring.
+    client_control: dict[int, Params] = field(default_factory=dict)
 
+    # -- server side -------------------------------------------------------------------------
     def down(self, global_shared: Params) -> Params:
         return global_shared
 
-    @contextmanager
-    def client(self, sim: BaselineSimulation, k: int, global_shared: Params) -> Iterator[object]:
-        yield None
-
-    def upload(self, k: int, global_shared: Params, update: Params, num_steps: int) -> Params:
-        return update
-
     def aggregate(self, current: Params, updates: Sequence[ClientUpdate]) -> Params:
         return average(updates, list(current), self.weighted)
+
+    # -- device side: only what the device received and keeps --------------------------------
+    def received_model(self, received: Params) -> Params:
+        """The model tensors of a ``down`` payload (without the rule's own entries)."""
+        return received
+
+    @contextmanager
+    def device_training(self, model: torch.nn.Module | None, received: Params, own: Params, state: Params
+                        ) -> Iterator[ExtraLoss | None]:
+        yield None
+
+    def device_upload(self, received: Params, update: Params, num_steps: int, state: Params
+                      ) -> tuple[Params, Params]:
+        return update, state
+
+    # -- the simulator's clients -------------------------------------------------------------
+    @contextmanager
+    def client(self, sim: BaselineSimulation | None, k: int, global_shared: Params) -> Iterator[ExtraLoss | None]:
+        """Simulated client ``k``'s :meth:`device_training` (this rule needs no model and no client state)."""
+        with self.device_training(None, self.down(global_shared), {}, {}) as extra_loss:
+            yield extra_loss
+
+    def upload(self, k: int, global_shared: Params, update: Params, num_steps: int) -> Params:
+        """Simulated client ``k``'s :meth:`device_upload`, its new state kept in ``client_control[k]``."""
+        sent, state = self.device_upload(self.down(global_shared), update, num_steps, self.client_control.get(k, {}))
+        if state:
+            self.client_control[k] = state
+        return sent
 
 
 @dataclass
@@ -167,8 +205,8 @@ class FedProxRule(FedAvgRule):
     name: str = "fedprox"
 
     @contextmanager
-    def client(self, sim, k, global_shared):
-        anchor = {n: t.detach().clone() for n, t in global_shared.items()}
+    def device_training(self, model, received, own, state):
+        anchor = {n: t.detach().clone() for n, t in self.received_model(received).items()}
 
         def proximal(model) -> Tensor:
             params = dict(model.named_parameters())
@@ -179,29 +217,34 @@ class FedProxRule(FedAvgRule):
 
 @dataclass
 class ScaffoldRule(FedAvgRule):
-    """Classic SCAFFOLD: the server holds ``c``, each client holds its own ``c_k``."""
+    """Classic SCAFFOLD: the server holds ``c`` and sends it down; each device holds its own ``c_k``."""
 
     num_clients: int = 1
     local_lr: float = 1.0
     global_lr: float = 1.0
     name: str = "scaffold"
     control: Params = field(default_factory=dict)  # c (server)
-    client_control: dict[int, Params] = field(default_factory=dict)  # c_k (held by client k)
 
     def _c(self, name: str, ref: Tensor) -> Tensor:
         return self.control.get(name, torch.zeros_like(ref, dtype=_work(ref)))
 
-    def _ck(self, k: int, name: str, ref: Tensor) -> Tensor:
-        return self.client_control.get(k, {}).get(name, torch.zeros_like(ref, dtype=_work(ref)))
-
     def down(self, global_shared):
         return {**global_shared, **{CONTROL_PREFIX + n: self._c(n, t).to(t.dtype) for n, t in global_shared.items()}}
 
+    def received_model(self, received):
+        return {n: t for n, t in received.items() if not n.startswith(CONTROL_PREFIX)}
+
+    @staticmethod
+    def _ck(state: Params, name: str, ref: Tensor) -> Tensor:
+        """The device's ``c_k`` for one tensor (zeros before its first round)."""
+        return state.get(name, torch.zeros_like(ref, dtype=_work(ref)))
+
     @contextmanager
-    def client(self, sim, k, global_shared):
-        params = dict(sim.model.named_parameters())
-        corrections = {id(params[name]): (self._c(name, ref) - self._ck(k, name, ref)).to(params[name].dtype)
-                       for name, ref in global_shared.items()}
+    def device_training(self, model, received, own, state):
+        params = dict(model.named_parameters())
+        corrections = {id(params[name]): (received[CONTROL_PREFIX + name].to(_work(ref)) - self._ck(state, name, ref)
+                                          ).to(params[name].dtype)
+                       for name, ref in self.received_model(received).items()}
 
         def after_step(optimizer, _args, _kwargs) -> None:
             with torch.no_grad():
@@ -211,24 +254,30 @@ class ScaffoldRule(FedAvgRule):
                         if corr is not None:
                             p.sub_(group["lr"] * corr)
 
-        # A global optimiser hook, registered only while this client trains (the simulator runs
-        # clients one at a time); local_train builds its optimiser inside, so there is no instance
-        # to attach to beforehand.
+        # A global optimiser hook, registered only while this device trains (the simulator runs
+        # clients one at a time, and so does a Flower ClientApp process); local_train builds its
+        # optimiser inside, so there is no instance to attach to beforehand.
         handle = register_optimizer_step_post_hook(after_step)
         try:
             yield None
         finally:
             handle.remove()
 
-    def upload(self, k, global_shared, update, num_steps):
-        deltas = {}
-        for name, x in global_shared.items():
-            old = self._ck(k, name, x)
-            new = scaffold_client_control(old, self._c(name, x), x.to(old.dtype), update[name].to(old.dtype),
-                                          num_steps, self.local_lr)
-            self.client_control.setdefault(k, {})[name] = new
+    def device_upload(self, received, update, num_steps, state):
+        deltas, new_state = {}, dict(state)
+        for name, x in self.received_model(received).items():
+            old = self._ck(state, name, x)
+            new = scaffold_client_control(old, received[CONTROL_PREFIX + name].to(old.dtype), x.to(old.dtype),
+                                          update[name].to(old.dtype), num_steps, self.local_lr)
+            new_state[name] = new
             deltas[DELTA_CONTROL_PREFIX + name] = (new - old).to(x.dtype)
-        return {**update, **deltas}
+        return {**update, **deltas}, new_state
+
+    @contextmanager
+    def client(self, sim, k, global_shared):
+        """Simulated client ``k``'s :meth:`device_training`, with its ``c_k`` from ``client_control``."""
+        with self.device_training(sim.model, self.down(global_shared), {}, self.client_control.get(k, {})):
+            yield None
 
     def aggregate(self, current, updates):
         w = aggregation_weights(updates, self.weighted)
@@ -259,11 +308,10 @@ class MoonRule(FedAvgRule):
     name: str = "moon"
 
     @contextmanager
-    def client(self, sim, k, global_shared):
-        model = sim.model
-        shared = list(global_shared)
-        glob = {n: t.detach().clone() for n, t in global_shared.items()}
-        prev = {n: sim.clients[k].params[n].detach().clone() for n in shared}  # the client's last local model
+    def device_training(self, model, received, own, state):
+        """``own``: the device's tensors from its previous round, the previous local model of the loss."""
+        glob = {n: t.detach().clone() for n, t in self.received_model(received).items()}
+        prev = {n: own[n].detach().clone() for n in glob}
         seen: dict[str, object] = {}
 
         def grab_batch(_module, _args, kwargs):
@@ -295,6 +343,12 @@ class MoonRule(FedAvgRule):
         finally:
             for h in handles:
                 h.remove()
+
+    @contextmanager
+    def client(self, sim, k, global_shared):
+        """Simulated client ``k``'s :meth:`device_training`: its previous local model is ``sim.clients[k].params``."""
+        with self.device_training(sim.model, self.down(global_shared), sim.clients[k].params, {}) as contrastive:
+            yield contrastive
 
 
 @dataclass

@@ -2,17 +2,20 @@
 
 Equality between a Flower run and the simulator rests on both building the same frozen backbone,
 the same initial prompts, the same tokenised data and the same partition: both call
-:func:`fedpeptao.experiment.build_federation`.
+:func:`fedpeptao.experiment.build_federation`, and for a baseline with its own model (LoRA,
+adapters, the input-prompt methods) :func:`fedpeptao.baselines.methods.build_model` on top.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from fedpeptao.baselines.methods import build_model
 from fedpeptao.config import ExperimentConfig, SelectionConfig
 from fedpeptao.core.scoring import select_layers
 from fedpeptao.models.classifier import PROMPT_PREFIX
@@ -22,13 +25,16 @@ Tensors = dict[str, torch.Tensor]
 
 
 @lru_cache(maxsize=1)
-def cached_federation(experiment_json: str, model_path: str | None, data_path: str | None) -> Federation:
+def cached_federation(experiment_json: str, model_path: str | None, data_path: str | None,
+                      model_kind: str = "deep") -> Federation:
     """The last federation built in this process, keyed by everything that determines it.
 
     Not client state: a Flower worker that serves many simulated clients reuses the frozen backbone
     and the tokenised data, as the embedded simulator does. Every client operation first loads all
     of that client's trainable tensors into the model (or the fresh ``initial`` ones), so nothing of
-    one client can leak into another's work.
+    one client can leak into another's work. ``model_kind`` is a method's ``Method.model``: its
+    model replaces the deep-prompt one, on the same backbone (a fresh one per kind, because LoRA
+    and adapters change the backbone they are built on).
     """
     cfg = ExperimentConfig.model_validate_json(experiment_json)
     if model_path or data_path:
@@ -37,7 +43,11 @@ def cached_federation(experiment_json: str, model_path: str | None, data_path: s
             cfg.model.name = model_path
         if data_path:
             cfg.data = cfg.data.model_copy(update={"task": data_path, "train_file": None, "eval_file": None})
-    return build_federation(cfg, own_data=data_path is not None)
+    fed = build_federation(cfg, own_data=data_path is not None)
+    if model_kind == "deep":
+        return fed
+    model = build_model(model_kind, fed)
+    return replace(fed, model=model, initial=model.trainable_state())
 
 
 # -- which prompt layers travel (the server needs no model for this) ---------------------------

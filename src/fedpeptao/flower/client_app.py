@@ -1,8 +1,9 @@
 """The FedPepTAO ClientApp: one SuperNode is one federated client.
 
-Each handler rebuilds (or reuses, within one process) the model and data from the experiment the
-server sent, restores this client's personal tensors and optimiser state, and calls the same core
-functions as the embedded simulator: :func:`~fedpeptao.core.federation.client_round` for training,
+Each handler rebuilds (or reuses, within one process) the model and data from the experiment and
+method the server sent, restores this client's personal tensors, optimiser state and rule state,
+and calls the same core functions as the embedded simulator: :func:`~fedpeptao.core.federation.client_round`
+for training (inside the device side of the method's rule, as ``BaselineSimulation`` does),
 :func:`~fedpeptao.core.selection.client_layer_scores` and
 :func:`~fedpeptao.core.selection.client_hvp` for layer selection,
 :func:`~fedpeptao.core.client.predict` for evaluation. State lives in ``context.state`` (and on the
@@ -18,6 +19,8 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedpeptao.baselines.methods import get_method, method_rule
+from fedpeptao.baselines.optimizers import FedAvgRule
 from fedpeptao.config import ExperimentConfig
 from fedpeptao.core import payload
 from fedpeptao.core.client import predict
@@ -45,6 +48,7 @@ class ClientJob:
     train_part: np.ndarray
     eval_part: np.ndarray
     store: ClientStore
+    rule: FedAvgRule  # the method's rule; only its device side runs here
 
     def load(self) -> StoredClient:
         """This client's saved state, or the fresh initialisation every client starts from."""
@@ -62,17 +66,19 @@ class ClientJob:
 
 def _job(message: Message, context: Context) -> ClientJob:
     route_to_flower()
-    cfg = ExperimentConfig.model_validate_json(str(message.content[R.CONFIG][R.EXPERIMENT]))
+    config = message.content[R.CONFIG]
+    cfg = ExperimentConfig.model_validate_json(str(config[R.EXPERIMENT]))
+    method = get_method(str(config.get(R.METHOD, "")) or cfg.algorithm)
     node = NodeSettings.from_node_config(context.node_config, cfg)
     torch.set_num_threads(node.num_threads)
     data_path = resolve_data_path(node.data_path) if node.data_path is not None else None
-    fed = cached_federation(R.experiment_json(cfg), node.model_path, data_path)
+    fed = cached_federation(R.experiment_json(cfg), node.model_path, data_path, method.model)
     index = 0 if node.partition is None else node.partition
     directory = None
     if node.state_dir is not None:  # per run and client, so a new run never picks up an old one's state
         directory = node.state_dir / f"run-{context.run_id}" / f"client-{node.client_id}"
     return ClientJob(cfg, fed, node, fed.train_parts[index], fed.eval_parts[index],
-                     ClientStore(context.state, directory))
+                     ClientStore(context.state, directory), method_rule(method, cfg))
 
 
 def _reply(message: Message, **records) -> Message:
@@ -108,19 +114,23 @@ def hessian(message: Message, context: Context) -> Message:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """One round of local training, seeded exactly as the simulator seeds this client in this round."""
+    """One round of local training, seeded exactly as the simulator seeds this client in this round,
+    inside the device side of the method's rule with this client's own previous tensors and rule state."""
     job = _job(message, context)
     stored = job.load()
     job.adopt_base(stored, message)
-    global_shared = R.from_record(message.content[R.GLOBAL])
+    received = R.from_record(message.content[R.GLOBAL])
     round_index = int(message.content[R.CONFIG][R.ROUND])
-    update, result = client_round(job.fed.model, stored.state, global_shared, job.fed.train_data, job.train_part,
-                                  job.fed.local_cfg, round_seed(job.cfg.seed, round_index, job.node.client_id))
+    with job.rule.device_training(job.fed.model, received, stored.state.params, stored.rule_state) as extra_loss:
+        update, result = client_round(job.fed.model, stored.state, job.rule.received_model(received),
+                                      job.fed.train_data, job.train_part, job.fed.local_cfg,
+                                      round_seed(job.cfg.seed, round_index, job.node.client_id), extra_loss)
+    sent, stored.rule_state = job.rule.device_upload(received, update, result.num_steps, stored.rule_state)
     job.store.save(stored)
     metrics = {"client-id": job.node.client_id, "num-examples": result.num_examples, "num-steps": result.num_steps,
                "train-loss": float(result.mean_loss), "seconds": float(result.seconds),
-               "bytes-up": payload.num_bytes(update)}
-    return _reply(message, **{R.UPDATE: R.to_record(update), R.METRICS: MetricRecord(metrics)})
+               "bytes-up": payload.num_bytes(sent)}
+    return _reply(message, **{R.UPDATE: R.to_record(sent), R.METRICS: MetricRecord(metrics)})
 
 
 @app.evaluate()

@@ -1,7 +1,9 @@
 """A client's state between rounds on a SuperNode: in ``context.state`` and on the node's disk.
 
-FedPepTAO's unselected prompt layers never leave the device, and the device's AdamW moments carry
-over between rounds, so a client that forgot them would silently become a different algorithm.
+FedPepTAO's unselected prompt layers never leave the device, the device's AdamW moments carry
+over between rounds, and a baseline's rule may keep per-device tensors (SCAFFOLD's ``c_k``; MOON's
+previous local model is the client's own tensors), so a client that forgot them would silently
+become a different algorithm.
 Flower keeps ``context.state`` for the life of the SuperNode process; a copy on the node's disk
 (crash-safe checkpoints of :mod:`fedpeptao.utils.checkpoint`, keyed by run and client) lets a
 restarted SuperNode continue. Each save gets a higher version; loading takes the newest copy.
@@ -11,9 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedpeptao.core.federation import ClientState
@@ -28,11 +31,13 @@ TENSORS_KEY, META_KEY = "fedpeptao.client.tensors", "fedpeptao.client.meta"
 
 @dataclass
 class StoredClient:
-    """A client's tensors and optimiser state plus which warmed-up base its personal layers came from."""
+    """A client's tensors and optimiser state, which warmed-up base its personal layers came from, and
+    its baseline rule's own tensors (``FedAvgRule.device_upload``'s state)."""
 
     state: ClientState
     base_version: int = -1  # -1: the fresh initialisation
     version: int = 0  # save counter; the higher copy wins
+    rule_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ClientStore:
@@ -50,7 +55,7 @@ class ClientStore:
         stored.version += 1
         tensors, skeleton = flatten_state({"params": stored.state.params, "optimizer": stored.state.optimizer,
                                            "rounds_trained": stored.state.rounds_trained,
-                                           "base_version": stored.base_version})
+                                           "base_version": stored.base_version, "rule_state": stored.rule_state})
         meta = json.dumps(skeleton)
         self.context_state[TENSORS_KEY] = to_record(tensors)
         self.context_state[META_KEY] = ConfigRecord({"skeleton": meta, "version": stored.version})
@@ -79,4 +84,5 @@ def _restore(tensors, skeleton, version: int) -> StoredClient:
     data = unflatten_state(tensors, skeleton)
     return StoredClient(ClientState(params=data["params"], optimizer=data["optimizer"],
                                     rounds_trained=int(data["rounds_trained"])),
-                        base_version=int(data["base_version"]), version=version)
+                        base_version=int(data["base_version"]), version=version,
+                        rule_state=dict(data.get("rule_state") or {}))

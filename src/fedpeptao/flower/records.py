@@ -16,8 +16,10 @@ Four exchanges, each a Flower message type (``<category>.<action>``):
 ``evaluate``
     The global shared tensors; reply: a confusion matrix and summed loss on the client's eval data.
 
-Every server message carries the whole ExperimentConfig as JSON, so the config file only has to
-exist on the SuperLink's machine.
+Every server message carries the whole ExperimentConfig as JSON and the method's name (a key of
+``fedpeptao.baselines.methods.METHODS``), so the config file only has to exist on the SuperLink's
+machine. For a baseline whose rule sends more than the model (SCAFFOLD: ``c`` down, ``dc_k`` up),
+``global`` and ``update`` of ``train`` carry those tensors too, under the rule's name prefixes.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ METRICS = "metrics"  # MetricRecord: counts, losses, scores
 
 # ConfigRecord keys
 EXPERIMENT, ROUND, BASE_VERSION, PROBE_SEED, SCORE = "experiment", "round", "base-version", "probe-seed", "score"
+METHOD = "method"
 
 
 def experiment_json(cfg: ExperimentConfig) -> str:
@@ -49,9 +52,9 @@ def experiment_json(cfg: ExperimentConfig) -> str:
     return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
 
 
-def config_record(cfg: ExperimentConfig, **values: int | float | str | bool) -> ConfigRecord:
-    """The ConfigRecord every server message carries: the experiment plus per-message values."""
-    return ConfigRecord({EXPERIMENT: experiment_json(cfg), **values})
+def config_record(cfg: ExperimentConfig, method: str, **values: int | float | str | bool) -> ConfigRecord:
+    """The ConfigRecord every server message carries: the experiment and method plus per-message values."""
+    return ConfigRecord({EXPERIMENT: experiment_json(cfg), METHOD: method, **values})
 
 
 def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:

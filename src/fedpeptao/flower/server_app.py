@@ -36,8 +36,8 @@ def main(grid: Grid, context: Context) -> None:
     if any(run_dir.iterdir()):
         raise FileExistsError(f"output directory {run_dir} is not empty; set run config 'output-dir' or run_name")
     save_config(cfg, run_dir / "config.yaml")
-    strategy = FedPepTAOStrategy(cfg, timeout=settings.round_timeout, min_replies=settings.min_replies,
-                                 run_dir=run_dir)
+    strategy = FedPepTAOStrategy(cfg, method=settings.method, timeout=settings.round_timeout,
+                                 min_replies=settings.min_replies, run_dir=run_dir)
     strategy.setup(grid, settings.min_nodes, settings.node_wait_timeout)
     strategy.start(grid, initial_arrays=strategy.global_arrays(), num_rounds=cfg.federated.rounds,
                    timeout=settings.round_timeout)
@@ -45,18 +45,23 @@ def main(grid: Grid, context: Context) -> None:
     agg = strategy.aggregator
     save_file({name: t.contiguous() for name, t in agg.params.items()}, str(run_dir / "global.safetensors"))
     (run_dir / "summary.json").write_text(json.dumps(summarise(strategy), indent=2))
-    log.info("FedPepTAO run finished; results in %s", run_dir)
+    log.info("%s run finished; results in %s", strategy.method.name, run_dir)
 
 
 def summarise(strategy: FedPepTAOStrategy) -> dict:
-    """The simulator's headline numbers, from the strategy's per-round history."""
-    history, cfg = strategy.history, strategy.cfg
+    """The simulator's headline numbers, from the strategy's per-round history.
+
+    ``algorithm`` is what the simulator's summary says (a baseline's name, else ``cfg.algorithm``);
+    ``method`` is the method run (an ablation's name included).
+    """
+    history, cfg, method = strategy.history, strategy.cfg, strategy.method
     evaluated = [row for row in history if "metric" in row]
     best = max(evaluated, key=lambda r: r["metric"]) if evaluated else None
     target = cfg.federated.target_accuracy
     reached = next((r for r in evaluated if target is not None and r["metric"] >= target), None)
     return {
-        "runtime": "flower", "algorithm": cfg.algorithm, "model": cfg.model.name, "task": cfg.data.task,
+        "runtime": "flower", "algorithm": cfg.algorithm if method.native else method.name,
+        "method": method.name, "model": cfg.model.name, "task": cfg.data.task,
         "metric": strategy.metric, "clients": sorted(strategy.clients),
         "final_metric": evaluated[-1]["metric"] if evaluated else None,
         "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,

@@ -2,7 +2,9 @@
 
 The run config (``[tool.flwr.app.config]`` in ``flower_app/pyproject.toml``, overridable with
 ``flwr run -c``) names the same :class:`~fedpeptao.config.ExperimentConfig` file the embedded
-simulator reads, plus the few knobs only a real network needs (timeouts, quorum). The node config
+simulator reads, the method to run (any key of ``fedpeptao.baselines.methods.METHODS``, as
+``fedpeptao compare --methods`` takes), plus the few knobs only a real network needs (timeouts,
+quorum). The node config
 (``flower-supernode --node-config``) says which data this node holds and where it keeps its state.
 Everything is validated up front so a typo fails the run at once, naming the key, rather than in
 round 37.
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedpeptao.baselines.methods import Method, check_method_config, get_method, method_overrides
 from fedpeptao.config import ConfigError, ExperimentConfig, load_config
 
 # Run-config keys (they must also appear, with defaults, in flower_app/pyproject.toml: `flwr run -c`
@@ -23,6 +26,7 @@ from fedpeptao.config import ConfigError, ExperimentConfig, load_config
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "config": "",  # ExperimentConfig file (TOML/YAML) on the SuperLink host; "" = built-in defaults
     "overrides": "",  # "key=value; key=value" applied on top, as `fedpeptao run ... key=value`
+    "method": "",  # a METHODS name (fedpeptao, lora, scaffold, ...); "" = the experiment's `algorithm`
     "output-dir": "",  # where the ServerApp writes results; "" = <output_dir>/<run_name or flower-RUNID>
     "round-timeout": 600.0,  # seconds to wait for replies in one phase of a round
     "min-replies": 1,  # a round updates the global prompts only when at least this many clients reply
@@ -47,11 +51,27 @@ def _number(run_config: Mapping[str, Any], key: str, kind: type, minimum: float)
     return kind(value)
 
 
+def _method(run_config: Mapping[str, Any]) -> Method | None:
+    """The method the run config names (None: none named), or a ConfigError naming the key."""
+    name = str(run_config.get("method", "")).strip()
+    if not name:
+        return None
+    try:
+        return get_method(name)
+    except ValueError as exc:
+        raise ConfigError(f"run config 'method': {exc}") from None
+
+
 @dataclass(frozen=True)
 class ServerSettings:
-    """What the ServerApp needs: the experiment plus deployment-only limits."""
+    """What the ServerApp needs: the experiment and method plus deployment-only limits.
+
+    A native method's config overrides (``fedpeptao-no-cv``: ``server.use_control_variates=false``)
+    are applied after the user's, as ``fedpeptao compare`` applies them.
+    """
 
     experiment: ExperimentConfig
+    method: Method
     output_dir: Path
     round_timeout: float
     min_replies: int
@@ -64,13 +84,20 @@ class ServerSettings:
         if unknown:
             raise ConfigError(f"run config '{unknown[0]}': unknown key (known: {', '.join(RUN_CONFIG_DEFAULTS)})")
         path = str(run_config.get("config", "")).strip()
+        named = _method(run_config)
+        overrides = _split_overrides(str(run_config.get("overrides", "")))
         cfg = load_config(Path(path).expanduser() if path else None,
-                          _split_overrides(str(run_config.get("overrides", ""))))
+                          overrides if named is None else method_overrides(named, overrides))
+        method = named or get_method(cfg.algorithm)
+        try:
+            check_method_config(cfg, method)
+        except ValueError as exc:
+            raise ConfigError(f"run config 'method': {exc}") from None
         output = str(run_config.get("output-dir", "")).strip()
         default_dir = Path(cfg.output_dir) / (cfg.run_name or f"flower-{run_id}")
         output_dir = Path(output).expanduser() if output else default_dir
         min_nodes = _number(run_config, "min-nodes", int, 0) or cfg.federated.num_clients
-        return cls(cfg, output_dir, _number(run_config, "round-timeout", float, 1.0),
+        return cls(cfg, method, output_dir, _number(run_config, "round-timeout", float, 1.0),
                    _number(run_config, "min-replies", int, 1), min_nodes,
                    _number(run_config, "node-wait-timeout", float, 0.0))
 

@@ -1,4 +1,5 @@
-"""FedPepTAO (and FedAvg) as a Flower ``Strategy`` over the Message API.
+"""FedPepTAO (FedAvg, and every baseline of ``fedpeptao.baselines.methods.METHODS``) as a Flower
+``Strategy`` over the Message API.
 
 The stock strategies average one ArrayRecord with identical keys from every reply. FedPepTAO
 needs more: server-held control variates per client and server momentum (the
@@ -6,6 +7,10 @@ needs more: server-held control variates per client and server momentum (the
 selected layers on the wire, and a one-off layer scoring and ratio estimation before the selective
 step starts. This strategy keeps that Aggregator and mirrors the simulator's round loop:
 
+* a baseline's server rule (FedOpt's ``m``/``v``, SCAFFOLD's ``c``) runs here in the simulator's
+  :class:`~fedpeptao.baselines.methods.RuleAggregator`, and what the rule sends down (SCAFFOLD: the
+  prompts and ``c``) is what travels and is counted; its device side and per-device state (SCAFFOLD's
+  ``c_k``) are the clients';
 * the same random stream (``numpy.random.default_rng(cfg.seed)``) draws the clients of each round
   and the clients that estimate the ratio, so with every client online a Flower run samples
   exactly as the simulator does;
@@ -32,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedpeptao.baselines.methods import Method, RuleAggregator, get_method, method_rule
 from fedpeptao.config import ExperimentConfig
 from fedpeptao.core import payload
 from fedpeptao.core.federation import Aggregator
@@ -50,11 +56,14 @@ Tensors = dict[str, torch.Tensor]
 
 
 class FedPepTAOStrategy(Strategy):
-    """Server side of a FedPepTAO / FedAvg run; call :meth:`setup` before ``start`` and :meth:`finish` after."""
+    """Server side of a run of ``method`` (default: ``cfg.algorithm``); call :meth:`setup` before
+    ``start`` and :meth:`finish` after. ``cfg`` must already carry a native method's overrides."""
 
-    def __init__(self, cfg: ExperimentConfig, *, timeout: float = 600.0, min_replies: int = 1,
-                 run_dir: Path | None = None) -> None:
+    def __init__(self, cfg: ExperimentConfig, *, method: Method | None = None, timeout: float = 600.0,
+                 min_replies: int = 1, run_dir: Path | None = None) -> None:
         self.cfg = cfg
+        self.method = method or get_method(cfg.algorithm)
+        self.rule = method_rule(self.method, cfg)  # native methods: FedAvg's, which sends the tensors as they are
         self.timeout = timeout
         self.min_replies = min_replies
         self.run_dir = run_dir
@@ -83,9 +92,9 @@ class FedPepTAOStrategy(Strategy):
     # -- Strategy interface ----------------------------------------------------------------
     def summary(self) -> None:
         cfg = self.cfg
-        log.info("FedPepTAOStrategy: algorithm=%s, %d of %d clients per round, %d rounds, min_replies=%d, "
-                 "timeout=%.0fs", cfg.algorithm, cfg.federated.clients_per_round, cfg.federated.num_clients,
-                 cfg.federated.rounds, self.min_replies, self.timeout)
+        log.info("FedPepTAOStrategy: method=%s (algorithm=%s), %d of %d clients per round, %d rounds, "
+                 "min_replies=%d, timeout=%.0fs", self.method.name, cfg.algorithm, cfg.federated.clients_per_round,
+                 cfg.federated.num_clients, cfg.federated.rounds, self.min_replies, self.timeout)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
@@ -106,9 +115,9 @@ class FedPepTAOStrategy(Strategy):
         size = min(self.cfg.federated.clients_per_round, len(available))
         sampled = sorted(int(c) for c in self.rng.choice(np.array(available), size=size, replace=False))
         self._sampled = {cid: self.clients[cid] for cid in sampled}
-        shared = agg.broadcast()
-        down = payload.num_bytes(shared)
-        global_record = R.to_record(shared)
+        sent = self.rule.down(agg.broadcast())
+        down = payload.num_bytes(sent)
+        global_record = R.to_record(sent)
         messages = []
         for cid, node in self._sampled.items():
             content = self._content(global_record, round=t)
@@ -205,6 +214,8 @@ class FedPepTAOStrategy(Strategy):
             params=dict(self.initial), shared=list(self.initial),
             validation=ValidationPolicy(max_norm=srv.max_update_norm) if srv.validate_updates else None,
             averaging=srv.aggregation, trim_ratio=srv.trim_ratio)
+        if not self.method.native:
+            self.aggregator = RuleAggregator.wrap(self.aggregator, self.rule)
         self._started = time.perf_counter()
         self._log = None if self.run_dir is None else RoundLog(self.run_dir, self.cfg.tensorboard)
         log.info("federation: clients %s on %d SuperNodes", sorted(self.clients), len(self.clients))
@@ -232,8 +243,11 @@ class FedPepTAOStrategy(Strategy):
             raise RuntimeError("call setup(grid, ...) before running rounds")
         return self.aggregator
 
+    def _config(self, **values: int | bool) -> ConfigRecord:
+        return R.config_record(self.cfg, self.method.name, **values)
+
     def _content(self, global_record: ArrayRecord, **values: int) -> RecordDict:
-        config = R.config_record(self.cfg, **{R.BASE_VERSION: self.base_version}, **values)
+        config = self._config(**{R.BASE_VERSION: self.base_version}, **values)
         return RecordDict({R.GLOBAL: global_record, R.CONFIG: config})
 
     def _message(self, content: RecordDict, node: int, message_type: str, server_round: int | str) -> Message:
@@ -263,7 +277,7 @@ class FedPepTAOStrategy(Strategy):
 
     def _setup_query(self, grid: Grid, nodes: list[int], score: bool) -> dict[int, MetricRecord]:
         """Ask nodes who they are; returns the metrics of the accepted ones, by client id."""
-        messages = [self._message(RecordDict({R.CONFIG: R.config_record(self.cfg, **{R.SCORE: score})}), node,
+        messages = [self._message(RecordDict({R.CONFIG: self._config(**{R.SCORE: score})}), node,
                                   R.SETUP, "setup") for node in nodes]
         answers: dict[int, MetricRecord] = {}
         replies = sorted(self._exchange(grid, messages, "setup"),
@@ -380,8 +394,8 @@ class FedPepTAOStrategy(Strategy):
         chosen = [int(c) for c in self.rng.choice(np.array(available), size=min(sel.hessian_clients, len(available)),
                                                   replace=False)]
         full = R.to_record(self._agg().params)
-        messages = [self._message(RecordDict({R.GLOBAL: full, R.CONFIG: R.config_record(
-            self.cfg, **{R.PROBE_SEED: self.cfg.seed + index})}), self.clients[cid], R.HESSIAN, "hessian")
+        messages = [self._message(RecordDict({R.GLOBAL: full, R.CONFIG: self._config(
+            **{R.PROBE_SEED: self.cfg.seed + index})}), self.clients[cid], R.HESSIAN, "hessian")
             for index, cid in enumerate(chosen)]
         ratios = {int(m.content[R.METRICS]["client-id"]): float(m.content[R.METRICS]["ratio"])
                   for m in self._exchange(grid, messages, "hessian")}
