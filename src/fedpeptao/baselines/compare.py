@@ -173,7 +173,8 @@ def write_outputs(records: list[dict], out: Path, command: str, environment: dic
         f"Command: `{command}`", "",
         f"{fed['num_clients']} clients ({data['partition']}, alpha={data['alpha']}), {fed['clients_per_round']} per round, "
         f"{fed['rounds']} rounds, seed {first['seed']}, {first['client']['epochs']} local epoch(s), batch "
-        f"{first['client']['batch_size']}, device {first['client']['optimizer']} lr {first['client']['lr']}; "
+        f"{first['client']['batch_size']}, device {first['client']['optimizer']} lr {first['client']['lr']} "
+        f"(unless a method below names its own); "
         f"{model['num_prompt_tokens']} prompt tokens, max length {model['max_length']}; train/eval caps "
         f"{data['max_train_examples']}/{data['max_eval_examples']}. Same partition for every method "
         f"(fingerprint `{records[0]['partition']}`). Majority-class rate "
