@@ -80,8 +80,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            shared="input prompt + head", parameters="P * H"),
     Method("lpt", "late prompt tuning: hidden-state prompt inserted at layer L//2, FedAvg", model="lpt",
            shared="late prompt + head", parameters="P * H"),
-    # Weight-space methods train at a tenth-scale lr: at the prompts' 0.02 AdamW drives LoRA and
-    # adapters to the majority class on MR (docs/results/compare); 2e-3 and 5e-3 both learn.
+    # Weight-space methods train at a quarter of the prompts' lr: at 0.02 AdamW keeps LoRA at the
+    # majority class on MR and adapters near it; 2e-3 and 5e-3 both learn (docs/results/compare).
     Method("lora", f"LoRA r=8 on the attention query/value (PEFT), FedAvg, device lr {WEIGHT_LR}", model="lora",
            overrides=(f"client.lr={WEIGHT_LR}",), shared="LoRA A and B matrices + head",
            parameters="L * 2 * r * 2H (BERT)"),
