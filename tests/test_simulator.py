@@ -106,3 +106,22 @@ def test_tensorboard_without_the_package_is_a_config_error(monkeypatch):
     monkeypatch.setattr(config, "tensorboard_available", lambda: False)
     with pytest.raises(config.ConfigError, match="tensorboard"):
         load_config(None, ["tensorboard=true"])
+
+
+def test_tensorboard_of_a_resumed_run_keeps_checkpointed_rounds_and_replaces_the_rest(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedpeptao.utils.round_log import RoundLog
+
+    log = RoundLog(tmp_path, tensorboard=True)
+    for r in range(5):  # rounds 3 and 4 ran after the last checkpoint, then the run died
+        log.write({"round": r, "accuracy": 0.1 * r})
+    log.close()
+    log = RoundLog(tmp_path, tensorboard=True, first_round=3)
+    for r in (3, 4):
+        log.write({"round": r, "accuracy": 0.5 + r})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("round/accuracy")]
+    assert logged == [(1, 0.0), (2, pytest.approx(0.1)), (3, pytest.approx(0.2)), (4, 3.5), (5, 4.5)]

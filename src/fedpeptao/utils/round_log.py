@@ -23,25 +23,33 @@ def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
+def _step(round_index: int) -> int:
+    """TensorBoard step of a round: rounds are shown from 1, as in reports."""
+    return round_index + 1
+
+
 class RoundLog:
     """Appends round rows to ``run_dir/metrics.jsonl`` (and ``run_dir/tensorboard/`` when asked)."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = False, first_round: int = 0) -> None:
+        """``first_round``: index of the first round this log will write (a resumed run's next round).
+
+        ``tensorboard=True`` assumes the config validated that the package is installed.
+        """
         self.path = Path(run_dir) / "metrics.jsonl"
         self._writer = None
         if tensorboard:
-            if not tensorboard_available():
-                raise ModuleNotFoundError("tensorboard=true needs the tensorboard package: pip install tensorboard")
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events of rounds a resumed run is about to train again
-            self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=first_round or None)
+            # purge_step drops the events of rounds a resumed run is about to train again
+            purge = _step(first_round) if first_round else None
+            self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def write(self, row: Mapping[str, Any]) -> None:
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         if self._writer is not None:
-            step = int(row["round"]) + 1  # rounds are shown from 1, as in reports
+            step = _step(int(row["round"]))
             for key in SCALARS:
                 value = row.get(key)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
