@@ -8,7 +8,7 @@ import sys
 
 from pathlib import Path
 
-from fedpeptao.baselines.compare import add_arguments as add_compare_arguments
+from fedpeptao.compare.runner import add_arguments as add_compare_arguments
 from fedpeptao.config import ConfigError, load_config
 from fedpeptao.utils.checkpoint import CheckpointError
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a federated experiment in the embedded simulator")
     run.add_argument("config", nargs="?", help="TOML or YAML config file (defaults apply without one)")
-    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federated.rounds=5 algorithm=fedpeptao")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federated.rounds=5 method.name=fedavg")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest valid checkpoint")
     run.set_defaults(func=_run)
     compare = sub.add_parser("compare", help="run several methods on one shared partition, seed and budget")
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from fedpeptao.baselines.compare import compare_main  # noqa: PLC0415
+    from fedpeptao.compare.runner import compare_main  # noqa: PLC0415
 
     return compare_main(args)
 

@@ -6,13 +6,19 @@ single line naming the key (``federated.rounds: must be >= 1``).
 
 from __future__ import annotations
 
+import re
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedpeptao.algorithms import METHODS, MethodConfig
+from fedpeptao.algorithms.fedpeptao import FedPepTAOSettings
+from fedpeptao.tunings import TUNINGS, TuningConfig
+from fedpeptao.tunings.deep_prompt import DeepPromptSettings
 from fedpeptao.utils.round_log import tensorboard_available
 
 
@@ -27,8 +33,6 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     name: str = "minilm"  # builtin name, local folder or hub id
     head: Literal["auto", "linear", "mlm", "lm"] = "auto"  # auto: linear for encoders, lm for decoders
-    num_prompt_tokens: int = Field(20, ge=1, le=512)
-    prompt_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     max_length: int = Field(128, ge=8, le=8192)
     label_words: list[str] | None = None
     template: str | None = None
@@ -73,13 +77,8 @@ class ClientConfig(_Section):
 
 
 class ServerConfig(_Section):
-    lr: float = Field(0.05, gt=0.0)
-    lr_decay: float = Field(0.99, gt=0.0, le=1.0)
-    lr_min: float = Field(1e-4, ge=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    variant: Literal["plain", "reference"] = "plain"
-    use_control_variates: bool = True
-    use_momentum: bool = True
+    """Runtime-wide server settings, whatever the algorithm: update validation and averaging."""
+
     validate_updates: bool = True
     max_update_norm: float | None = Field(None, gt=0.0)  # reject a client whose change is larger (L2)
     aggregation: Literal["weighted_mean", "median", "trimmed_mean"] = "weighted_mean"
@@ -91,24 +90,7 @@ class CheckpointConfig(_Section):
     keep: int = Field(3, ge=1)
 
 
-class SelectionConfig(_Section):
-    ratio: float | Literal["auto"] = "auto"  # share top ceil(ratio*L) layers; auto = Hessian eigen-density
-    layers: list[int] | None = None  # explicit shared layers (overrides ratio)
-    score_batch_size: int = Field(8, ge=2)
-    warmup_rounds: int = Field(10, ge=0)
-    hessian_clients: int = Field(3, ge=1)
-    lanczos_iters: int = Field(50, ge=2)
-    share_head: bool = True
-
-    @model_validator(mode="after")
-    def _ratio_range(self) -> "SelectionConfig":
-        if isinstance(self.ratio, float) and not 0.0 < self.ratio <= 1.0:
-            raise ValueError("ratio must be in (0, 1] or 'auto'")
-        return self
-
-
 class ExperimentConfig(_Section):
-    algorithm: Literal["fedavg", "fedpeptao"] = "fedavg"
     seed: int = 0
     output_dir: str = "runs"
     run_name: str | None = None
@@ -119,7 +101,8 @@ class ExperimentConfig(_Section):
     federated: FederatedConfig = FederatedConfig()
     client: ClientConfig = ClientConfig()
     server: ServerConfig = ServerConfig()
-    selection: SelectionConfig = SelectionConfig()
+    method: MethodConfig = FedPepTAOSettings()  # the federated algorithm and its settings (method.name)
+    tuning: TuningConfig = DeepPromptSettings()  # what trains on the frozen backbone (tuning.name)
     checkpoint: CheckpointConfig = CheckpointConfig()
 
     @field_validator("tensorboard")
@@ -130,10 +113,59 @@ class ExperimentConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _robust_only_with_fedavg(self) -> "ExperimentConfig":
-        if self.algorithm == "fedpeptao" and self.server.aggregation != "weighted_mean":
-            raise ValueError("server.aggregation: median/trimmed_mean apply to fedavg; FedPepTAO's step averages by data size")
+    def _method_fits(self) -> "ExperimentConfig":
+        method, tuning = self.method, self.tuning
+        if self.server.aggregation != "weighted_mean" and not method.robust_averaging:
+            raise ValueError(f"server.aggregation: {self.server.aggregation} does not apply to {method.name}, whose "
+                             f"server step weights clients by data size")
+        if method.needs_layer_groups and not tuning.per_layer:
+            per_layer = ", ".join(n for n in TUNINGS if _tuning_class(n).per_layer)
+            raise ValueError(f"tuning.name: {method.name} selects among per-layer groups, which {tuning.name} does not "
+                             f"have (use {per_layer})")
         return self
+
+    def describe(self) -> str:
+        """``method`` / ``tuning`` in one word each, for run names and logs."""
+        return self.method.name if self.tuning.name == "deep_prompt" else f"{self.method.name}-{self.tuning.name}"
+
+
+def _tuning_class(name: str) -> type:
+    from fedpeptao.tunings.base import REGISTRY  # noqa: PLC0415
+
+    return REGISTRY[name][0]
+
+
+# Keys that moved: refused in one line naming the new key (fedpeptao < 0.2 configs).
+MOVED_KEYS = {
+    "algorithm": "method.name",
+    "selection": "method.* (ratio, layers, warmup_rounds, hessian_clients, lanczos_iters, share_head, ...)",
+    "model.num_prompt_tokens": "tuning.num_prompt_tokens",
+    "model.prompt_dropout": "tuning.prompt_dropout",
+    **{f"server.{key}": f"method.{new}" for key, new in [
+        ("lr", "server_lr"), ("lr_decay", "lr_decay"), ("lr_min", "lr_min"), ("momentum", "momentum"),
+        ("variant", "variant"), ("use_control_variates", "use_control_variates"),
+        ("use_momentum", "use_momentum")]},
+}
+
+
+def _check_moved(data: dict[str, Any]) -> None:
+    for old, new in MOVED_KEYS.items():
+        section, _, key = old.partition(".")
+        node = data.get(section)
+        if (not key and section in data) or (key and isinstance(node, dict) and key in node):
+            raise ConfigError(f"{old}: moved to {new}")
+    if isinstance(data.get("selection"), dict):
+        raise ConfigError("selection: moved to method.*")
+
+
+def _fill_names(data: dict[str, Any]) -> None:
+    """``method.mu=0.1`` alone means the default method's mu; give the union its tag."""
+    for section, default, known in (("method", "fedpeptao", METHODS), ("tuning", "deep_prompt", TUNINGS)):
+        node = data.get(section)
+        if isinstance(node, dict):
+            node.setdefault("name", default)
+            if node["name"] not in known:
+                raise ConfigError(f"{section}.name: unknown {section} {node['name']!r}; choose from {', '.join(known)}")
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -169,24 +201,44 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def _first_error(exc: ValidationError) -> str:
+def _first_error(exc: ValidationError, data: dict[str, Any]) -> str:
     err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal["))]
+    if loc and loc[0] in ("method", "tuning") and len(loc) > 1 and loc[1] in (*METHODS, *TUNINGS):
+        tag = loc.pop(1)  # the union's tag: method.fedprox.mu -> method.mu
+        if err["type"] == "extra_forbidden":
+            return f"{'.'.join(loc)}: not a setting of {tag}"
+    key = ".".join(loc)
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown key"
+    if re.match(r"^[a-z_]+\.[a-z_]+: ", message):
+        return message  # a validator that names its key
     return f"{key}: {message}" if key else message
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read, merge and validate; raises ConfigError (one line, naming the key)."""
-    data = _read_file(Path(path)) if path is not None else {}
+def read_config_data(path: str | Path | None = None, overrides: Sequence[str] = (),
+                     data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The plain data of a config file (or ``data``) with ``key=value`` overrides applied, unvalidated."""
+    data = data if data is not None else (_read_file(Path(path)) if path is not None else {})
     for override in overrides:
         _apply_override(data, override)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read, merge and validate; raises ConfigError (one line, naming the key)."""
+    return validate_config(read_config_data(path, overrides))
+
+
+def validate_config(data: dict[str, Any]) -> ExperimentConfig:
+    """A config from plain data (a file's or a checkpoint's); ConfigError names the key."""
+    _check_moved(data)
+    _fill_names(data)
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_first_error(exc)) from None
+        raise ConfigError(_first_error(exc, data)) from None
 
 
 def save_config(cfg: ExperimentConfig, path: Path) -> None:

@@ -1,8 +1,9 @@
-"""Build an experiment from its config: backbone, prompted model, tokenised data, partitions.
+"""Build an experiment from its config: backbone, tuned model, tokenised data, partitions, algorithm.
 
-Both runtimes call :func:`build_federation`, so the embedded simulator and a Flower deployment
-start from the same frozen backbone, the same initial prompts (seeded by ``cfg.seed``), the same
-tokenised data and the same partition: the basis of their equality.
+Both runtimes call :func:`build_federation` (devices) and :func:`make_run_algorithm` (server), so
+the embedded simulator and a Flower deployment start from the same frozen backbone, the same
+initial tuning tensors (seeded by ``cfg.seed``), the same tokenised data, the same partition and
+the same algorithm: the basis of their equality.
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedpeptao.algorithms import Algorithm, ServerContext, make_algorithm
 from fedpeptao.config import ExperimentConfig
 from fedpeptao.core.client import LocalTrainConfig
+from fedpeptao.core.federation import averaging
 from fedpeptao.core.metrics import MetricName, metric_for_task
-from fedpeptao.core.server import ServerStepConfig
 from fedpeptao.data.dataset import TextDataset
 from fedpeptao.data.encoding import EncodedDataset, default_label_words, encode, label_word_ids
 from fedpeptao.data.partition import partition
 from fedpeptao.data.tasks import load_splits
 from fedpeptao.models.classifier import PromptedClassifier
-from fedpeptao.models.registry import Backbone, default_head, load_backbone
+from fedpeptao.models.loading import Backbone, default_head, load_backbone
 from fedpeptao.prompts.prefix import max_text_length
+from fedpeptao.tunings import build_tuning
 
 Tensors = dict[str, torch.Tensor]
 
@@ -37,16 +40,14 @@ def local_config(cfg: ExperimentConfig) -> LocalTrainConfig:
                             max_grad_norm=c.max_grad_norm, optimizer=c.optimizer, reset_optimizer=c.reset_optimizer)
 
 
-def server_step_config(cfg: ExperimentConfig) -> ServerStepConfig:
-    s = cfg.server
-    return ServerStepConfig(num_clients=cfg.federated.num_clients, local_lr=cfg.client.lr, beta=s.momentum,
-                            server_lr=s.lr, server_lr_decay=s.lr_decay, server_lr_min=s.lr_min,
-                            variant=s.variant, control_variates=s.use_control_variates, momentum=s.use_momentum)
+def prompt_tokens(cfg: ExperimentConfig) -> int:
+    """Positions the tuning prepends to every sequence (deep prompts shift none of the text)."""
+    return getattr(cfg.tuning, "num_prompt_tokens", 0)
 
 
 @dataclass
 class Federation:
-    """One prompted model plus every client's data, as the simulator holds them.
+    """One tuned model plus every client's data, as a device (or the simulator) holds them.
 
     ``initial`` is a copy of the freshly initialised trainable tensors: what every client starts from.
     """
@@ -68,7 +69,7 @@ class Federation:
 
 
 def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, own_data: bool = False) -> Federation:
-    """Everything an experiment needs, built from its config. ``own_data``: the data set is one client's, not partitioned."""
+    """Everything a device needs, built from its config. ``own_data``: the data set is one client's, not partitioned."""
     torch.manual_seed(cfg.seed)
     backbone = backbone or load_backbone(cfg.model.name, head=cfg.model.head)
     head = resolve_head(cfg, backbone)
@@ -79,10 +80,9 @@ def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, ow
         words = cfg.model.label_words or default_label_words(train_set.label_names, train_set.is_pair)
         if len(words) != train_set.num_labels:
             raise ValueError(f"model.label_words: expected {train_set.num_labels} words, got {len(words)}")
-    model = PromptedClassifier(
-        backbone.model, head, train_set.num_labels, cfg.model.num_prompt_tokens,
-        label_word_ids(tokenizer, words, head) if words else None, cfg.model.prompt_dropout, seed=cfg.seed)
-    length = max_text_length(backbone.model, cfg.model.num_prompt_tokens, cfg.model.max_length)
+    model = build_tuning(cfg.tuning, backbone.model, head, train_set.num_labels,
+                         label_word_ids(tokenizer, words, head) if words else None, cfg.seed)
+    length = max_text_length(backbone.model, prompt_tokens(cfg), cfg.model.max_length)
     train_data = encode(train_set, tokenizer, head, length, cfg.model.template)
     eval_data = encode(eval_set, tokenizer, head, length, cfg.model.template)
     if own_data:
@@ -95,3 +95,20 @@ def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, ow
     return Federation(cfg, model, model.trainable_state(), train_data, eval_data, train_parts, eval_parts,
                       local_config(cfg), metric_for_task(cfg.data.task), train_set.num_labels,
                       backbone, head, train_set, eval_set)
+
+
+def server_context(cfg: ExperimentConfig, layer_groups: dict[int, list[str]], head_names: list[str]) -> ServerContext:
+    return ServerContext(num_clients=cfg.federated.num_clients, local_lr=cfg.client.lr, seed=cfg.seed,
+                         rounds=cfg.federated.rounds, layer_groups=layer_groups, head_names=head_names,
+                         average=averaging(cfg.server.aggregation, cfg.server.trim_ratio))
+
+
+def make_run_algorithm(cfg: ExperimentConfig, initial: Tensors, layer_groups: dict[int, list[str]],
+                       head_names: list[str]) -> Algorithm:
+    """The configured algorithm at its start, from what the server knows (names, not the model)."""
+    return make_algorithm(cfg.method, server_context(cfg, layer_groups, head_names), initial)
+
+
+def device_algorithm(cfg: ExperimentConfig, fed: Federation) -> Algorithm:
+    """The same algorithm on a device: its client hooks, with the device's model groups."""
+    return make_run_algorithm(cfg, fed.initial, fed.model.layer_groups(), fed.model.head_names())

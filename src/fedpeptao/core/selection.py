@@ -37,15 +37,20 @@ def client_layer_scores(model: PromptedClassifier, data: EncodedDataset, indices
 
 
 def client_hvp(model: PromptedClassifier, data: EncodedDataset, indices: np.ndarray, batch_size: int,
-               seed: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
-    """Hessian-vector products of this client's batch loss w.r.t. all prompt parameters.
+               seed: int, names: list[str] | None = None) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """Hessian-vector products of this client's batch loss w.r.t. the named trainable tensors
+    (default: every deep-prompt layer), i.e. the tuning's per-layer groups.
 
     Evaluated in eval mode (no dropout) so that the operator is a fixed symmetric matrix, and with
     the math SDPA kernel: PyTorch's fused CPU attention kernels have no double backward.
     """
     model.eval()
     batch = _first_batch(data, indices, batch_size, seed)
-    params = [model.prompt.layers[str(i)] for i in model.prompt.active_layers]
+    if names is None:
+        params = [model.prompt.layers[str(i)] for i in model.prompt.active_layers]
+    else:
+        named = dict(model.named_parameters())
+        params = [named[n] for n in names]
     dim = sum(p.numel() for p in params)
     with sdpa_kernel(SDPBackend.MATH):
         return hvp_fn(lambda: model(**batch).loss, params), dim

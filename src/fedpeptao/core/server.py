@@ -118,7 +118,7 @@ class ServerState:
         return state
 
 
-def _weights(updates: Sequence[ClientUpdate]) -> list[float]:
+def aggregation_weights(updates: Sequence[ClientUpdate]) -> list[float]:
     sizes = [u.num_examples for u in updates]
     if any(n < 0 for n in sizes) or sum(sizes) <= 0:
         raise ValueError(f"num_examples must be >= 0 with a positive total, got {sizes}")
@@ -126,7 +126,7 @@ def _weights(updates: Sequence[ClientUpdate]) -> list[float]:
     return [n / total for n in sizes]
 
 
-def _work_dtype(tensor: Tensor) -> torch.dtype:
+def work_dtype(tensor: Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
@@ -137,7 +137,7 @@ def weighted_average(updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
     """
     if not updates:
         raise ValueError("weighted_average needs at least one update")
-    weights = _weights(updates)
+    weights = aggregation_weights(updates)
     first = updates[0].params
     return {name: sum(w * u.params[name].to(device=ref.device, dtype=torch.float64) for w, u in zip(weights, updates)
                       ).to(ref.dtype)
@@ -166,7 +166,7 @@ def _validate(global_params: Mapping[str, Tensor], updates: Sequence[ClientUpdat
 
 
 def fedpeptao_step(global_params: dict[str, Tensor], updates: Sequence[ClientUpdate], state: ServerState,
-                   cfg: ServerStepConfig) -> dict[str, Tensor]:
+                   cfg: ServerStepConfig, num_sampled: int | None = None) -> dict[str, Tensor]:
     """One server round of SPEC section 3; returns ``theta_{t+1}`` and advances ``state``.
 
     Inputs are never mutated; ``state`` gets new ``round``, ``server_lr``, ``momentum``,
@@ -174,9 +174,13 @@ def fedpeptao_step(global_params: dict[str, Tensor], updates: Sequence[ClientUpd
     they are). Ablations: ``control_variates=False`` drops ``c - c_k`` and leaves ``c``/``c_k``
     untouched; ``momentum=False`` sets ``beta = 0``. The reference variant needs ``Delta_{t-1}``
     in ``state.prev_delta`` for every name from round 1 on.
+
+    ``num_sampled`` is ``|S_t|`` of the control-variate update: the clients sampled this round, as
+    the reference code counts them (default: the updates given). It differs from ``len(updates)``
+    only when the runtime rejected an update.
     """
     _validate(global_params, updates, cfg)
-    weights = _weights(updates)
+    weights = aggregation_weights(updates)
     first_round = state.round == 0
     if cfg.variant == "reference" and not first_round:
         missing = sorted(set(global_params) - set(state.prev_delta or {}))
@@ -184,14 +188,14 @@ def fedpeptao_step(global_params: dict[str, Tensor], updates: Sequence[ClientUpd
             raise ValueError(f"reference variant needs Delta_(t-1) for {missing} in state.prev_delta")
     beta = cfg.beta if cfg.momentum else 0.0
     lr = state.server_lr
-    share = len(updates) / cfg.num_clients
+    share = (len(updates) if num_sampled is None else num_sampled) / cfg.num_clients
     total_steps = sum(u.num_steps for u in updates)
 
     new_params: dict[str, Tensor] = {}
     momentum, control, prev_delta = dict(state.momentum), dict(state.control), dict(state.prev_delta or {})
     client_control = {cid: dict(c) for cid, c in state.client_control.items()}
     for name, ref in global_params.items():
-        dtype, device = _work_dtype(ref), ref.device
+        dtype, device = work_dtype(ref), ref.device
 
         def get(tensors: Mapping[str, Tensor], key: str = name) -> Tensor:
             t = tensors.get(key)

@@ -163,3 +163,21 @@ def _per_coordinate(updates: Sequence[ClientUpdate], reduce) -> dict[str, torch.
 def _names(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(f"'{n}'" for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def filter_model_updates(
+    updates: Sequence[ClientUpdate],
+    expected: Mapping[str, torch.Tensor],
+    policy: ValidationPolicy | None,
+    log: logging.Logger,
+) -> tuple[list[ClientUpdate], list[tuple[int, str]]]:
+    """:func:`filter_updates` on the model tensors of each update (``expected``'s names), keeping
+    the accepted updates whole: an algorithm's own entries (SCAFFOLD's ``dc_k``) travel with them.
+    ``policy=None`` accepts everything."""
+    if policy is None:
+        return list(updates), []
+    model_part = [type(u)(u.client_id, {n: u.params[n] for n in expected if n in u.params}, u.num_examples,
+                          u.num_steps) for u in updates]
+    accepted, rejected = filter_updates(model_part, expected, policy, log)
+    keep = {u.client_id for u in accepted}
+    return [u for u in updates if u.client_id in keep], rejected

@@ -1,41 +1,38 @@
-"""The FedPepTAO ClientApp: one SuperNode is one federated client.
+"""The ClientApp: one SuperNode is one federated client, running any algorithm's device side.
 
-Each handler rebuilds (or reuses, within one process) the model and data from the experiment and
-method the server sent, restores this client's personal tensors, optimiser state and rule state,
-and calls the same core functions as the embedded simulator: :func:`~fedpeptao.core.federation.client_round`
-for training (inside the device side of the method's rule, as ``BaselineSimulation`` does),
-:func:`~fedpeptao.core.selection.client_layer_scores` and
-:func:`~fedpeptao.core.selection.client_hvp` for layer selection,
-:func:`~fedpeptao.core.client.predict` for evaluation. State lives in ``context.state`` (and on the
-node's disk), never in module globals, because one Flower worker may serve many clients.
+Each handler rebuilds (or reuses, within one process) the model, data and algorithm from the
+experiment the server sent, restores this client's own tensors, optimiser state and algorithm
+state, and calls the same code as the embedded simulator: the algorithm's device hooks
+(``client_start``, ``client_training``, ``client_reply``, ``run_task``) around
+:func:`~fedpeptao.core.federation.client_round` and :func:`~fedpeptao.core.client.predict`.
+State lives in ``context.state`` (and on the node's disk), never in module globals, because one
+Flower worker may serve many clients.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeptao.baselines.methods import get_method, method_rule
-from fedpeptao.baselines.optimizers import FedAvgRule
+from fedpeptao.algorithms import Algorithm
+from fedpeptao.algorithms.base import ClientTask, ClientWork
 from fedpeptao.config import ExperimentConfig
 from fedpeptao.core import payload
 from fedpeptao.core.client import predict
-from fedpeptao.core.federation import HESSIAN_STREAM, SCORE_STREAM, ClientState, client_round, round_seed
-from fedpeptao.core.hessian import estimate_ratio
-from fedpeptao.core.selection import client_hvp, client_layer_scores
+from fedpeptao.core.federation import ClientState, client_round, round_seed
+from fedpeptao.experiment import Federation
 from fedpeptao.flower import records as R
-from fedpeptao.flower.build import Federation, cached_federation, resolve_data_path
+from fedpeptao.flower.build import cached_federation, resolve_data_path
 from fedpeptao.flower.logs import route_to_flower
 from fedpeptao.flower.node_state import ClientStore, StoredClient
 from fedpeptao.flower.settings import NodeSettings
 
 app = ClientApp()
-
-HESSIAN_BATCH = 32  # the simulator's batch for Hessian-vector products
 
 
 @dataclass
@@ -44,41 +41,37 @@ class ClientJob:
 
     cfg: ExperimentConfig
     fed: Federation
+    algorithm: Algorithm  # only its device side runs here
     node: NodeSettings
     train_part: np.ndarray
     eval_part: np.ndarray
     store: ClientStore
-    rule: FedAvgRule  # the method's rule; only its device side runs here
 
-    def load(self) -> StoredClient:
-        """This client's saved state, or the fresh initialisation every client starts from."""
-        return self.store.load() or StoredClient(ClientState(params=dict(self.fed.initial)))
+    def load(self, before: int) -> StoredClient:
+        """This client's state from before round ``before``, or the fresh initialisation."""
+        return self.store.load(before) or StoredClient(ClientState(params=dict(self.fed.initial)))
 
-    def adopt_base(self, stored: StoredClient, message: Message) -> bool:
-        """After the switch to FedPepTAO, personal layers restart from the warmed-up global tensors (once)."""
-        version = int(message.content[R.CONFIG].get(R.BASE_VERSION, -1))
-        if R.BASE not in message.content or version <= stored.base_version:
-            return False
-        stored.state.params = R.from_record(message.content[R.BASE])
-        stored.base_version = version
-        return True
+    def work(self, task: ClientTask) -> ClientWork:
+        seed = round_seed(self.cfg.seed, task.round, self.node.client_id, task.stream)
+        return ClientWork(self.node.client_id, self.fed.model, self.fed.train_data, self.train_part, seed,
+                          self.cfg.client.batch_size)
 
 
 def _job(message: Message, context: Context) -> ClientJob:
     route_to_flower()
     config = message.content[R.CONFIG]
     cfg = ExperimentConfig.model_validate_json(str(config[R.EXPERIMENT]))
-    method = get_method(str(config.get(R.METHOD, "")) or cfg.algorithm)
     node = NodeSettings.from_node_config(context.node_config, cfg)
     torch.set_num_threads(node.num_threads)
     data_path = resolve_data_path(node.data_path) if node.data_path is not None else None
-    fed = cached_federation(R.experiment_json(cfg), node.model_path, data_path, method.model)
+    fed, algorithm = cached_federation(R.experiment_json(cfg), node.model_path, data_path)
     index = 0 if node.partition is None else node.partition
     directory = None
     if node.state_dir is not None:  # per run and client, so a new run never picks up an old one's state
-        directory = node.state_dir / f"run-{context.run_id}" / f"client-{node.client_id}"
-    return ClientJob(cfg, fed, node, fed.train_parts[index], fed.eval_parts[index],
-                     ClientStore(context.state, directory), method_rule(method, cfg))
+        directory = node.state_dir / f"run-{config[R.RUN_KEY]}" / f"client-{node.client_id}"
+    keep = max(2, cfg.checkpoint.every + 1)  # back to the server's last checkpoint
+    return ClientJob(cfg, fed, algorithm, node, fed.train_parts[index], fed.eval_parts[index],
+                     ClientStore(context.state, directory, keep))
 
 
 def _reply(message: Message, **records) -> Message:
@@ -87,46 +80,47 @@ def _reply(message: Message, **records) -> Message:
 
 @app.query("setup")
 def setup(message: Message, context: Context) -> Message:
-    """Identity, data sizes, initial tensors and (if asked) layer scores of the pretrained model."""
+    """Identity, data sizes, initial tensors and the names of the tuning's layer groups and head."""
     job = _job(message, context)
-    metrics: dict = {"client-id": job.node.client_id, "num-train": len(job.train_part),
-                     "num-eval": len(job.eval_part), "num-labels": job.fed.num_labels}
-    if bool(message.content[R.CONFIG].get(R.SCORE, False)) and len(job.train_part) >= 2:
-        job.fed.model.load_trainable(job.fed.initial)
-        scores = client_layer_scores(job.fed.model, job.fed.train_data, job.train_part,
-                                     job.cfg.selection.score_batch_size,
-                                     round_seed(job.cfg.seed, 0, job.node.client_id, SCORE_STREAM))
-        metrics["scores"] = [float(s) for s in scores]
-    return _reply(message, **{R.INIT: R.to_record(job.fed.initial), R.METRICS: MetricRecord(metrics)})
+    model = job.fed.model
+    metrics = {"client-id": job.node.client_id, "num-train": len(job.train_part), "num-eval": len(job.eval_part),
+               "num-labels": job.fed.num_labels}
+    names = ConfigRecord({"layer-groups": json.dumps({str(i): n for i, n in model.layer_groups().items()}),
+                          "head-names": json.dumps(model.head_names())})
+    return _reply(message, **{R.INIT: R.to_record(job.fed.initial), R.METRICS: MetricRecord(metrics),
+                              R.CONFIG: names})
 
 
-@app.query("hessian")
-def hessian(message: Message, context: Context) -> Message:
-    """This client's share ratio from the Hessian eigen-density at the given global tensors."""
+@app.query("task")
+def task(message: Message, context: Context) -> Message:
+    """A client-side computation of an algorithm's phase (layer scores, a Hessian ratio, ...)."""
     job = _job(message, context)
-    job.fed.model.load_trainable(R.from_record(message.content[R.GLOBAL]))
-    hvp = client_hvp(job.fed.model, job.fed.train_data, job.train_part, HESSIAN_BATCH,
-                     round_seed(job.cfg.seed, 0, job.node.client_id, HESSIAN_STREAM))
-    ratio = estimate_ratio([hvp], num_iters=job.cfg.selection.lanczos_iters,
-                           seed=int(message.content[R.CONFIG][R.PROBE_SEED]))
-    return _reply(message, **{R.METRICS: MetricRecord({"client-id": job.node.client_id, "ratio": float(ratio)})})
+    spec = json.loads(str(message.content[R.CONFIG][R.TASK_SPEC]))
+    params = R.from_record(message.content[R.GLOBAL])
+    work_task = ClientTask(spec["kind"], None, params, int(spec["round"]), int(spec["stream"]),
+                           {job.node.client_id: spec.get("options", {})})
+    job.fed.model.load_trainable(params)
+    result = job.algorithm.run_task(work_task, job.work(work_task))
+    return _reply(message, **{R.CONFIG: ConfigRecord({R.RESULT: json.dumps(result)}),
+                              R.METRICS: MetricRecord({"client-id": job.node.client_id})})
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """One round of local training, seeded exactly as the simulator seeds this client in this round,
-    inside the device side of the method's rule with this client's own previous tensors and rule state."""
+    inside the algorithm's device hooks with this client's own previous state."""
     job = _job(message, context)
-    stored = job.load()
-    job.adopt_base(stored, message)
-    received = R.from_record(message.content[R.GLOBAL])
     round_index = int(message.content[R.CONFIG][R.ROUND])
-    with job.rule.device_training(job.fed.model, received, stored.state.params, stored.rule_state) as extra_loss:
-        update, result = client_round(job.fed.model, stored.state, job.rule.received_model(received),
+    stored = job.load(before=round_index)
+    algo, client = job.algorithm, stored.state
+    received = R.from_record(message.content[R.GLOBAL])
+    start = algo.client_start(received, client)
+    with algo.client_training(job.fed.model, received, client) as extra_loss:
+        update, result = client_round(job.fed.model, client, start, list(algo.model_part(received)),
                                       job.fed.train_data, job.train_part, job.fed.local_cfg,
                                       round_seed(job.cfg.seed, round_index, job.node.client_id), extra_loss)
-    sent, stored.rule_state = job.rule.device_upload(received, update, result.num_steps, stored.rule_state)
-    job.store.save(stored)
+    sent = algo.client_reply(received, update, result.num_steps, client)
+    job.store.save(StoredClient(client, round_index))
     metrics = {"client-id": job.node.client_id, "num-examples": result.num_examples, "num-steps": result.num_steps,
                "train-loss": float(result.mean_loss), "seconds": float(result.seconds),
                "bytes-up": payload.num_bytes(sent)}
@@ -135,16 +129,20 @@ def train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """Personal tensors plus the global shared ones on this client's eval data: counts, not scores,
+    """Own tensors plus the global shared ones on this client's eval data: counts, not scores,
     so the server can pool predictions as the simulator does."""
     job = _job(message, context)
-    stored = job.load()
-    if job.adopt_base(stored, message):
-        job.store.save(stored)
+    round_index = int(message.content[R.CONFIG][R.ROUND])
+    stored = job.load(before=round_index + 1)
+    received = R.from_record(message.content[R.GLOBAL])
+    kept = dict(stored.state.algo_state)
+    start = job.algorithm.client_start(received, stored.state)
+    if stored.state.algo_state != kept:  # the device kept something of this message
+        job.store.save(StoredClient(stored.state, round_index))
     metrics = {"client-id": job.node.client_id, "num-examples": len(job.eval_part), "loss-sum": 0.0,
                "confusion": [0] * job.fed.num_labels ** 2}
     if len(job.eval_part):
-        job.fed.model.load_trainable({**stored.state.params, **R.from_record(message.content[R.GLOBAL])})
+        job.fed.model.load_trainable(start)
         preds, loss_sum = predict(job.fed.model, job.fed.eval_data, job.eval_part)
         metrics.update({"loss-sum": float(loss_sum),
                         "confusion": R.confusion(preds, job.fed.eval_data.labels[job.eval_part], job.fed.num_labels)})

@@ -1,27 +1,27 @@
 """A client's state between rounds on a SuperNode: in ``context.state`` and on the node's disk.
 
-FedPepTAO's unselected prompt layers never leave the device, the device's AdamW moments carry
-over between rounds, and a baseline's rule may keep per-device tensors (SCAFFOLD's ``c_k``; MOON's
-previous local model is the client's own tensors), so a client that forgot them would silently
-become a different algorithm.
-Flower keeps ``context.state`` for the life of the SuperNode process; a copy on the node's disk
-(crash-safe checkpoints of :mod:`fedpeptao.utils.checkpoint`, keyed by run and client) lets a
-restarted SuperNode continue. Each save gets a higher version; loading takes the newest copy.
+FedPepTAO's unselected layers never leave the device, the device's AdamW moments carry over
+between rounds, and an algorithm may keep per-device tensors (SCAFFOLD's ``c_k``), so a client
+that forgot them would silently become a different algorithm. Flower keeps ``context.state``
+for the life of the SuperNode process; copies on the node's disk (crash-safe checkpoints of
+:mod:`fedpeptao.utils.checkpoint`, keyed by run and client, one per round the client changed)
+let a restarted SuperNode continue, and let a restarted ServerApp that resumes from an older
+checkpoint replay a round exactly: :meth:`ClientStore.load` takes the newest copy from before
+the round asked for.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedpeptao.core.federation import ClientState
 from fedpeptao.flower.records import from_record, to_record
-from fedpeptao.utils.checkpoint import (CheckpointError, flatten_state, list_checkpoints, load_latest_checkpoint,
+from fedpeptao.utils.checkpoint import (CheckpointError, flatten_state, list_checkpoints, load_checkpoint,
                                         save_checkpoint, unflatten_state)
 
 log = logging.getLogger("fedpeptao.flower.client")
@@ -31,58 +31,60 @@ TENSORS_KEY, META_KEY = "fedpeptao.client.tensors", "fedpeptao.client.meta"
 
 @dataclass
 class StoredClient:
-    """A client's tensors and optimiser state, which warmed-up base its personal layers came from, and
-    its baseline rule's own tensors (``FedAvgRule.device_upload``'s state)."""
+    """A client's :class:`ClientState` as of the end of round ``round`` (-1: never changed)."""
 
     state: ClientState
-    base_version: int = -1  # -1: the fresh initialisation
-    version: int = 0  # save counter; the higher copy wins
-    rule_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    round: int = -1
 
 
 class ClientStore:
-    """Load/save one client's :class:`StoredClient`; ``directory=None`` keeps it in memory only."""
+    """Load/save one client's state; ``directory=None`` keeps it in memory only.
 
-    def __init__(self, context_state: RecordDict, directory: Path | None) -> None:
+    ``keep`` copies stay on disk: enough to go back to the server's last checkpoint.
+    """
+
+    def __init__(self, context_state: RecordDict, directory: Path | None, keep: int = 3) -> None:
         self.context_state = context_state
         self.directory = directory
+        self.keep = keep
 
-    def load(self) -> StoredClient | None:
-        candidates = [c for c in (self._from_context(), self._from_disk()) if c is not None]
-        return max(candidates, key=lambda c: c.version) if candidates else None
+    def load(self, before: int) -> StoredClient | None:
+        """The newest state saved in a round before ``before`` (None: the client starts fresh)."""
+        stored = self._from_context()
+        if stored is not None and stored.round < before:
+            return stored
+        if self.directory is None:
+            return None
+        for round_index, path in reversed(list_checkpoints(self.directory)):
+            if round_index >= before:
+                continue
+            try:
+                _, tensors, meta = load_checkpoint(path)
+            except CheckpointError as exc:
+                log.warning("ignoring unusable client state in %s: %s", path, exc)
+                continue
+            return _restore(tensors, meta["state"], round_index)
+        return None
 
     def save(self, stored: StoredClient) -> None:
-        stored.version += 1
-        tensors, skeleton = flatten_state({"params": stored.state.params, "optimizer": stored.state.optimizer,
-                                           "rounds_trained": stored.state.rounds_trained,
-                                           "base_version": stored.base_version, "rule_state": stored.rule_state})
-        meta = json.dumps(skeleton)
+        state = stored.state
+        tensors, skeleton = flatten_state({"params": state.params, "optimizer": state.optimizer,
+                                           "rounds_trained": state.rounds_trained, "algo_state": state.algo_state})
         self.context_state[TENSORS_KEY] = to_record(tensors)
-        self.context_state[META_KEY] = ConfigRecord({"skeleton": meta, "version": stored.version})
-        if self.directory is not None:
-            save_checkpoint(self.directory, stored.version, tensors, {"state": skeleton}, keep=2)
+        self.context_state[META_KEY] = ConfigRecord({"skeleton": json.dumps(skeleton), "round": stored.round})
+        if self.directory is not None:  # a later round's copy belongs to an abandoned timeline and goes
+            save_checkpoint(self.directory, stored.round, tensors, {"state": skeleton}, keep=self.keep)
 
     def _from_context(self) -> StoredClient | None:
         if TENSORS_KEY not in self.context_state or META_KEY not in self.context_state:
             return None
         meta = self.context_state[META_KEY]
         return _restore(from_record(self.context_state[TENSORS_KEY]), json.loads(str(meta["skeleton"])),
-                        int(meta["version"]))
-
-    def _from_disk(self) -> StoredClient | None:
-        if self.directory is None or not list_checkpoints(self.directory):
-            return None
-        try:
-            version, tensors, meta = load_latest_checkpoint(self.directory)
-        except CheckpointError as exc:
-            log.warning("ignoring unusable client state in %s: %s", self.directory, exc)
-            return None
-        return _restore(tensors, meta["state"], version)
+                        int(meta["round"]))
 
 
-def _restore(tensors, skeleton, version: int) -> StoredClient:
+def _restore(tensors, skeleton, round_index: int) -> StoredClient:
     data = unflatten_state(tensors, skeleton)
     return StoredClient(ClientState(params=data["params"], optimizer=data["optimizer"],
-                                    rounds_trained=int(data["rounds_trained"])),
-                        base_version=int(data["base_version"]), version=version,
-                        rule_state=dict(data.get("rule_state") or {}))
+                                    rounds_trained=int(data["rounds_trained"]), algo_state=dict(data["algo_state"])),
+                        round_index)

@@ -1,25 +1,23 @@
-"""The message protocol between the FedPepTAO ServerApp and ClientApp.
+"""The message protocol between the ServerApp and the ClientApp, for any algorithm.
 
 Four exchanges, each a Flower message type (``<category>.<action>``):
 
 ``query.setup``
-    Server -> every node once, before round 0. The node builds its model and data, and replies with
-    its client id, data sizes, its freshly initialised trainable tensors (the server checks that all
-    nodes agree and starts from them, so the server never loads the language model or any data) and,
-    for FedPepTAO, its layer scores.
-``query.hessian``
-    Server -> a few clients when FedPepTAO estimates the share ratio after the warm-up: the full
-    global tensors and a probe seed; reply: the client's ratio.
+    Server -> every node once, before round 0 (and to nodes that join later). The node builds its
+    model and data and replies with its client id, data sizes, its freshly initialised trainable
+    tensors (the server checks that all nodes agree and starts from them, so the server never
+    loads the language model or any data) and the names of its per-layer and head tensors.
+``query.task``
+    A client-side computation an algorithm's phase asks for (its kind, round, stream and options
+    in the config; the tensors to load in ``global``); reply: the algorithm's numbers as JSON.
 ``train``
-    The global *shared* tensors (and, once after the switch to FedPepTAO, the warmed-up tensors
-    that become the client's personal layers); reply: the client's shared tensors and step counts.
+    What the algorithm sends this client (``Algorithm.client_message``); reply: what the client's
+    algorithm sends back (``Algorithm.client_reply``) and step counts.
 ``evaluate``
-    The global shared tensors; reply: a confusion matrix and summed loss on the client's eval data.
+    The same message; reply: a confusion matrix and summed loss on the client's eval data.
 
-Every server message carries the whole ExperimentConfig as JSON and the method's name (a key of
-``fedpeptao.baselines.methods.METHODS``), so the config file only has to exist on the SuperLink's
-machine. For a baseline whose rule sends more than the model (SCAFFOLD: ``c`` down, ``dc_k`` up),
-``global`` and ``update`` of ``train`` carry those tensors too, under the rule's name prefixes.
+Every server message carries the whole ExperimentConfig as JSON, so the config file only has to
+exist on the SuperLink's machine, and the run's key, under which nodes keep this run's state.
 """
 
 from __future__ import annotations
@@ -32,19 +30,17 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from fedpeptao.config import ExperimentConfig
 
-SETUP, HESSIAN = "query.setup", "query.hessian"
+SETUP, TASK = "query.setup", "query.task"
 
 # record names inside a message's RecordDict
 CONFIG = "config"  # ConfigRecord: experiment JSON, round, ...
-GLOBAL = "global"  # ArrayRecord: global tensors sent down
-BASE = "base"  # ArrayRecord: warmed-up tensors a client adopts as its personal layers
+GLOBAL = "global"  # ArrayRecord: what the algorithm sends a client
 UPDATE = "update"  # ArrayRecord: a client's shared tensors after local training
 INIT = "init"  # ArrayRecord: a client's freshly initialised trainable tensors
 METRICS = "metrics"  # MetricRecord: counts, losses, scores
 
 # ConfigRecord keys
-EXPERIMENT, ROUND, BASE_VERSION, PROBE_SEED, SCORE = "experiment", "round", "base-version", "probe-seed", "score"
-METHOD = "method"
+EXPERIMENT, ROUND, RUN_KEY, TASK_SPEC, RESULT = "experiment", "round", "run-key", "task", "result"
 
 
 def experiment_json(cfg: ExperimentConfig) -> str:
@@ -52,9 +48,9 @@ def experiment_json(cfg: ExperimentConfig) -> str:
     return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
 
 
-def config_record(cfg: ExperimentConfig, method: str, **values: int | float | str | bool) -> ConfigRecord:
-    """The ConfigRecord every server message carries: the experiment and method plus per-message values."""
-    return ConfigRecord({EXPERIMENT: experiment_json(cfg), METHOD: method, **values})
+def config_record(cfg: ExperimentConfig, run_key: str, **values: int | float | str | bool) -> ConfigRecord:
+    """The ConfigRecord every server message carries: the experiment and run key plus per-message values."""
+    return ConfigRecord({EXPERIMENT: experiment_json(cfg), RUN_KEY: run_key, **values})
 
 
 def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -2,9 +2,9 @@
 
 The run config (``[tool.flwr.app.config]`` in ``flower_app/pyproject.toml``, overridable with
 ``flwr run -c``) names the same :class:`~fedpeptao.config.ExperimentConfig` file the embedded
-simulator reads, the method to run (any key of ``fedpeptao.baselines.methods.METHODS``, as
-``fedpeptao compare --methods`` takes), plus the few knobs only a real network needs (timeouts,
-quorum). The node config
+simulator reads (``method.*`` and ``tuning.*`` choose the algorithm, as in ``fedpeptao run``),
+plus the few knobs only a real network needs (timeouts, quorum, where the server checkpoints).
+The node config
 (``flower-supernode --node-config``) says which data this node holds and where it keeps its state.
 Everything is validated up front so a typo fails the run at once, naming the key, rather than in
 round 37.
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpeptao.baselines.methods import Method, check_method_config, get_method, method_overrides
 from fedpeptao.config import ConfigError, ExperimentConfig, load_config
 
 # Run-config keys (they must also appear, with defaults, in flower_app/pyproject.toml: `flwr run -c`
@@ -26,8 +25,8 @@ from fedpeptao.config import ConfigError, ExperimentConfig, load_config
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "config": "",  # ExperimentConfig file (TOML/YAML) on the SuperLink host; "" = built-in defaults
     "overrides": "",  # "key=value; key=value" applied on top, as `fedpeptao run ... key=value`
-    "method": "",  # a METHODS name (fedpeptao, lora, scaffold, ...); "" = the experiment's `algorithm`
     "output-dir": "",  # where the ServerApp writes results; "" = <output_dir>/<run_name or flower-RUNID>
+    "checkpoint-dir": "",  # where the ServerApp checkpoints and, restarted, continues from; "" = <output-dir>
     "round-timeout": 600.0,  # seconds to wait for replies in one phase of a round
     "min-replies": 1,  # a round updates the global prompts only when at least this many clients reply
     "min-nodes": 0,  # nodes to wait for before starting; 0 = federated.num_clients
@@ -51,28 +50,13 @@ def _number(run_config: Mapping[str, Any], key: str, kind: type, minimum: float)
     return kind(value)
 
 
-def _method(run_config: Mapping[str, Any]) -> Method | None:
-    """The method the run config names (None: none named), or a ConfigError naming the key."""
-    name = str(run_config.get("method", "")).strip()
-    if not name:
-        return None
-    try:
-        return get_method(name)
-    except ValueError as exc:
-        raise ConfigError(f"run config 'method': {exc}") from None
-
-
 @dataclass(frozen=True)
 class ServerSettings:
-    """What the ServerApp needs: the experiment and method plus deployment-only limits.
-
-    A native method's config overrides (``fedpeptao-no-cv``: ``server.use_control_variates=false``)
-    are applied after the user's, as ``fedpeptao compare`` applies them.
-    """
+    """What the ServerApp needs: the experiment plus deployment-only limits."""
 
     experiment: ExperimentConfig
-    method: Method
     output_dir: Path
+    checkpoint_dir: Path
     round_timeout: float
     min_replies: int
     min_nodes: int
@@ -84,20 +68,15 @@ class ServerSettings:
         if unknown:
             raise ConfigError(f"run config '{unknown[0]}': unknown key (known: {', '.join(RUN_CONFIG_DEFAULTS)})")
         path = str(run_config.get("config", "")).strip()
-        named = _method(run_config)
         overrides = _split_overrides(str(run_config.get("overrides", "")))
-        cfg = load_config(Path(path).expanduser() if path else None,
-                          overrides if named is None else method_overrides(named, overrides))
-        method = named or get_method(cfg.algorithm)
-        try:
-            check_method_config(cfg, method)
-        except ValueError as exc:
-            raise ConfigError(f"run config 'method': {exc}") from None
+        cfg = load_config(Path(path).expanduser() if path else None, overrides)
         output = str(run_config.get("output-dir", "")).strip()
         default_dir = Path(cfg.output_dir) / (cfg.run_name or f"flower-{run_id}")
         output_dir = Path(output).expanduser() if output else default_dir
+        checkpoints = str(run_config.get("checkpoint-dir", "")).strip()
+        checkpoint_dir = Path(checkpoints).expanduser() if checkpoints else output_dir
         min_nodes = _number(run_config, "min-nodes", int, 0) or cfg.federated.num_clients
-        return cls(cfg, method, output_dir, _number(run_config, "round-timeout", float, 1.0),
+        return cls(cfg, output_dir, checkpoint_dir, _number(run_config, "round-timeout", float, 1.0),
                    _number(run_config, "min-replies", int, 1), min_nodes,
                    _number(run_config, "node-wait-timeout", float, 0.0))
 

@@ -1,25 +1,23 @@
-"""FedPepTAO (FedAvg, and every baseline of ``fedpeptao.baselines.methods.METHODS``) as a Flower
-``Strategy`` over the Message API.
+"""Any algorithm of :mod:`fedpeptao.algorithms` as a Flower ``Strategy`` over the Message API.
 
-The stock strategies average one ArrayRecord with identical keys from every reply. FedPepTAO
-needs more: server-held control variates per client and server momentum (the
-:class:`~fedpeptao.core.federation.Aggregator` also used by the embedded simulator), only the
-selected layers on the wire, and a one-off layer scoring and ratio estimation before the selective
-step starts. This strategy keeps that Aggregator and mirrors the simulator's round loop:
+The stock strategies average one ArrayRecord with identical keys from every reply. Our
+algorithms need more (per-client messages, server-held per-client state, client-side tasks
+before a round), so this strategy holds the run's :class:`~fedpeptao.algorithms.base.Algorithm`
+and drives it through the same hooks as the embedded simulator, naming no method:
 
-* a baseline's server rule (FedOpt's ``m``/``v``, SCAFFOLD's ``c``) runs here in the simulator's
-  :class:`~fedpeptao.baselines.methods.RuleAggregator`, and what the rule sends down (SCAFFOLD: the
-  prompts and ``c``) is what travels and is counted; its device side and per-device state (SCAFFOLD's
-  ``c_k``) are the clients';
-* the same random stream (``numpy.random.default_rng(cfg.seed)``) draws the clients of each round
-  and the clients that estimate the ratio, so with every client online a Flower run samples
-  exactly as the simulator does;
-* clients are identified by their ``client-id`` (the partition id), not Flower's node id, because
-  the control variates, the seeds and the data all belong to the client;
+* ``prepare_round`` before each round, its client tasks sent as ``query.task`` messages;
+* ``client_message(k)`` is what travels to client ``k`` and is counted;
+* replies are validated runtime-wide, then ``aggregate``;
+* the same random stream (``numpy.random.default_rng(cfg.seed)``) draws the clients of each
+  round, so with every client online a Flower run samples exactly as the simulator does;
+* clients are identified by their ``client-id`` (the partition id), not Flower's node id,
+  because the algorithm's state, the seeds and the data all belong to the client;
 * a client that errors, or does not answer within the timeout, is left out of that round; the
-  round updates the global prompts when at least ``min_replies`` clients answered, and otherwise
-  leaves them unchanged. A client that just failed is not asked to evaluate in the same round, so a
-  dead node costs one timeout per round, not two.
+  round updates the global tensors when at least ``min_replies`` clients answered, and
+  otherwise leaves them unchanged. A client that just failed is not asked to evaluate in the
+  same round, so a dead node costs one timeout per round, not two;
+* every ``checkpoint.every`` rounds the whole server state (algorithm, sampling stream, history)
+  goes to a crash-safe checkpoint; a restarted ServerApp continues from the newest one.
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,52 +36,49 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedpeptao.baselines.methods import Method, RuleAggregator, get_method, method_rule
-from fedpeptao.config import ExperimentConfig
+from fedpeptao.algorithms import Algorithm
+from fedpeptao.algorithms.base import ClientTask
+from fedpeptao.config import ConfigError, ExperimentConfig
 from fedpeptao.core import payload
-from fedpeptao.core.federation import Aggregator
 from fedpeptao.core.metrics import metric_for_task, score
-from fedpeptao.core.scoring import combine_scores, rank_layers
 from fedpeptao.core.server import ClientUpdate
-from fedpeptao.core.validation import ValidationPolicy
+from fedpeptao.core.validation import ValidationPolicy, filter_model_updates
+from fedpeptao.experiment import make_run_algorithm
 from fedpeptao.flower import records as R
-from fedpeptao.flower.build import choose_layers, head_names, layer_names
-from fedpeptao.experiment import server_step_config
-from fedpeptao.utils.round_log import RoundLog
+from fedpeptao.report.summary import config_difference, run_summary
+from fedpeptao.utils.checkpoint import (capture_rng_state, flatten_state, list_checkpoints, load_latest_checkpoint,
+                                        restore_rng_state, save_checkpoint, unflatten_state)
+from fedpeptao.utils.round_log import RoundLog, close_row
 
 log = logging.getLogger("fedpeptao.flower.server")
 
 Tensors = dict[str, torch.Tensor]
+RESUMABLE_CHANGES = {"federated.rounds", "progress"}
 
 
-class FedPepTAOStrategy(Strategy):
-    """Server side of a run of ``method`` (default: ``cfg.algorithm``); call :meth:`setup` before
-    ``start`` and :meth:`finish` after. ``cfg`` must already carry a native method's overrides."""
+class FederatedStrategy(Strategy):
+    """Server side of a run; call :meth:`setup` before ``start`` and :meth:`finish` after."""
 
-    def __init__(self, cfg: ExperimentConfig, *, method: Method | None = None, timeout: float = 600.0,
-                 min_replies: int = 1, run_dir: Path | None = None) -> None:
+    def __init__(self, cfg: ExperimentConfig, *, timeout: float = 600.0, min_replies: int = 1,
+                 run_dir: Path | None = None, checkpoint_dir: Path | None = None) -> None:
         self.cfg = cfg
-        self.method = method or get_method(cfg.algorithm)
-        self.rule = method_rule(self.method, cfg)  # native methods: FedAvg's, which sends the tensors as they are
         self.timeout = timeout
         self.min_replies = min_replies
         self.run_dir = run_dir
+        self.checkpoint_dir = checkpoint_dir
         self.metric = metric_for_task(cfg.data.task)
         self.rng = np.random.default_rng(cfg.seed)  # the simulator's sampling stream
         self.clients: dict[int, int] = {}  # client id -> Flower node id
-        self.sizes: dict[int, int] = {}  # client id -> training examples
         self.refused: set[int] = set()  # node ids whose initial tensors disagree with the federation's
         self.initial: Tensors = {}
-        self.aggregator: Aggregator | None = None
-        self.scores: list[float] | None = None
-        self.ranking: list[int] | None = None
-        self.selection: dict | None = None
-        # After the switch to FedPepTAO every client's personal layers restart from `base`
-        # (the warmed-up global tensors); `synced` are the clients known to have it.
-        self.base: Tensors | None = None
-        self.base_version = -1
-        self.synced: set[int] = set()
+        self.names: dict | None = None  # layer groups and head names, from the first node
+        srv = cfg.server
+        self.validation = ValidationPolicy(max_norm=srv.max_update_norm) if srv.validate_updates else None
+        self.algorithm: Algorithm | None = None
+        self.run_key = uuid.uuid4().hex[:16]  # nodes keep this run's state under it (kept across restarts)
         self.history: list[dict] = []
+        self.first_round = 0
+        self._grid: Grid | None = None
         self._row: dict = {}
         self._sampled: dict[int, int] = {}
         self._failed_nodes: set[int] = set()
@@ -91,20 +87,18 @@ class FedPepTAOStrategy(Strategy):
 
     # -- Strategy interface ----------------------------------------------------------------
     def summary(self) -> None:
-        cfg = self.cfg
-        log.info("FedPepTAOStrategy: method=%s (algorithm=%s), %d of %d clients per round, %d rounds, "
-                 "min_replies=%d, timeout=%.0fs", self.method.name, cfg.algorithm, cfg.federated.clients_per_round,
-                 cfg.federated.num_clients, cfg.federated.rounds, self.min_replies, self.timeout)
+        fed = self.cfg.federated
+        log.info("FederatedStrategy: %s, %d of %d clients per round, rounds %d..%d, min_replies=%d, timeout=%.0fs",
+                 self.cfg.describe(), fed.clients_per_round, fed.num_clients, self.first_round + 1, fed.rounds,
+                 self.min_replies, self.timeout)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
-        agg = self._agg()
-        t = server_round - 1
+        algo, t = self._algo(), self._round(server_round)
+        self._grid = grid
         self._discover(grid)
-        if t == self.switch_round():
-            self._switch(grid, t)
-        online = set(grid.get_node_ids())
-        available = sorted(cid for cid, node in self.clients.items() if node in online)
+        algo.prepare_round(t, self._run_task)
+        available = self._online(grid)
         self._row = {"round": t, "sampled": [], "clients": [], "failed": [], "bytes_up": 0, "bytes_down": 0,
                      "slowest_client_s": 0.0, "train_loss": float("nan"), "rejected": []}
         self._failed_nodes = set()
@@ -115,23 +109,17 @@ class FedPepTAOStrategy(Strategy):
         size = min(self.cfg.federated.clients_per_round, len(available))
         sampled = sorted(int(c) for c in self.rng.choice(np.array(available), size=size, replace=False))
         self._sampled = {cid: self.clients[cid] for cid in sampled}
-        sent = self.rule.down(agg.broadcast())
-        down = payload.num_bytes(sent)
-        global_record = R.to_record(sent)
         messages = []
         for cid, node in self._sampled.items():
-            content = self._content(global_record, round=t)
-            if self._needs_base(cid):
-                content[R.BASE] = R.to_record(self.base)
-                self._row["bytes_down"] += payload.num_bytes(self.base)
-            self._row["bytes_down"] += down
-            messages.append(self._message(content, node, MessageType.TRAIN, server_round))
+            sent = algo.client_message(cid)
+            self._row["bytes_down"] += payload.num_bytes(sent)
+            messages.append(self._message(self._content(sent, round=t), node, MessageType.TRAIN, t))
         self._row["sampled"] = sampled
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        agg = self._agg()
+        algo, t = self._algo(), self._round(server_round)
         updates, losses, seconds, examples = [], [], [], {}
         for message in replies:
             parsed = self._parse_train(message)
@@ -144,119 +132,138 @@ class FedPepTAOStrategy(Strategy):
             seconds.append(float(metrics["seconds"]))
             self._row["bytes_up"] += int(metrics["bytes-up"])
         replied = {u.client_id for u in updates}
+        for cid in sorted(replied):
+            algo.acknowledge(cid)
         failed = sorted(set(self._sampled) - replied)
         self._failed_nodes = {self._sampled[cid] for cid in failed}
-        self.synced |= replied  # a client that answered has adopted the base it was sent
         self._row.update({"clients": sorted(replied), "failed": failed,
                           "client_examples": dict(sorted(examples.items())),
                           "slowest_client_s": max(seconds, default=0.0),
                           "train_loss": float(np.mean(losses)) if losses else float("nan")})
         if failed:
-            log.warning("round %d: no usable reply from clients %s (error or timeout); left out", server_round - 1,
-                        failed)
+            log.warning("round %d: no usable reply from clients %s (error or timeout); left out", t, failed)
         if len(updates) < self.min_replies:
-            log.warning("round %d: %d of %d sampled clients replied, fewer than min-replies=%d; global prompts "
-                        "unchanged", server_round - 1, len(updates), len(self._sampled), self.min_replies)
+            log.warning("round %d: %d of %d sampled clients replied, fewer than min-replies=%d; global tensors "
+                        "unchanged", t, len(updates), len(self._sampled), self.min_replies)
             self._row["skipped"] = True
             return None, MetricRecord({"num-replies": len(updates), "num-failed": len(failed)})
-        agg.aggregate(sorted(updates, key=lambda u: u.client_id))
-        self._row["rejected"] = [list(r) for r in agg.rejected]
-        metrics = {"num-replies": len(updates), "num-failed": len(failed), "num-rejected": len(agg.rejected)}
+        accepted, rejected = filter_model_updates(sorted(updates, key=lambda u: u.client_id), algo.global_shared(),
+                                                  self.validation, log)
+        self._row["rejected"] = [list(r) for r in rejected]
+        if accepted:
+            algo.aggregate(t, sorted(self._sampled), accepted)
+        else:
+            log.warning("round %d: no valid update; global state unchanged", t)
+        metrics = {"num-replies": len(updates), "num-failed": len(failed), "num-rejected": len(rejected)}
         if losses:
             metrics["train-loss"] = self._row["train_loss"]
-        return R.to_record(agg.broadcast()), MetricRecord(metrics)
+        return R.to_record(algo.global_shared()), MetricRecord(metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
-        if not self._eval_round(server_round - 1):
+        t = self._round(server_round)
+        if not self._eval_round(t):
             return []
         online = set(grid.get_node_ids())
         targets = {cid: node for cid, node in sorted(self.clients.items())
                    if node in online and node not in self._failed_nodes}
-        global_record = R.to_record(self._agg().broadcast())
-        messages = []
-        for cid, node in targets.items():
-            content = self._content(global_record, round=server_round - 1)
-            if self._needs_base(cid):
-                content[R.BASE] = R.to_record(self.base)
-            messages.append(self._message(content, node, MessageType.EVALUATE, server_round))
-        return messages
+        return [self._message(self._content(self._algo().client_message(cid), round=t), node,
+                              MessageType.EVALUATE, t) for cid, node in targets.items()]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        result = None
-        if self._eval_round(server_round - 1):
-            result = self._pool_evaluations(replies)
+        t = self._round(server_round)
+        result = self._pool_evaluations(replies) if self._eval_round(t) else None
         self._finish_row()
         return result
 
     # -- before and after the rounds --------------------------------------------------------
     def setup(self, grid: Grid, min_nodes: int, wait_timeout: float) -> None:
-        """Wait for nodes, learn who is who, take the initial tensors and (FedPepTAO) the layer scores."""
+        """Wait for nodes, learn who is who, take the initial tensors; continue from a checkpoint."""
+        self._grid = grid
         nodes = _wait_for_nodes(grid, min_nodes, wait_timeout)
         if len(nodes) < self.min_replies:
             raise RuntimeError(f"only {len(nodes)} SuperNode(s) connected within {wait_timeout:.0f}s; "
                                f"min-replies is {self.min_replies}")
         if len(nodes) < min_nodes:
             log.warning("starting with %d SuperNodes, fewer than min-nodes=%d", len(nodes), min_nodes)
-        scoring = self.cfg.algorithm == "fedpeptao"
-        answers = self._setup_query(grid, nodes, score=scoring)
-        if not answers:
+        resumed = self._resume()
+        if not self._setup_query(grid, nodes):
             raise RuntimeError("no SuperNode answered the setup query; see the SuperNode logs")
-        if scoring:
-            scored = [(cid, m) for cid, m in sorted(answers.items()) if "scores" in m]
-            if not scored:
-                raise RuntimeError("no client could score layers (each needs at least 2 training examples)")
-            combined = combine_scores([torch.tensor(list(m["scores"]), dtype=torch.float64) for _, m in scored],
-                                      [int(m["num-train"]) for _, m in scored])
-            self.scores, self.ranking = combined.tolist(), rank_layers(combined)
-        srv = self.cfg.server
-        self.aggregator = Aggregator(
-            params=dict(self.initial), shared=list(self.initial),
-            validation=ValidationPolicy(max_norm=srv.max_update_norm) if srv.validate_updates else None,
-            averaging=srv.aggregation, trim_ratio=srv.trim_ratio)
-        if not self.method.native:
-            self.aggregator = RuleAggregator.wrap(self.aggregator, self.rule)
-        self._started = time.perf_counter()
-        self._log = None if self.run_dir is None else RoundLog(self.run_dir, self.cfg.tensorboard)
+        groups = {int(i): names for i, names in json.loads(self.names["layer-groups"]).items()}
+        self.algorithm = make_run_algorithm(self.cfg, self.initial, groups, json.loads(self.names["head-names"]))
+        if resumed is not None:
+            self.algorithm.load_state(resumed["algorithm"])
+        self._started = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
+        if self.run_dir is not None:
+            if self.history:
+                RoundLog(self.run_dir).rewrite(self.history)
+            self._log = RoundLog(self.run_dir, self.cfg.tensorboard, self.first_round)
         log.info("federation: clients %s on %d SuperNodes", sorted(self.clients), len(self.clients))
 
+    def remaining_rounds(self) -> int:
+        return self.cfg.federated.rounds - self.first_round
+
     def finish(self, grid: Grid) -> None:
-        """Like the simulator: a run that ended inside the warm-up still reports its layer selection."""
-        if self.cfg.algorithm == "fedpeptao" and self.selection is None:
-            self._switch(grid, self.cfg.federated.rounds)
+        self._grid = grid
+        self._algo().finish(self._run_task)
         if self._log is not None:
             self._log.close()
 
-    def switch_round(self) -> int:
-        """The round FedPepTAO's selective step starts (-1: never, plain FedAvg)."""
-        if self.cfg.algorithm != "fedpeptao":
-            return -1
-        sel = self.cfg.selection
-        return sel.warmup_rounds if sel.ratio == "auto" and sel.layers is None else 0
-
     def global_arrays(self) -> ArrayRecord:
-        return R.to_record(self._agg().broadcast())
+        return R.to_record(self._algo().global_shared())
+
+    def run_summary(self) -> dict:
+        failed = int(np.sum([len(r["failed"]) for r in self.history]))
+        return run_summary(self.cfg, self.metric, self.history, self._algo().summary(), runtime="flower",
+                           clients=sorted(self.clients), failed_client_rounds=failed)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _resume(self) -> dict | None:
+        """The newest checkpoint's state, if the checkpoint directory holds one (config checked)."""
+        if self.checkpoint_dir is None or not list_checkpoints(self.checkpoint_dir):
+            return None
+        round_index, tensors, meta = load_latest_checkpoint(self.checkpoint_dir)
+        difference = config_difference(meta.get("config", {}), self.cfg.model_dump(mode="json"), RESUMABLE_CHANGES)
+        if difference:
+            raise ConfigError(f"{self.checkpoint_dir}: its checkpoint was written with another config ({difference})")
+        state = unflatten_state(tensors, meta["state"])
+        restore_rng_state(state["rng"], self.rng)
+        self.history, self.run_key = list(state["history"]), str(state["run_key"])
+        self.first_round = round_index + 1
+        log.info("continuing from the checkpoint of round %d in %s", round_index, self.checkpoint_dir)
+        return state
+
+    def _save_checkpoint(self, round_index: int) -> None:
+        state = {"algorithm": self._algo().state(), "rng": capture_rng_state(self.rng), "history": self.history,
+                 "run_key": self.run_key}
+        tensors, skeleton = flatten_state(state)
+        save_checkpoint(self.checkpoint_dir, round_index, tensors,
+                        {"state": skeleton, "config": self.cfg.model_dump(mode="json")}, keep=self.cfg.checkpoint.keep)
 
     # -- internals ---------------------------------------------------------------------------
-    def _agg(self) -> Aggregator:
-        if self.aggregator is None:
+    def _algo(self) -> Algorithm:
+        if self.algorithm is None:
             raise RuntimeError("call setup(grid, ...) before running rounds")
-        return self.aggregator
+        return self.algorithm
 
-    def _config(self, **values: int | bool) -> ConfigRecord:
-        return R.config_record(self.cfg, self.method.name, **values)
+    def _round(self, server_round: int) -> int:
+        """Flower counts this start's rounds from 1; ours count the whole run's from 0."""
+        return self.first_round + server_round - 1
 
-    def _content(self, global_record: ArrayRecord, **values: int) -> RecordDict:
-        config = self._config(**{R.BASE_VERSION: self.base_version}, **values)
-        return RecordDict({R.GLOBAL: global_record, R.CONFIG: config})
+    def _online(self, grid: Grid) -> list[int]:
+        online = set(grid.get_node_ids())
+        return sorted(cid for cid, node in self.clients.items() if node in online)
 
-    def _message(self, content: RecordDict, node: int, message_type: str, server_round: int | str) -> Message:
+    def _config(self, **values: int | bool | str) -> ConfigRecord:
+        return R.config_record(self.cfg, self.run_key, **values)
+
+    def _content(self, tensors: Tensors, **values: int | str) -> RecordDict:
+        return RecordDict({R.GLOBAL: R.to_record(tensors), R.CONFIG: self._config(**values)})
+
+    def _message(self, content: RecordDict, node: int, message_type: str, group: int | str) -> Message:
         # A message nobody answered within the phase's timeout is dropped rather than run late.
         return Message(content=content, dst_node_id=node, message_type=message_type, ttl=self.timeout,
-                       group_id=str(server_round))
-
-    def _needs_base(self, cid: int) -> bool:
-        return self.base is not None and cid not in self.synced
+                       group_id=str(group))
 
     def _eval_round(self, t: int) -> bool:
         fed = self.cfg.federated
@@ -275,10 +282,23 @@ class FedPepTAOStrategy(Strategy):
                         len(messages), self.timeout)
         return ok
 
-    def _setup_query(self, grid: Grid, nodes: list[int], score: bool) -> dict[int, MetricRecord]:
+    def _run_task(self, task: ClientTask) -> dict[int, dict]:
+        """An algorithm phase's client computation, on the online clients it names."""
+        online = self._online(self._grid)
+        targets = online if task.clients is None else [k for k in task.clients if k in set(online)]
+        messages = []
+        for cid in targets:
+            spec = {"kind": task.kind, "round": task.round, "stream": task.stream,
+                    "options": task.options.get(cid, {})}
+            messages.append(self._message(RecordDict({R.GLOBAL: R.to_record(task.params),
+                                                      R.CONFIG: self._config(**{R.TASK_SPEC: json.dumps(spec)})}),
+                                          self.clients[cid], R.TASK, task.kind))
+        return {int(m.content[R.METRICS]["client-id"]): json.loads(str(m.content[R.CONFIG][R.RESULT]))
+                for m in self._exchange(self._grid, messages, task.kind)}
+
+    def _setup_query(self, grid: Grid, nodes: list[int]) -> dict[int, MetricRecord]:
         """Ask nodes who they are; returns the metrics of the accepted ones, by client id."""
-        messages = [self._message(RecordDict({R.CONFIG: self._config(**{R.SCORE: score})}), node,
-                                  R.SETUP, "setup") for node in nodes]
+        messages = [self._message(RecordDict({R.CONFIG: self._config()}), node, R.SETUP, "setup") for node in nodes]
         answers: dict[int, MetricRecord] = {}
         replies = sorted(self._exchange(grid, messages, "setup"),
                          key=lambda m: (int(m.content[R.METRICS]["client-id"]), m.metadata.src_node_id))
@@ -288,6 +308,7 @@ class FedPepTAOStrategy(Strategy):
             init = R.from_record(message.content[R.INIT])
             if not self.initial:
                 self.initial = init
+                self.names = {k: str(v) for k, v in message.content[R.CONFIG].items()}
             problem = _disagreement(self.initial, init)
             if problem is None and cid in answers:
                 problem = f"client id {cid} is already served by node {self.clients[cid]}"
@@ -299,7 +320,6 @@ class FedPepTAOStrategy(Strategy):
             if cid in self.clients and self.clients[cid] != node:
                 log.info("client %d moved from node %s to node %s", cid, self.clients[cid], node)
             self.clients[cid] = node
-            self.sizes[cid] = int(metrics["num-train"])
             answers[cid] = metrics
         return answers
 
@@ -309,7 +329,7 @@ class FedPepTAOStrategy(Strategy):
         new = sorted(set(grid.get_node_ids()) - known)
         if new:
             log.info("new SuperNodes online: %s", new)
-            self._setup_query(grid, new, score=False)
+            self._setup_query(grid, new)
 
     def _parse_train(self, message: Message) -> tuple[ClientUpdate, MetricRecord] | None:
         node = message.metadata.src_node_id
@@ -337,7 +357,7 @@ class FedPepTAOStrategy(Strategy):
                 continue
             metrics = message.content[R.METRICS]
             cid, n = int(metrics["client-id"]), int(metrics["num-examples"])
-            self.synced.add(cid)
+            self._algo().acknowledge(cid)
             if n == 0:
                 continue
             counts = np.asarray(list(metrics["confusion"]), dtype=np.int64)
@@ -357,52 +377,15 @@ class FedPepTAOStrategy(Strategy):
         return MetricRecord(result)
 
     def _finish_row(self) -> None:
-        row, last = self._row, self.history[-1] if self.history else {}
-        row["shared_tensors"] = len(self._agg().shared)
-        row["train_time_s"] = last.get("train_time_s", 0.0) + row.get("slowest_client_s", 0.0)
-        row["total_bytes"] = last.get("total_bytes", 0) + row.get("bytes_up", 0) + row.get("bytes_down", 0)
-        row["elapsed_s"] = time.perf_counter() - self._started
+        row = self._row
+        row["shared_tensors"] = len(self._algo().shared)
+        close_row(row, self.history[-1] if self.history else {}, time.perf_counter() - self._started)
         self.history.append(row)
         if self._log is not None:
             self._log.write(row)
-
-    # -- FedPepTAO layer selection -----------------------------------------------------------
-    def _switch(self, grid: Grid, t: int) -> None:
-        """The simulator's switch: select layers, freeze the warmed-up tensors as every client's base."""
-        agg = self._agg()
-        ratio, layers = choose_layers(self.cfg.selection, self.ranking, lambda: self._estimate_ratio(grid))
-        self.selection = {"scores": self.scores, "ranking": self.ranking, "ratio": ratio, "layers": layers}
-        shared = layer_names(agg.params, layers)
-        if self.cfg.selection.share_head:
-            shared += head_names(agg.params)
-        self.base = dict(agg.params)
-        self.base_version = t
-        # Before any training the warmed-up tensors are the initial ones every client already has.
-        self.synced = set(self.clients) if t == 0 else set()
-        agg.use_fedpeptao(shared, server_step_config(self.cfg))
-        log.info("FedPepTAO from round %d: sharing layers %s (ratio %.3f)", t, layers, ratio)
-        if self.run_dir is not None:
-            (self.run_dir / "selection.json").write_text(json.dumps(self.selection, indent=2))
-
-    def _estimate_ratio(self, grid: Grid) -> float:
-        """A few clients' Hessian eigen-density ratios at the warmed-up tensors, averaged (SPEC 2.2)."""
-        sel = self.cfg.selection
-        online = set(grid.get_node_ids())
-        available = sorted(cid for cid, node in self.clients.items() if node in online)
-        if not available:
-            raise RuntimeError("no client online to estimate the layer ratio")
-        chosen = [int(c) for c in self.rng.choice(np.array(available), size=min(sel.hessian_clients, len(available)),
-                                                  replace=False)]
-        full = R.to_record(self._agg().params)
-        messages = [self._message(RecordDict({R.GLOBAL: full, R.CONFIG: self._config(
-            **{R.PROBE_SEED: self.cfg.seed + index})}), self.clients[cid], R.HESSIAN, "hessian")
-            for index, cid in enumerate(chosen)]
-        ratios = {int(m.content[R.METRICS]["client-id"]): float(m.content[R.METRICS]["ratio"])
-                  for m in self._exchange(grid, messages, "hessian")}
-        values = [ratios[cid] for cid in chosen if cid in ratios]
-        if not values:
-            raise RuntimeError("no client returned a Hessian ratio estimate")
-        return sum(values) / len(values)
+        t, every = row["round"], self.cfg.checkpoint.every
+        if self.checkpoint_dir is not None and ((every and (t + 1) % every == 0) or t == self.cfg.federated.rounds - 1):
+            self._save_checkpoint(t)
 
 
 def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:

@@ -14,6 +14,7 @@ client: clients differ only in the tensors loaded with :meth:`load_trainable`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,6 +26,9 @@ from fedpeptao.prompts.prefix import DeepPrompt, attach, attention_shape, positi
 
 HeadKind = Literal["linear", "mlm", "lm"]
 PROMPT_PREFIX = "prompt.layers."
+HEAD_PREFIX = "head."
+# a layer index in a parameter name: prompt.layers.3, encoder.layer.3.attention..., h.3.mlp..., adapters.3.up
+_LAYER = re.compile(r"(?:^|\.)(?:layers?|h|blocks?|adapters)\.(\d+)(?:\.|$)")
 
 
 @dataclass
@@ -87,12 +91,18 @@ class PromptedClassifier(nn.Module):
                     raise ValueError(f"'{name}': expected shape {tuple(param.shape)}, got {tuple(value.shape)}")
                 param.copy_(value)
 
-    def layer_names(self, layers: list[int]) -> list[str]:
-        """Parameter names of the given prompt layers."""
-        return [f"{PROMPT_PREFIX}{i}" for i in layers if str(i) in self.prompt.layers]
+    def layer_groups(self) -> dict[int, list[str]]:
+        """Trainable tensors by transformer layer (deep prompts, LoRA, adapters): what FedPepTAO
+        scores and selects among. Tensors of no layer (the head, input prompts) are in no group."""
+        groups: dict[int, list[str]] = {}
+        for name in self.trainable_names():
+            match = _LAYER.search(name)
+            if match and not name.startswith(HEAD_PREFIX):
+                groups.setdefault(int(match.group(1)), []).append(name)
+        return dict(sorted(groups.items()))
 
     def head_names(self) -> list[str]:
-        return [n for n in self.trainable_names() if not n.startswith(PROMPT_PREFIX)]
+        return [n for n in self.trainable_names() if n.startswith(HEAD_PREFIX)]
 
     # -- forward ------------------------------------------------------------------------------
     def _base_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_states: bool = False):

@@ -30,7 +30,8 @@ from transformers import (
     RobertaConfig,
 )
 
-from fedpeptao.models.registry import Backbone, ModelError, _check_head, resolve_builtin
+from fedpeptao.models.builtin import ModelError, resolve_builtin
+from fedpeptao.models.loading import Backbone, _check_head
 
 TINY_ARCHS = ("bert", "roberta", "gpt2", "llama")
 HIDDEN, HEADS, KV_HEADS, INTERMEDIATE, POSITIONS = 32, 4, 2, 64, 128

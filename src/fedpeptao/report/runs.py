@@ -54,7 +54,8 @@ class RunData:
 
     @property
     def algorithm(self) -> str:
-        return str((self.summary or {}).get("algorithm") or self.setting("algorithm", "?"))
+        return str((self.summary or {}).get("algorithm") or self.setting("method.name")
+                   or self.setting("algorithm", "?"))
 
     @property
     def metric_name(self) -> str:
@@ -110,8 +111,10 @@ def read_run(path: Path) -> RunData:
     if not by_round:
         raise ReportError(f"{metrics}: no rounds recorded")
     rows = [by_round[r] for r in sorted(by_round)]
-    return RunData(path=path, label=path.name, rows=rows, summary=_json(path / "summary.json"),
-                   selection=_json(path / "selection.json"), config=_yaml(path / "config.yaml"))
+    summary = _json(path / "summary.json")
+    selection = (summary or {}).get("selection") or _json(path / "selection.json")  # older runs kept a file
+    return RunData(path=path, label=path.name, rows=rows, summary=summary, selection=selection,
+                   config=_yaml(path / "config.yaml"))
 
 
 def read_runs(paths: list[Path]) -> list[RunData]:

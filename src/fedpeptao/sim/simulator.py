@@ -1,16 +1,20 @@
 """The embedded simulator: every client in one process around ONE frozen backbone.
 
-Per client we keep only its trainable tensors and optimiser state (:class:`ClientState`); the
-backbone, the tokenised data and the model object are shared. A client's turn is: load its
-tensors into the shared model, train, read them back. Memory therefore grows with the prompt
-size per client, not with the model size.
+Per client we keep only its trainable tensors, optimiser state and the algorithm's per-device
+state (:class:`~fedpeptao.core.federation.ClientState`), and only for clients that have been
+contacted; the backbone, the tokenised data and the model object are shared. A client's turn is:
+load its tensors into the shared model, train, read them back.
+
+The simulator drives any algorithm x tuning through the protocol of
+:mod:`fedpeptao.algorithms.base` and names no method: sampling, validation, evaluation, byte and
+time accounting, checkpoints and resume are the same for all of them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -18,29 +22,23 @@ import numpy as np
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from fedpeptao.config import ExperimentConfig, load_config, save_config
-from fedpeptao.experiment import build_federation, server_step_config
+from fedpeptao.algorithms import Algorithm
+from fedpeptao.algorithms.base import ClientTask, ClientWork
+from fedpeptao.config import ConfigError, ExperimentConfig, load_config, save_config
 from fedpeptao.core import payload
 from fedpeptao.core.client import predict
-from fedpeptao.core.federation import HESSIAN_STREAM, SCORE_STREAM, Aggregator, ClientState, client_round, round_seed
-from fedpeptao.core.hessian import estimate_ratio
+from fedpeptao.core.federation import ClientState, client_round, round_seed
 from fedpeptao.core.metrics import score
-from fedpeptao.core.scoring import combine_scores, rank_layers, select_layers
-from fedpeptao.core.selection import client_hvp, client_layer_scores
-from fedpeptao.core.server import ClientUpdate, ServerState
-from fedpeptao.core.validation import ValidationPolicy
-from fedpeptao.models.registry import Backbone
+from fedpeptao.core.server import ClientUpdate
+from fedpeptao.core.validation import ValidationPolicy, filter_model_updates
+from fedpeptao.experiment import build_federation, device_algorithm
+from fedpeptao.models.loading import Backbone
+from fedpeptao.report.summary import config_difference, run_summary
 from fedpeptao.utils.checkpoint import (capture_rng_state, flatten_state, load_latest_checkpoint, restore_rng_state,
                                         save_checkpoint, unflatten_state)
-from fedpeptao.utils.round_log import RoundLog
+from fedpeptao.utils.round_log import RoundLog, close_row
 
-
-@dataclass
-class Selection:
-    scores: list[float]
-    ranking: list[int]
-    ratio: float
-    layers: list[int]
+log = logging.getLogger("fedpeptao.server")
 
 
 class Simulation:
@@ -49,109 +47,91 @@ class Simulation:
     def __init__(self, cfg: ExperimentConfig, run_dir: Path | None = None, backbone: Backbone | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
-        built = build_federation(cfg, backbone)
-        self.backbone, self.head, self.model = built.backbone, built.head, built.model
-        self.train_set, self.eval_set, self.metric = built.train_set, built.eval_set, built.metric
-        self.train_data, self.eval_data = built.train_data, built.eval_data
-        self.train_parts, self.eval_parts = built.train_parts, built.eval_parts
-        fed = cfg.federated
-        initial = built.initial
-        # Clients start from the same tensors; a client gets its own copy when it first trains.
-        self.clients = [ClientState(params=initial) for _ in range(fed.num_clients)]
+        self.fed = build_federation(cfg, backbone)
+        fed = self.fed
+        self.model, self.metric = fed.model, fed.metric
+        self.train_data, self.eval_data = fed.train_data, fed.eval_data
+        self.train_parts, self.eval_parts = fed.train_parts, fed.eval_parts
+        self.algorithm: Algorithm = device_algorithm(cfg, fed)
+        # A client that was never contacted holds nothing of its own: it starts from `fed.initial`.
+        self.clients: dict[int, ClientState] = {}
         srv = cfg.server
-        self.aggregator = Aggregator(
-            params=dict(initial), shared=self.model.trainable_names(),
-            validation=ValidationPolicy(max_norm=srv.max_update_norm) if srv.validate_updates else None,
-            averaging=srv.aggregation, trim_ratio=srv.trim_ratio)
-        self.local_cfg = built.local_cfg
-        self.selection: Selection | None = None
+        self.validation = ValidationPolicy(max_norm=srv.max_update_norm) if srv.validate_updates else None
         self.rng = np.random.default_rng(cfg.seed)
         self.history: list[dict] = []
-        self.scores: list[float] | None = None
-        self.ranking: list[int] | None = None
+        self.rejected: list[tuple[int, str]] = []
 
-    # -- FedPepTAO layer selection ---------------------------------------------------------
-    def score_layers(self) -> tuple[list[float], list[int]]:
-        """Every client scores the layers of the pretrained model with fresh prompts; size-weighted."""
-        self.model.load_trainable(self.aggregator.params)
-        per_client = [client_layer_scores(self.model, self.train_data, part, self.cfg.selection.score_batch_size,
-                                          round_seed(self.cfg.seed, 0, k, SCORE_STREAM))
-                      for k, part in enumerate(self.train_parts) if len(part) >= 2]
-        sizes = [len(part) for part in self.train_parts if len(part) >= 2]
-        combined = combine_scores(per_client, sizes)
-        return combined.tolist(), rank_layers(combined)
+    def client(self, k: int) -> ClientState:
+        """Client ``k``'s state, created (sharing the initial tensors) on first contact."""
+        state = self.clients.get(k)
+        if state is None:
+            state = self.clients[k] = ClientState(params=self.fed.initial)
+        return state
 
-    def estimate_ratio(self) -> float:
-        """Hessian eigen-density of a few clients' losses at the warmed-up global prompts."""
-        sel = self.cfg.selection
-        self.model.load_trainable(self.aggregator.params)
-        chosen = self.rng.choice(len(self.train_parts), size=min(sel.hessian_clients, len(self.train_parts)), replace=False)
-        hvps = [client_hvp(self.model, self.train_data, self.train_parts[k], 32, round_seed(self.cfg.seed, 0, int(k), HESSIAN_STREAM))
-                for k in chosen]
-        return estimate_ratio(hvps, num_iters=sel.lanczos_iters, seed=self.cfg.seed)
+    # -- client work ------------------------------------------------------------------------
+    def run_task(self, task: ClientTask) -> dict[int, dict]:
+        """A phase's client computation, on every client asked (in client order)."""
+        clients = range(self.cfg.federated.num_clients) if task.clients is None else task.clients
+        results = {}
+        for k in clients:
+            self.model.load_trainable(task.params)
+            work = ClientWork(int(k), self.model, self.train_data, self.train_parts[k],
+                              round_seed(self.cfg.seed, task.round, int(k), task.stream), self.cfg.client.batch_size)
+            results[int(k)] = self.algorithm.run_task(task, work)
+        return results
 
-    def select(self, scores: list[float], ranking: list[int]) -> Selection:
-        sel = self.cfg.selection
-        num_layers = len(ranking)
-        if sel.layers is not None:
-            bad = [i for i in sel.layers if not 0 <= i < num_layers]
-            if bad:
-                raise ValueError(f"selection.layers: {bad} outside 0..{num_layers - 1}")
-            layers, ratio = sorted(set(sel.layers)), len(set(sel.layers)) / num_layers
-        else:
-            ratio = self.estimate_ratio() if sel.ratio == "auto" else float(sel.ratio)
-            layers = select_layers(ranking, ratio)
-        return Selection(scores, ranking, ratio, layers)
-
-    def _switch_to_fedpeptao(self) -> None:
-        self.selection = self.select(self.scores, self.ranking)
-        shared = self.model.layer_names(self.selection.layers)
-        if self.cfg.selection.share_head:
-            shared += self.model.head_names()
-        # Every device continues from the warmed-up global tensors; from now on the unselected
-        # layers are personal and never leave the device.
-        warmed = dict(self.aggregator.params)
-        for client in self.clients:
-            client.params = warmed
-        self.aggregator.use_fedpeptao(shared, server_step_config(self.cfg))
-        if self.run_dir is not None:
-            (self.run_dir / "selection.json").write_text(json.dumps(self.selection.__dict__, indent=2))
-
-    def switch_round(self) -> int:
-        """The round FedPepTAO's selective step starts: after the warm-up when the ratio is estimated."""
-        if self.cfg.algorithm != "fedpeptao":
-            return -1
-        sel = self.cfg.selection
-        return sel.warmup_rounds if sel.ratio == "auto" and sel.layers is None else 0
+    def train_client(self, k: int, message: dict, round_index: int) -> tuple[ClientUpdate, float, float]:
+        """Client ``k``'s round on ``message``: (what it sends, local seconds, mean loss)."""
+        algo, client = self.algorithm, self.client(k)
+        start = algo.client_start(message, client)
+        with algo.client_training(self.model, message, client) as extra_loss:
+            update, result = client_round(self.model, client, start, list(algo.model_part(message)), self.train_data,
+                                          self.train_parts[k], self.fed.local_cfg,
+                                          round_seed(self.cfg.seed, round_index, k), extra_loss)
+        sent = algo.client_reply(message, update, result.num_steps, client)
+        algo.acknowledge(k)
+        return ClientUpdate(k, sent, result.num_examples, result.num_steps), result.seconds, result.mean_loss
 
     # -- rounds ----------------------------------------------------------------------------
     def train_round(self, round_index: int) -> dict:
-        fed = self.cfg.federated
-        sampled = np.sort(self.rng.choice(fed.num_clients, size=fed.clients_per_round, replace=False))
-        global_shared = self.aggregator.broadcast()
-        down = payload.num_bytes(global_shared)
+        fed, algo = self.cfg.federated, self.algorithm
+        sampled = [int(k) for k in np.sort(self.rng.choice(fed.num_clients, size=fed.clients_per_round,
+                                                          replace=False))]
+        messages = {k: algo.client_message(k) for k in sampled}
+        down = sum(payload.num_bytes(m) for m in messages.values())
         updates, slowest, up, losses = [], 0.0, 0, []
         for k in sampled:
-            update, result = client_round(self.model, self.clients[k], global_shared, self.train_data,
-                                          self.train_parts[k], self.local_cfg, round_seed(self.cfg.seed, round_index, int(k)))
-            up += payload.num_bytes(update)
-            slowest = max(slowest, result.seconds)
-            losses.append(result.mean_loss)
-            updates.append(ClientUpdate(int(k), update, result.num_examples, result.num_steps))
-        self.aggregator.aggregate(updates)
-        return {"clients": sampled.tolist(), "bytes_up": up, "bytes_down": down * len(sampled),
-                "slowest_client_s": slowest, "train_loss": float(np.nanmean(losses)),
-                "rejected": [list(r) for r in self.aggregator.rejected]}
+            update, seconds, loss = self.train_client(k, messages[k], round_index)
+            up += payload.num_bytes(update.params)
+            slowest = max(slowest, seconds)
+            losses.append(loss)
+            updates.append(update)
+        self.aggregate(round_index, sampled, updates)
+        return {"clients": sampled, "bytes_up": up, "bytes_down": down, "slowest_client_s": slowest,
+                "train_loss": float(np.nanmean(losses)), "rejected": [list(r) for r in self.rejected]}
+
+    def aggregate(self, round_index: int, sampled: list[int], updates: list[ClientUpdate]) -> None:
+        """Runtime-wide validation of the shared model tensors, then the algorithm's server step."""
+        updates, self.rejected = filter_model_updates(updates, self.algorithm.global_shared(), self.validation, log)
+        if not updates:
+            log.warning("round %d: no valid update; global state unchanged", round_index)
+            return
+        self.algorithm.aggregate(round_index, sampled, updates)
 
     def evaluate(self) -> dict:
         """Each client with its own personal tensors plus the global shared ones; predictions pooled."""
-        shared = self.aggregator.broadcast()
+        algo = self.algorithm
         preds, labels, per_client, loss = [], [], [], 0.0
-        for client, part in zip(self.clients, self.eval_parts):
+        for k, part in enumerate(self.eval_parts):
             if len(part) == 0:
                 per_client.append(None)
                 continue
-            self.model.load_trainable({**client.params, **shared})
+            message = algo.client_message(k)
+            client = self.clients.get(k) or ClientState(params=self.fed.initial)
+            self.model.load_trainable(algo.client_start(message, client))
+            if client.algo_state:  # the device kept something of this message (FedPepTAO's base)
+                self.clients[k] = client
+            algo.acknowledge(k)
             p, l = predict(self.model, self.eval_data, part)
             preds.append(p)
             labels.append(self.eval_data.labels[part])
@@ -165,63 +145,42 @@ class Simulation:
         """Run the remaining rounds (all of them, or those after a resumed checkpoint)."""
         cfg, fed = self.cfg, self.cfg.federated
         first = len(self.history)
-        last = self.history[-1] if self.history else {}
-        train_time, total_bytes = last.get("train_time_s", 0.0), last.get("total_bytes", 0)
-        start = time.perf_counter() - last.get("elapsed_s", 0.0)
-        if cfg.algorithm == "fedpeptao" and self.scores is None:
-            self.scores, self.ranking = self.score_layers()
-        switch = self.switch_round()
-        bar = tqdm(range(first, fed.rounds), desc=f"{cfg.algorithm} rounds", disable=not cfg.progress,
+        start = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
+        bar = tqdm(range(first, fed.rounds), desc=f"{cfg.describe()} rounds", disable=not cfg.progress,
                    dynamic_ncols=True, initial=first, total=fed.rounds)
-        log = None if self.run_dir is None else RoundLog(self.run_dir, cfg.tensorboard, first)
+        log_rows = None if self.run_dir is None else RoundLog(self.run_dir, cfg.tensorboard, first)
         for t in bar:
-            if t == switch:
-                self._switch_to_fedpeptao()
+            self.algorithm.prepare_round(t, self.run_task)
             row = {"round": t, **self.train_round(t)}
-            train_time += row["slowest_client_s"]
-            total_bytes += row["bytes_up"] + row["bytes_down"]
             if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
                 row.update(self.evaluate())
                 bar.set_postfix(acc=f"{row['accuracy']:.3f}", loss=f"{row['train_loss']:.3f}")
-            row.update({"shared_tensors": len(self.aggregator.shared), "train_time_s": train_time,
-                        "total_bytes": total_bytes, "elapsed_s": time.perf_counter() - start})
+            row["shared_tensors"] = len(self.algorithm.shared)
+            close_row(row, self.history[-1] if self.history else {}, time.perf_counter() - start)
             self.history.append(row)
-            if log is not None:
-                log.write(row)
+            if log_rows is not None:
+                log_rows.write(row)
                 every = cfg.checkpoint.every
                 if (every and (t + 1) % every == 0) or t == fed.rounds - 1:
                     self.save_checkpoint(t)
-        if log is not None:
-            log.close()
-        if cfg.algorithm == "fedpeptao" and self.selection is None:  # rounds ended inside the warm-up
-            self._switch_to_fedpeptao()
+        if log_rows is not None:
+            log_rows.close()
+        self.algorithm.finish(self.run_task)
         return self.history
 
     # -- checkpoint and resume ---------------------------------------------------------------
     def state(self) -> dict:
-        """Everything needed to continue exactly: server, every client, selection, RNG, history."""
-        agg = self.aggregator
+        """Everything needed to continue exactly: the algorithm, every contacted client, RNG, history."""
         return {
-            "aggregator": {"params": agg.params, "shared": agg.shared, "algorithm": agg.algorithm,
-                           "server_state": None if agg.server_state is None else agg.server_state.to_tensors()},
-            "clients": [{"params": c.params, "optimizer": c.optimizer, "rounds_trained": c.rounds_trained}
-                        for c in self.clients],
-            "selection": None if self.selection is None else self.selection.__dict__,
-            "scores": self.scores, "ranking": self.ranking,
+            "algorithm": self.algorithm.state(),
+            "clients": {str(k): {"params": c.params, "optimizer": c.optimizer, "rounds_trained": c.rounds_trained,
+                                 "algo_state": c.algo_state} for k, c in sorted(self.clients.items())},
             "rng": capture_rng_state(self.rng), "history": self.history,
         }
 
     def load_state(self, state: dict) -> None:
-        agg = state["aggregator"]
-        self.aggregator.params = agg["params"]
-        self.aggregator.shared = list(agg["shared"])
-        if agg["algorithm"] == "fedpeptao":
-            self.aggregator.algorithm = "fedpeptao"
-            self.aggregator.step_config = server_step_config(self.cfg)
-            self.aggregator.server_state = ServerState.from_tensors(agg["server_state"])
-        self.clients = [ClientState(**c) for c in state["clients"]]
-        self.selection = None if state["selection"] is None else Selection(**state["selection"])
-        self.scores, self.ranking = state["scores"], state["ranking"]
+        self.algorithm.load_state(state["algorithm"])
+        self.clients = {int(k): ClientState(**c) for k, c in state["clients"].items()}
         restore_rng_state(state["rng"], self.rng)
         self.history = list(state["history"])
 
@@ -231,40 +190,39 @@ class Simulation:
         return save_checkpoint(self.run_dir, round_index, tensors, meta, keep=self.cfg.checkpoint.keep)
 
     def resume(self) -> int:
-        """Load the newest valid checkpoint of ``run_dir``; returns the round it ended."""
+        """Load the newest valid checkpoint of ``run_dir``; returns the round it ended.
+
+        A checkpoint written by another method or config is refused: continuing it with this
+        one's algorithm would silently mix two experiments.
+        """
         round_index, tensors, meta = load_latest_checkpoint(self.run_dir)
+        difference = config_difference(meta.get("config", {}), self.cfg.model_dump(mode="json"), RESUMABLE_CHANGES)
+        if difference:
+            raise ConfigError(f"{self.run_dir}: its checkpoint was written with another config ({difference}); "
+                              f"resume with the config it was written with")
         self.load_state(unflatten_state(tensors, meta["state"]))
         # Rows written after that checkpoint belong to rounds that will be run again.
         RoundLog(self.run_dir).rewrite(self.history)
         return round_index
 
     def summary(self) -> dict:
-        evaluated = [r for r in self.history if "accuracy" in r]
-        best = max(evaluated, key=lambda r: r["metric"])
-        target = self.cfg.federated.target_accuracy
-        reached = next((r for r in evaluated if target is not None and r["metric"] >= target), None)
-        majority = float(np.bincount(self.eval_set.labels).max() / len(self.eval_set))
-        return {
-            "algorithm": self.cfg.algorithm, "model": self.cfg.model.name, "task": self.cfg.data.task,
-            "metric": self.metric, "final_metric": evaluated[-1]["metric"], "final_accuracy": evaluated[-1]["accuracy"],
-            "best_metric": best["metric"], "best_round": best["round"], "majority_rate": majority,
-            "target": target, "rounds_to_target": None if reached is None else reached["round"] + 1,
-            "seconds_to_target": None if reached is None else reached["train_time_s"],
-            "total_mb": self.history[-1]["total_bytes"] / 1e6, "elapsed_s": self.history[-1]["elapsed_s"],
-            "shared_layers": None if self.selection is None else self.selection.layers,
-            "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-        }
+        majority = float(np.bincount(self.fed.eval_set.labels).max() / len(self.fed.eval_set))
+        return run_summary(self.cfg, self.metric, self.history, self.algorithm.summary(), runtime="simulator",
+                           majority_rate=majority,
+                           trainable_parameters=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                           params_per_message=sum(t.numel() for t in self.algorithm.global_shared().values()))
 
     def save_final(self) -> None:
         if self.run_dir is None:
             return
-        save_file({k: v.contiguous() for k, v in self.aggregator.params.items()}, self.run_dir / "global.safetensors")
+        params = self.algorithm.params
+        save_file({k: v.contiguous() for k, v in params.items()}, self.run_dir / "global.safetensors")
         (self.run_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2))
 
 
 def check_run_dir(cfg: ExperimentConfig) -> Path:
     """The run directory this config will write to; refuses one that already holds a run."""
-    name = cfg.run_name or f"{cfg.algorithm}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    name = cfg.run_name or f"{cfg.describe()}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.output_dir) / name
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"run directory {run_dir} already exists and is not empty; choose another run_name "

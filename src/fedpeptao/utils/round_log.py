@@ -28,6 +28,15 @@ def _step(round_index: int) -> int:
     return round_index + 1
 
 
+def close_row(row: dict[str, Any], previous: Mapping[str, Any], elapsed_s: float) -> dict[str, Any]:
+    """Add the running totals to a finished round's row: training time (the slowest client of each
+    round, SPEC section 4), bytes up + down, wall seconds since the run started."""
+    row["train_time_s"] = previous.get("train_time_s", 0.0) + row.get("slowest_client_s", 0.0)
+    row["total_bytes"] = previous.get("total_bytes", 0) + row.get("bytes_up", 0) + row.get("bytes_down", 0)
+    row["elapsed_s"] = elapsed_s
+    return row
+
+
 class RoundLog:
     """Appends round rows to ``run_dir/metrics.jsonl`` (and ``run_dir/tensorboard/`` when asked)."""
 
@@ -68,4 +77,4 @@ class RoundLog:
             self._writer = None
 
 
-__all__ = ["SCALARS", "RoundLog", "tensorboard_available"]
+__all__ = ["SCALARS", "RoundLog", "close_row", "tensorboard_available"]

@@ -1,7 +1,7 @@
 """``fedpeptao compare``: run several methods on one task, one partition, one seed; table and plots.
 
-Every method is built from the same config file and overrides (plus the method's own overrides,
-e.g. ``algorithm=fedpeptao``), so backbone, data caps, partition, seed, client sampling, local
+Every method is a preset of :mod:`fedpeptao.compare.presets` (an algorithm x tuning), built from
+the same config file and overrides, so backbone, data caps, partition, seed, client sampling, local
 epochs, batch size, device optimiser and round budget are identical; the runner checks that the
 client partitions really are identical and stops if not. Each method gets a freshly loaded
 backbone (LoRA and adapters modify theirs).
@@ -43,10 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="TOML or YAML config file shared by every method")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")
     parser.add_argument("--methods", default=None,
-                        help="comma-separated methods (default: FedPepTAO and the paper's baselines: fedpeptao, fedavg, "
+                        help="comma-separated presets (default: FedPepTAO and the paper's baselines: fedpeptao, fedavg, "
                              "fedprompt, lpt, lora, adapter, idpg, attempt, fedprox, scaffold, moon, fedadam, fedyogi, "
-                             "fedadagrad; also fedpeptao-all-layers, fedpeptao-no-cv, fedpeptao-no-momentum, "
-                             "fedpeptao-sgd)")
+                             "fedadagrad; also fedpeptao-lora, fedpeptao-all-layers, fedpeptao-no-cv, "
+                             "fedpeptao-no-momentum, fedpeptao-sgd)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--resume", action="store_true",
                         help="reuse runs/<method>.json already in the output folder when its config is the same")
@@ -58,9 +58,9 @@ def compare_main(args: argparse.Namespace) -> int:
         args.overrides.insert(0, args.config)
         args.config = None
     if args.methods is None:
-        from fedpeptao.baselines.methods import DEFAULT_METHODS  # noqa: PLC0415
+        from fedpeptao.compare.presets import DEFAULT_PRESETS  # noqa: PLC0415
 
-        methods = list(DEFAULT_METHODS)
+        methods = list(DEFAULT_PRESETS)
     else:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     command = shlex.join(["fedpeptao", "compare", *([args.config] if args.config else []), *args.overrides,
@@ -83,13 +83,13 @@ def run_comparison(config_path: str | Path | None, methods: Sequence[str], overr
     """Run ``methods`` one after another and write the table, plots and per-run records; returns ``out_dir``."""
     import torch  # noqa: PLC0415
 
-    from fedpeptao.baselines.methods import get_method, make_simulation, method_overrides  # noqa: PLC0415
-    from fedpeptao.config import load_config  # noqa: PLC0415
+    from fedpeptao.compare.presets import get_preset, preset_config  # noqa: PLC0415
+    from fedpeptao.sim.simulator import Simulation  # noqa: PLC0415
 
-    resolved = [get_method(m) for m in methods]  # unknown names fail before any work
+    resolved = [get_preset(m) for m in methods]  # unknown names fail before any work
     if not resolved:
         raise ValueError("no methods to compare")
-    configs = {m.name: load_config(config_path, method_overrides(m, overrides)) for m in resolved}
+    configs = {m.name: preset_config(config_path, m, overrides) for m in resolved}  # and bad settings too
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     command = command or shlex.join(["fedpeptao", "compare", *([str(config_path)] if config_path else []),
@@ -109,7 +109,7 @@ def run_comparison(config_path: str | Path | None, methods: Sequence[str], overr
                 continue
         print(f"[compare] {method.name}: {method.summary}", file=sys.stderr, flush=True)
         start, cpu_start = time.perf_counter(), time.process_time()
-        sim = make_simulation(cfg, method)
+        sim = Simulation(cfg)
         fingerprint = _fingerprint(list(sim.train_parts) + list(sim.eval_parts))
         if partition is not None and fingerprint != partition:
             raise RuntimeError(f"{method.name}: client partition differs from the other methods' ({fingerprint} != "
@@ -117,12 +117,13 @@ def run_comparison(config_path: str | Path | None, methods: Sequence[str], overr
         partition = fingerprint
         history = sim.run()
         summary = sim.summary()
+        summary["algorithm"] = method.name
         record = {
             "method": method.name, "description": method.summary, "shared": method.shared,
             "parameters_formula": method.parameters, "config": cfg_json, "partition": fingerprint,
             "summary": summary, "history": history, "wall_s": time.perf_counter() - start,
             "cpu_s": time.process_time() - cpu_start,
-            "params_per_message": sum(t.numel() for t in sim.aggregator.broadcast().values()),
+            "params_per_message": summary["params_per_message"],
         }
         record_path.write_text(json.dumps(record, indent=1, default=float))
         records.append(record)
@@ -175,7 +176,7 @@ def write_outputs(records: list[dict], out: Path, command: str, environment: dic
         f"{fed['rounds']} rounds, seed {first['seed']}, {first['client']['epochs']} local epoch(s), batch "
         f"{first['client']['batch_size']}, device {first['client']['optimizer']} lr {first['client']['lr']} "
         f"(unless a method below names its own); "
-        f"{model['num_prompt_tokens']} prompt tokens, max length {model['max_length']}; train/eval caps "
+        f"{first['tuning'].get('num_prompt_tokens', '-')} prompt tokens, max length {model['max_length']}; train/eval caps "
         f"{data['max_train_examples']}/{data['max_eval_examples']}. Same partition for every method "
         f"(fingerprint `{records[0]['partition']}`). Majority-class rate "
         f"{records[0]['summary']['majority_rate']:.4f}. Environment: {json.dumps(environment)}.", "",
@@ -202,37 +203,18 @@ def write_outputs(records: list[dict], out: Path, command: str, environment: dic
 
 
 def plot_curves(records: list[dict], out: Path) -> list[Path]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-    from matplotlib.figure import Figure  # noqa: PLC0415
+    """The report's metric-per-round and metric-vs-MB plots, one curve per method."""
+    from fedpeptao.report.plots import metric_per_round, metric_vs_communication  # noqa: PLC0415
+    from fedpeptao.report.runs import RunData  # noqa: PLC0415
 
-    metric = records[0]["summary"]["metric"]
-    target = records[0]["summary"]["target"]
-    written = []
-    for name, xkey, xlabel in (("accuracy_vs_round.png", "round", "round"),
-                               ("accuracy_vs_mb.png", "mb", "MB communicated (up + down, cumulative)")):
-        fig = Figure(figsize=(9.0, 5.0), layout="constrained")
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        for i, record in enumerate(records):
-            evaluated = [r for r in record["history"] if "metric" in r]
-            xs = [r["round"] + 1 if xkey == "round" else r["total_bytes"] / 1e6 for r in evaluated]
-            ax.plot(xs, [r["metric"] for r in evaluated], marker="o", markersize=2.5, linewidth=1.4,
-                    color=f"C{i % 10}", linestyle="-" if i < 10 else "--", label=record["method"])
-        if target is not None:
-            ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
-        if xkey == "mb":
-            ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
-        fig.savefig(out / name, dpi=110)
-        written.append(out / name)
-    return written
+    runs = [RunData(path=out, label=r["method"], rows=r["history"], summary=r["summary"]) for r in records]
+    written = [metric_per_round(runs, out / "accuracy_vs_round.png", records[0]["summary"]["target"]),
+               metric_vs_communication(runs, out / "accuracy_vs_mb.png")]
+    return [path for path in written if path is not None]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fedpeptao.baselines.compare``: the same as ``fedpeptao compare``."""
+    """``python -m fedpeptao.compare.runner``: the same as ``fedpeptao compare``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = argparse.ArgumentParser(prog="fedpeptao compare", description=__doc__.splitlines()[0])

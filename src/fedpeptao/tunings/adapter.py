@@ -1,16 +1,4 @@
-"""Weight-side parameter-efficient baselines: LoRA (through PEFT) and bottleneck adapters (our own).
-
-Both keep :class:`~fedpeptao.models.classifier.PromptedClassifier`'s heads and API, with no deep
-prompt (``prompt_layers=[]``, so positions are not shifted either).
-
-``lora`` (Hu et al., 2022)
-    PEFT's LoRA injected into the frozen backbone with :func:`peft.inject_adapter_in_model` (no
-    ``PeftModel`` wrapper, so our classifier keeps calling the backbone as before). ``r = 8``,
-    ``lora_alpha = 16``, no LoRA dropout, on PEFT's default target modules for the architecture
-    (BERT/RoBERTa ``query``/``value``, GPT-2 ``c_attn``, LLaMA ``q_proj``/``v_proj``). ``B`` starts at
-    zero, so the first forward pass equals the frozen model's. Trainable per target module
-    ``r * (d_in + d_out)`` (+ head); for BERT: ``L * 2 * r * 2H``.
-``adapter`` (Houlsby et al., 2019, in the Pfeiffer et al., 2021 placement)
+"""``adapter`` (Houlsby et al., 2019, in the Pfeiffer et al., 2021 placement)
     One bottleneck ``h + W_up ReLU(W_down h + b_down) + b_up`` per layer on the output of the FFN's
     output projection, before the residual connection and LayerNorm (BERT ``output.dense``, GPT-2
     ``mlp.c_proj``, LLaMA ``mlp.down_proj``), reduction factor 16 (``m = H // 16``). ``W_up``/``b_up``
@@ -22,33 +10,27 @@ prompt (``prompt_layers=[]``, so positions are not shifted either).
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from fedpeptao.baselines.prompts import INIT_STD, _NoDeepPrompt, _hidden_size
+from fedpeptao.models.classifier import PromptedClassifier
+from fedpeptao.tunings.base import TuningSettings, register_tuning
+from fedpeptao.tunings.common import INIT_STD, NoDeepPrompt, hidden_size
 
-LORA_RANK, LORA_ALPHA = 8, 16
-ADAPTER_REDUCTION = 16
+
+class AdapterSettings(TuningSettings):
+    name: Literal["adapter"] = "adapter"
+    reduction: int = Field(16, ge=1)  # bottleneck m = H // reduction
+    per_layer = True
+
+
 # where each layer's FFN output projection lives, per architecture family
 _FFN_OUT = (re.compile(r"(?:^|\.)layer\.(\d+)\.output\.dense$"),  # BERT, RoBERTa
             re.compile(r"(?:^|\.)h\.(\d+)\.mlp\.c_proj$"),  # GPT-2
             re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj$"))  # LLaMA, Mistral, Qwen, SmolLM
-
-
-class LoRAClassifier(_NoDeepPrompt):
-    def __init__(self, model, head, num_labels, label_word_ids=None, seed: int = 0, rank: int = LORA_RANK,
-                 alpha: int = LORA_ALPHA, target_modules: list[str] | None = None):
-        from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415
-
-        super().__init__(model, head, num_labels, label_word_ids, seed)
-        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, bias="none")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            inject_adapter_in_model(config, self.model)
-        if not any("lora_" in n for n, p in self.named_parameters() if p.requires_grad):
-            raise ValueError(f"lora: PEFT found no target modules in {type(model).__name__}")
-        self.lora_rank = rank
 
 
 class Adapter(nn.Module):
@@ -80,11 +62,11 @@ def ffn_outputs(model) -> dict[int, nn.Module]:
     return found
 
 
-class AdapterClassifier(_NoDeepPrompt):
+class AdapterClassifier(NoDeepPrompt):
     def __init__(self, model, head, num_labels, label_word_ids=None, seed: int = 0,
-                 reduction: int = ADAPTER_REDUCTION):
+                 reduction: int = 16):
         super().__init__(model, head, num_labels, label_word_ids, seed)
-        hidden = _hidden_size(model)
+        hidden = hidden_size(model)
         bottleneck = max(1, hidden // reduction)
         generator = torch.Generator().manual_seed(seed + 4)
         targets = ffn_outputs(model)
@@ -97,3 +79,11 @@ class AdapterClassifier(_NoDeepPrompt):
             return self.adapters[str(index)](output)
 
         return hook
+
+
+@register_tuning(AdapterSettings)
+
+
+def build(settings: AdapterSettings, model, head: str, num_labels: int, label_word_ids: list[int] | None,
+          seed: int) -> PromptedClassifier:
+    return AdapterClassifier(model, head, num_labels, label_word_ids, seed, settings.reduction)

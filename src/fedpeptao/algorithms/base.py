@@ -1,0 +1,181 @@
+"""What a federated algorithm is: one small protocol that both runtimes drive the same way.
+
+Modelled on FedJAX's ``FederatedAlgorithm`` (server ``init``/``apply``, client init/step/final)
+and Flower's strategy hooks. An algorithm never sees how messages travel; the embedded simulator
+(:mod:`fedpeptao.sim`) and the Flower apps (:mod:`fedpeptao.flower`) call the same hooks:
+
+server side
+    ``prepare_round(t, run_task)``  phases before round ``t`` (FedPepTAO's layer scoring, Hessian
+                                    ratio and switch); ``run_task`` asks clients for numbers
+    ``client_message(k)``           what client ``k`` receives (the shared tensors, plus SCAFFOLD's
+                                    ``c`` or FedPepTAO's warmed-up base once after its switch)
+    ``acknowledge(k)``              client ``k`` answered a message (so it holds what was sent)
+    ``aggregate(t, sampled, ups)``  the server step on the validated updates of round ``t``
+    ``state()`` / ``load_state()``  ALL server state, for exact resume
+device side (pure functions of what the device received and what it keeps, a :class:`ClientState`)
+    ``client_start(received, client)``   the tensors the device trains or evaluates from
+    ``client_training(model, received, client)``  a context yielding the local objective's extra
+                                    term (FedProx, MOON) and hooking the step (SCAFFOLD)
+    ``client_reply(received, update, steps, client)``  what travels back up
+    ``run_task(task, work)``        a client-side computation a phase asked for
+
+Update validation and robust averaging are runtime-wide: the runtime validates every update
+against ``shared_names()`` before ``aggregate``; averaging algorithms call ``ctx.average``, which
+is the configured weighted mean, coordinate median or trimmed mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from fedpeptao.core.federation import ClientState
+from fedpeptao.core.server import ClientUpdate
+
+Tensors = dict[str, Tensor]
+ExtraLoss = Callable[[torch.nn.Module], Tensor]
+
+
+class AlgorithmSettings(BaseModel):
+    """Base of every algorithm's typed settings (``method.*`` in a config)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    name: str
+    #: whether robust averaging (median, trimmed mean) can replace this algorithm's mean
+    robust_averaging: ClassVar[bool] = True
+    #: whether the algorithm needs per-layer parameter groups in the tuning
+    needs_layer_groups: ClassVar[bool] = False
+
+
+@dataclass
+class ServerContext:
+    """What the server side knows of the run; no model, no data (the Flower server has neither)."""
+
+    num_clients: int
+    local_lr: float  # the device lr (SCAFFOLD and FedPepTAO's control variates divide by it)
+    seed: int
+    rounds: int
+    layer_groups: dict[int, list[str]]  # tuning's per-layer trainable tensors (empty: none)
+    head_names: list[str]
+    average: Callable[[Sequence[ClientUpdate]], Tensors]  # the runtime's averaging rule
+
+
+@dataclass
+class ClientTask:
+    """A client-side computation a phase needs (``kind``), on ``params``, by ``clients``.
+
+    ``options[k]`` are client ``k``'s own numbers (seeds); ``round`` and ``stream`` seed its data
+    draw with :func:`~fedpeptao.core.federation.round_seed`.
+    """
+
+    kind: str
+    clients: list[int] | None  # None: every client
+    params: Tensors
+    round: int = 0
+    stream: int = 0
+    options: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class ClientWork:
+    """What a device offers a task: the model, its data, and the seed for this task's draw."""
+
+    client_id: int
+    model: torch.nn.Module
+    data: Any  # EncodedDataset
+    indices: np.ndarray
+    seed: int
+    batch_size: int
+
+
+RunTask = Callable[[ClientTask], dict[int, dict[str, Any]]]
+
+
+class Algorithm:
+    """Base class: plain FedAvg behaviour on every hook; subclasses override what differs."""
+
+    name: ClassVar[str]
+    settings_class: ClassVar[type[AlgorithmSettings]]
+
+    def __init__(self, settings: AlgorithmSettings, ctx: ServerContext, initial: Tensors) -> None:
+        self.settings = settings
+        self.ctx = ctx
+        self.params: Tensors = dict(initial)  # every trainable tensor the server holds
+        self.shared: list[str] = list(initial)
+
+    # -- server ---------------------------------------------------------------------------
+    def shared_names(self) -> list[str]:
+        return list(self.shared)
+
+    def global_shared(self) -> Tensors:
+        return {name: self.params[name] for name in self.shared}
+
+    def prepare_round(self, round_index: int, run_task: RunTask) -> None:
+        """Phases before round ``round_index`` (none by default)."""
+
+    def finish(self, run_task: RunTask) -> None:
+        """After the last round (FedPepTAO: a run that ended in its warm-up still selects layers)."""
+
+    def client_message(self, client_id: int) -> Tensors:
+        return self.global_shared()
+
+    def acknowledge(self, client_id: int) -> None:
+        """Client ``client_id`` answered a message; nothing to remember by default."""
+
+    def aggregate(self, round_index: int, sampled: Sequence[int], updates: Sequence[ClientUpdate]) -> None:
+        new = self.ctx.average(updates)
+        self._set_shared(new)
+
+    def _set_shared(self, new: Mapping[str, Tensor]) -> None:
+        self.params.update({name: new[name].to(self.params[name].dtype) for name in self.shared})
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (nested dicts of tensors and JSON values)."""
+        return {"params": self.params, "shared": self.shared}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.params = dict(state["params"])
+        self.shared = list(state["shared"])
+
+    def summary(self) -> dict[str, Any]:
+        """Algorithm-specific lines for the run summary."""
+        return {}
+
+    # -- device ---------------------------------------------------------------------------
+    def model_part(self, received: Mapping[str, Tensor]) -> Tensors:
+        """The model tensors of a message (without the algorithm's own entries)."""
+        return dict(received)
+
+    def client_start(self, received: Mapping[str, Tensor], client: ClientState) -> Tensors:
+        """The trainable tensors the device works from: its own, overwritten by the shared ones."""
+        return {**client.params, **self.model_part(received)}
+
+    @contextmanager
+    def client_training(self, model: torch.nn.Module, received: Mapping[str, Tensor], client: ClientState
+                        ) -> Iterator[ExtraLoss | None]:
+        yield None
+
+    def client_reply(self, received: Mapping[str, Tensor], update: Tensors, num_steps: int,
+                     client: ClientState) -> Tensors:
+        return update
+
+    def run_task(self, task: ClientTask, work: ClientWork) -> dict[str, Any]:
+        raise ValueError(f"{self.name} asks clients for no task, got {task.kind!r}")
+
+
+REGISTRY: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator: make an algorithm selectable as ``method.name``."""
+    names = getattr(cls.settings_class.model_fields["name"].annotation, "__args__", (cls.name,))
+    for name in names:
+        REGISTRY[name] = cls
+    return cls

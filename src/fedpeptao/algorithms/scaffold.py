@@ -1,0 +1,128 @@
+"""SCAFFOLD (Karimireddy et al., 2020), option II: control variates against client drift.
+
+The server holds ``c`` and sends it with the shared tensors; each device holds its own ``c_k``
+(in its :class:`~fedpeptao.core.federation.ClientState`, so it is checkpointed with the client),
+corrects every local step by ``-lr (c - c_k)``, and sends back its tensors and ``dc_k``. Both
+directions therefore carry twice the model tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from fedpeptao.algorithms.base import Algorithm, AlgorithmSettings, ExtraLoss, register
+from fedpeptao.core.federation import ClientState
+from fedpeptao.core.server import ClientUpdate, aggregation_weights, work_dtype
+
+CONTROL_PREFIX = "scaffold.control/"  # c, sent down
+DELTA_CONTROL_PREFIX = "scaffold.delta_control/"  # dc_k, sent up
+
+
+class ScaffoldSettings(AlgorithmSettings):
+    name: Literal["scaffold"] = "scaffold"
+    server_lr: float = Field(1.0, gt=0.0)  # eta_g, the global step on the averaged change
+    robust_averaging = False
+
+
+def scaffold_client_control(c_k: Tensor, c: Tensor, x: Tensor, y: Tensor, num_steps: int, local_lr: float) -> Tensor:
+    """Option II: ``c_k+ = c_k - c + (x - y) / (K eta_l)``."""
+    if num_steps < 1 or local_lr <= 0:
+        raise ValueError("SCAFFOLD needs num_steps >= 1 and local_lr > 0")
+    return c_k - c + (x - y) / (num_steps * local_lr)
+
+
+def scaffold_server(x: Tensor, c: Tensor, ys: Sequence[Tensor], delta_cs: Sequence[Tensor], weights: Sequence[float],
+                    num_clients: int, global_lr: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``x + eta_g sum_k w_k (y_k - x)`` and ``c + (1/N) sum_k dc_k``."""
+    x_new = x + global_lr * sum(w * (y - x) for w, y in zip(weights, ys))
+    c_new = c + sum(delta_cs) / num_clients
+    return x_new, c_new
+
+
+@register
+class Scaffold(Algorithm):
+    name = "scaffold"
+    settings_class = ScaffoldSettings
+
+    def __init__(self, settings, ctx, initial) -> None:
+        super().__init__(settings, ctx, initial)
+        self.control: dict[str, Tensor] = {}  # c
+
+    def _c(self, name: str, ref: Tensor) -> Tensor:
+        return self.control.get(name, torch.zeros_like(ref, dtype=work_dtype(ref)))
+
+    def client_message(self, client_id: int) -> dict[str, Tensor]:
+        shared = self.global_shared()
+        return {**shared, **{CONTROL_PREFIX + n: self._c(n, t).to(t.dtype) for n, t in shared.items()}}
+
+    def aggregate(self, round_index: int, sampled: Sequence[int], updates: Sequence[ClientUpdate]) -> None:
+        weights = aggregation_weights(updates)
+        new = {}
+        for name in self.shared:
+            x = self.params[name]
+            dtype = work_dtype(x)
+            x_new, self.control[name] = scaffold_server(
+                x.to(dtype), self._c(name, x), [u.params[name].to(dtype) for u in updates],
+                [u.params[DELTA_CONTROL_PREFIX + name].to(dtype) for u in updates], weights, self.ctx.num_clients,
+                self.settings.server_lr)
+            new[name] = x_new
+        self._set_shared(new)
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "control": self.control}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        super().load_state(state)
+        self.control = dict(state["control"])
+
+    # -- device ---------------------------------------------------------------------------
+    def model_part(self, received):
+        return {n: t for n, t in received.items() if not n.startswith(CONTROL_PREFIX)}
+
+    @staticmethod
+    def _ck(client: ClientState, name: str, ref: Tensor) -> Tensor:
+        """The device's ``c_k`` for one tensor (zeros before its first round)."""
+        return client.algo_state.get(name, torch.zeros_like(ref, dtype=work_dtype(ref)))
+
+    @contextmanager
+    def client_training(self, model: torch.nn.Module, received: Mapping[str, Tensor], client: ClientState
+                        ) -> Iterator[ExtraLoss | None]:
+        params = dict(model.named_parameters())
+        corrections = {id(params[name]): (received[CONTROL_PREFIX + name].to(work_dtype(ref))
+                                          - self._ck(client, name, ref)).to(params[name].dtype)
+                       for name, ref in self.model_part(received).items()}
+
+        def after_step(optimizer, _args, _kwargs) -> None:
+            with torch.no_grad():
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        corr = corrections.get(id(p))
+                        if corr is not None:
+                            p.sub_(group["lr"] * corr)
+
+        # A global optimiser hook, registered only while this device trains (a runtime trains one
+        # client at a time); local_train builds its optimiser inside, so there is no instance to
+        # attach to beforehand.
+        handle = register_optimizer_step_post_hook(after_step)
+        try:
+            yield None
+        finally:
+            handle.remove()
+
+    def client_reply(self, received, update, num_steps, client):
+        deltas, new_state = {}, dict(client.algo_state)
+        for name, x in self.model_part(received).items():
+            old = self._ck(client, name, x)
+            new = scaffold_client_control(old, received[CONTROL_PREFIX + name].to(old.dtype), x.to(old.dtype),
+                                          update[name].to(old.dtype), num_steps, self.ctx.local_lr)
+            new_state[name] = new
+            deltas[DELTA_CONTROL_PREFIX + name] = (new - old).to(x.dtype)
+        client.algo_state = new_state
+        return {**update, **deltas}

@@ -1,0 +1,49 @@
+"""The one run summary (``summary.json``), written by both runtimes from the per-round history."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+
+def run_summary(cfg, metric: str, history: list[dict], algorithm_summary: Mapping[str, Any], *, runtime: str,
+                **extra: Any) -> dict[str, Any]:
+    """Headline numbers of a run: best and final metric, time and rounds to target, bytes, time.
+
+    ``cfg`` is the run's :class:`~fedpeptao.config.ExperimentConfig`; ``algorithm_summary`` what the
+    algorithm adds (FedPepTAO: its layer selection); ``extra`` what only one runtime knows.
+    """
+    evaluated = [r for r in history if "metric" in r]
+    best = max(evaluated, key=lambda r: r["metric"]) if evaluated else None
+    target = cfg.federated.target_accuracy
+    reached = next((r for r in evaluated if target is not None and r["metric"] >= target), None)
+    return {
+        "runtime": runtime, "algorithm": cfg.describe(), "method": cfg.method.name, "tuning": cfg.tuning.name,
+        "model": cfg.model.name, "task": cfg.data.task, "metric": metric,
+        "final_metric": evaluated[-1]["metric"] if evaluated else None,
+        "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
+        "best_metric": best["metric"] if best else None, "best_round": best["round"] if best else None,
+        "target": target, "rounds_to_target": None if reached is None else reached["round"] + 1,
+        "seconds_to_target": None if reached is None else reached["train_time_s"],
+        "total_mb": history[-1]["total_bytes"] / 1e6 if history else 0.0,
+        "elapsed_s": history[-1]["elapsed_s"] if history else 0.0,
+        "shared_layers": None, **dict(algorithm_summary), **extra,
+    }
+
+
+def config_difference(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = (),
+                      prefix: str = "") -> str | None:
+    """The first setting that differs between two config dumps, as ``key: old -> new`` (None: same)."""
+    ignore = set(ignore)
+    for key in sorted(set(old) | set(new)):
+        dotted = f"{prefix}{key}"
+        if dotted in ignore:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            found = config_difference(a, b, ignore, f"{dotted}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{dotted}: {a!r} -> {b!r}"
+    return None
