@@ -22,8 +22,7 @@ TIMING = {"slowest_client_s", "train_time_s", "elapsed_s"}
 
 def common(tmp_path: Path) -> list[str]:
     return [f"output_dir={tmp_path}", f"data.task={MR}", "data.max_train_examples=400", "data.max_eval_examples=100",
-            "model.name=minilm", "model.num_prompt_tokens=4", "model.max_length=32", "algorithm=fedpeptao",
-            "selection.ratio=0.5", "federated.num_clients=6", "federated.clients_per_round=3",
+            "model.name=minilm", "tuning.num_prompt_tokens=4", "model.max_length=32", "method.ratio=0.5", "federated.num_clients=6", "federated.clients_per_round=3",
             "federated.rounds=10", "checkpoint.every=1", "progress=false", "client.epochs=1"]
 
 
@@ -60,8 +59,9 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     assert final_full.keys() == final_resumed.keys()
     for name in final_full:
         assert torch.allclose(final_full[name], final_resumed[name], atol=1e-6), name
-    for a, b in zip(full_sim.clients, resumed_sim.clients):
+    assert full_sim.clients.keys() == resumed_sim.clients.keys()
+    for k, a in full_sim.clients.items():
         for name in a.params:
-            assert torch.allclose(a.params[name], b.params[name], atol=1e-6), name
-    server_a, server_b = full_sim.aggregator.server_state, resumed_sim.aggregator.server_state
+            assert torch.allclose(a.params[name], resumed_sim.clients[k].params[name], atol=1e-6), name
+    server_a, server_b = full_sim.algorithm.server_state, resumed_sim.algorithm.server_state
     assert server_a.round == server_b.round and server_a.server_lr == pytest.approx(server_b.server_lr)

@@ -8,11 +8,15 @@ import pytest
 import torch
 
 from fedpeptao.config import ConfigError, load_config
-from fedpeptao.core.federation import Aggregator
-from fedpeptao.core.server import ClientUpdate, ServerStepConfig
-from fedpeptao.core.validation import ValidationPolicy
+from fedpeptao.algorithms import make_algorithm
+from fedpeptao.algorithms.base import ServerContext
+from fedpeptao.algorithms.fedavg import FedAvgSettings
+from fedpeptao.algorithms.fedpeptao import FedPepTAOSettings
+from fedpeptao.core.federation import averaging
+from fedpeptao.core.server import ClientUpdate, ServerState
+from fedpeptao.core.validation import ValidationPolicy, filter_model_updates
 from fedpeptao.data.dataset import DataError
-from fedpeptao.models.registry import ModelError
+from fedpeptao.models.loading import ModelError
 from fedpeptao.sim.simulator import resume_experiment, run_experiment
 from fedpeptao.utils.checkpoint import CheckpointError, list_checkpoints
 
@@ -49,11 +53,33 @@ def corrupt(kind: str) -> ClientUpdate:
     return ClientUpdate(66, p, 20, 3)
 
 
-def aggregator(algorithm: str) -> Aggregator:
-    agg = Aggregator(params=params(0), shared=list(NAMES), validation=ValidationPolicy(max_norm=100.0))
-    if algorithm == "fedpeptao":
-        agg.use_fedpeptao(list(NAMES), ServerStepConfig(num_clients=10, local_lr=0.04))
-    return agg
+class Server:
+    """The runtimes' server side: runtime-wide validation, then the algorithm's step."""
+
+    def __init__(self, algorithm: str) -> None:
+        ctx = ServerContext(num_clients=10, local_lr=0.04, seed=0, rounds=5,
+                            layer_groups={0: ["prompt.layers.0"], 1: ["prompt.layers.1"]}, head_names=["head.weight"],
+                            average=averaging("weighted_mean"))
+        settings = FedPepTAOSettings(ratio=1.0) if algorithm == "fedpeptao" else FedAvgSettings()
+        self.algo = make_algorithm(settings, ctx, params(0))
+        if algorithm == "fedpeptao":  # past the switch: the selective step on every tensor
+            self.algo.server_state = ServerState(server_lr=settings.server_lr)
+        self.params, self.rejected = self.algo.params, []
+
+    @property
+    def server_state(self) -> ServerState:
+        return self.algo.server_state
+
+    def aggregate(self, updates: list[ClientUpdate], sampled: list[int] | None = None) -> None:
+        accepted, self.rejected = filter_model_updates(updates, self.algo.global_shared(),
+                                                       ValidationPolicy(max_norm=100.0), logging.getLogger("fedpeptao"))
+        if accepted:
+            self.algo.aggregate(0, sampled or [u.client_id for u in updates], accepted)
+        self.params = self.algo.params
+
+
+def aggregator(algorithm: str) -> Server:
+    return Server(algorithm)
 
 
 KINDS = ["missing key", "extra key", "wrong shape", "wrong dtype", "nan", "inf", "huge norm", "no examples"]
@@ -67,7 +93,8 @@ def test_bad_update_is_left_out_and_named(algorithm, kind, caplog):
         updates = good_updates(1 + round_index)
         with caplog.at_level(logging.WARNING, logger="fedpeptao"):
             with_bad.aggregate(updates[:1] + [corrupt(kind)] + updates[1:])
-        without.aggregate(updates)
+        # |S_t| counts the sampled clients, the rejected one included (as the reference counts them)
+        without.aggregate(updates, sampled=[u.client_id for u in updates] + [66])
         assert [cid for cid, _ in with_bad.rejected] == [66]
     assert "client 66" in caplog.text
     for name in NAMES:
@@ -95,7 +122,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 def base(tmp_path: Path, task: Path) -> list[str]:
     return [f"output_dir={tmp_path / 'runs'}", "run_name=r", "model.name=tiny-bert", f"data.task={task}",
             "federated.num_clients=4", "federated.clients_per_round=2", "federated.rounds=1", "progress=false",
-            "model.max_length=24", "model.num_prompt_tokens=2"]
+            "model.max_length=24", "tuning.num_prompt_tokens=2"]
 
 
 def write(path: Path, text: str | bytes) -> Path:
@@ -117,8 +144,8 @@ CASES = {
     "config: unknown key": (ConfigError, lambda tp, task: ["federated.speed=3"]),
     "config: wrong type": (ConfigError, lambda tp, task: ["client.lr=fast"]),
     "config: sampled > clients": (ConfigError, lambda tp, task: ["federated.clients_per_round=9"]),
-    "config: ratio out of range": (ConfigError, lambda tp, task: ["selection.ratio=0"]),
-    "config: robust with fedpeptao": (ConfigError, lambda tp, task: ["algorithm=fedpeptao", "server.aggregation=median"]),
+    "config: ratio out of range": (ConfigError, lambda tp, task: ["method.ratio=0"]),
+    "config: robust with fedpeptao": (ConfigError, lambda tp, task: ["method.name=fedpeptao", "server.aggregation=median"]),
     "data: missing task folder": (DataError, lambda tp, task: [f"data.task={tp / 'nowhere'}"]),
     "data: missing column": (DataError, lambda tp, task: files_case(tp, ROWS, label="stars")),
     "data: unknown eval label": (DataError, lambda tp, task: files_case(tp, ROWS, "sentence\tlabel\nfine\t7\n")),

@@ -15,46 +15,48 @@ TIMING = {"slowest_client_s", "train_time_s", "elapsed_s"}
 
 
 def tiny(task_dir: Path, *extra: str, arch: str = "bert"):
-    return load_config(None, [f"model.name=tiny-{arch}", f"data.task={task_dir}", "model.num_prompt_tokens=3",
+    return load_config(None, [f"model.name=tiny-{arch}", f"data.task={task_dir}", "tuning.num_prompt_tokens=3",
                               "model.max_length=24", "federated.num_clients=4", "federated.clients_per_round=2",
                               "federated.rounds=3", "progress=false", "client.epochs=1", *extra])
 
 
 def test_unselected_layers_never_leave_the_device(task_dir, monkeypatch):
-    cfg = tiny(task_dir, "algorithm=fedpeptao", "selection.ratio=0.34")
+    cfg = tiny(task_dir, "method.ratio=0.34")
     sim = Simulation(cfg)
     sent = []
     real = payload.num_bytes
     monkeypatch.setattr(simulator.payload, "num_bytes", lambda tensors: sent.append(sorted(tensors)) or real(tensors))
-    initial = {k: v.clone() for k, v in sim.aggregator.params.items()}
+    initial = {k: v.clone() for k, v in sim.algorithm.params.items()}
     sim.run()
 
-    shared = sorted(sim.model.layer_names(sim.selection.layers) + sim.model.head_names())
+    layers = sim.algorithm.selection["layers"]
+    groups = sim.model.layer_groups()
+    shared = sorted([n for i in layers for n in groups[i]] + sim.model.head_names())
     unselected = [n for n in sim.model.trainable_names() if n not in shared]
-    assert len(sim.selection.layers) == 2 and unselected, "ratio 0.34 of 3 layers shares ceil(1.02) = 2"
+    assert len(layers) == 2 and unselected, "ratio 0.34 of 3 layers shares ceil(1.02) = 2"
     assert sent and all(keys == shared for keys in sent), "a payload carried something other than the selected layers"
     for name in unselected:
-        assert torch.equal(sim.aggregator.params[name], initial[name]), f"server copy of {name} changed"
-    trained = [c for c in sim.clients if c.rounds_trained]
+        assert torch.equal(sim.algorithm.params[name], initial[name]), f"server copy of {name} changed"
+    trained = [c for c in sim.clients.values() if c.rounds_trained]
     assert any(not torch.equal(c.params[n], initial[n]) for c in trained for n in unselected), "personal layers did not train"
-    assert all(any(not torch.equal(sim.aggregator.params[n], initial[n]) for n in shared) for _ in [0])
-    assert sim.history[-1]["bytes_up"] == sum(real({n: sim.aggregator.params[n] for n in shared}) for _ in range(2))
+    assert all(any(not torch.equal(sim.algorithm.params[n], initial[n]) for n in shared) for _ in [0])
+    assert sim.history[-1]["bytes_up"] == sum(real({n: sim.algorithm.params[n] for n in shared}) for _ in range(2))
 
 
 def test_same_config_gives_same_metrics(task_dir):
     rows = []
     for _ in range(2):
-        sim = Simulation(tiny(task_dir, "algorithm=fedpeptao", "selection.ratio=0.5"))
+        sim = Simulation(tiny(task_dir, "method.ratio=0.5"))
         rows.append([{k: v for k, v in r.items() if k not in TIMING} for r in sim.run()])
     assert rows[0] == rows[1]
-    other = Simulation(tiny(task_dir, "algorithm=fedpeptao", "selection.ratio=0.5", "seed=1"))
+    other = Simulation(tiny(task_dir, "method.ratio=0.5", "seed=1"))
     assert [r["clients"] for r in other.run()] != [r["clients"] for r in rows[0]]
 
 
 def test_fedavg_shares_every_trainable_tensor(task_dir):
-    sim = Simulation(tiny(task_dir, "algorithm=fedavg"))
+    sim = Simulation(tiny(task_dir, "method.name=fedavg"))
     sim.run()
-    assert sim.aggregator.shared == sim.model.trainable_names()
+    assert sim.algorithm.shared == sim.model.trainable_names()
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in sim.history)
     assert len(sim.history[-1]["client_accuracy"]) == 4
 
@@ -62,12 +64,13 @@ def test_fedavg_shares_every_trainable_tensor(task_dir):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta"])
 def test_fedpeptao_with_estimated_ratio_on_other_families(task_dir, arch):
     head = "model.head=mlm" if arch == "roberta" else "model.head=lm"
-    sim = Simulation(tiny(task_dir, "algorithm=fedpeptao", "selection.ratio=auto", "selection.warmup_rounds=1",
-                          "selection.lanczos_iters=8", "federated.rounds=3", head, arch=arch))
+    sim = Simulation(tiny(task_dir, "method.ratio=auto", "method.warmup_rounds=1",
+                          "method.lanczos_iters=8", "federated.rounds=3", head, arch=arch))
     sim.run()
-    assert 0.0 < sim.selection.ratio <= 1.0
-    assert sim.history[0]["shared_tensors"] > sim.history[-1]["shared_tensors"] or sim.selection.ratio == 1.0
-    assert sim.aggregator.server_state.round == 2
+    ratio = sim.algorithm.selection["ratio"]
+    assert 0.0 < ratio <= 1.0
+    assert sim.history[0]["shared_tensors"] > sim.history[-1]["shared_tensors"] or ratio == 1.0
+    assert sim.algorithm.server_state.round == 2
 
 
 @pytest.mark.slow
@@ -75,14 +78,14 @@ def test_fedpeptao_on_real_smollm2_with_label_words(tmp_path):
     from conftest import write_task
 
     task = write_task(tmp_path / "t", repeat=1)
-    cfg = load_config(None, ["model.name=smollm2-135m", f"data.task={task}", "model.num_prompt_tokens=2",
+    cfg = load_config(None, ["model.name=smollm2-135m", f"data.task={task}", "tuning.num_prompt_tokens=2",
                              "model.max_length=24", "federated.num_clients=2", "federated.clients_per_round=2",
-                             "federated.rounds=3", "algorithm=fedpeptao", "selection.ratio=0.5", "progress=false",
+                             "federated.rounds=3", "method.ratio=0.5", "progress=false",
                              "client.epochs=1", "client.batch_size=10", "client.lr=0.01"])
     sim = Simulation(cfg)
-    assert sim.head == "lm" and sim.model.label_word_ids.tolist() != []
+    assert sim.fed.head == "lm" and sim.model.label_word_ids.tolist() != []
     sim.run()
-    assert len(sim.selection.layers) == 15  # ceil(0.5 * 30)
+    assert len(sim.algorithm.selection["layers"]) == 15  # ceil(0.5 * 30)
     # training the prompts lowers the label-word LM loss of the real model (accuracy is a benchmark matter)
     losses = [r["train_loss"] for r in sim.history]
     assert losses[-1] < losses[0] and np.isfinite(losses).all()

@@ -103,6 +103,8 @@ class Algorithm:
 
     name: ClassVar[str]
     settings_class: ClassVar[type[AlgorithmSettings]]
+    #: name prefixes of what a reply carries besides the shared tensors (validated by the algorithm)
+    reply_prefixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: AlgorithmSettings, ctx: ServerContext, initial: Tensors) -> None:
         self.settings = settings

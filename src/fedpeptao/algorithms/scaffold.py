@@ -50,6 +50,7 @@ def scaffold_server(x: Tensor, c: Tensor, ys: Sequence[Tensor], delta_cs: Sequen
 class Scaffold(Algorithm):
     name = "scaffold"
     settings_class = ScaffoldSettings
+    reply_prefixes = (DELTA_CONTROL_PREFIX,)
 
     def __init__(self, settings, ctx, initial) -> None:
         super().__init__(settings, ctx, initial)

@@ -170,14 +170,16 @@ def filter_model_updates(
     expected: Mapping[str, torch.Tensor],
     policy: ValidationPolicy | None,
     log: logging.Logger,
+    extra_prefixes: tuple[str, ...] = (),
 ) -> tuple[list[ClientUpdate], list[tuple[int, str]]]:
-    """:func:`filter_updates` on the model tensors of each update (``expected``'s names), keeping
-    the accepted updates whole: an algorithm's own entries (SCAFFOLD's ``dc_k``) travel with them.
-    ``policy=None`` accepts everything."""
+    """:func:`filter_updates` on the model tensors of each update, keeping the accepted updates
+    whole: an algorithm's own entries (names starting with one of ``extra_prefixes``, SCAFFOLD's
+    ``dc_k``) travel with them; any other unexpected name is a rejection. ``policy=None`` accepts
+    everything."""
     if policy is None:
         return list(updates), []
-    model_part = [type(u)(u.client_id, {n: u.params[n] for n in expected if n in u.params}, u.num_examples,
-                          u.num_steps) for u in updates]
+    model_part = [type(u)(u.client_id, {n: t for n, t in u.params.items() if not n.startswith(extra_prefixes)},
+                          u.num_examples, u.num_steps) for u in updates] if extra_prefixes else list(updates)
     accepted, rejected = filter_updates(model_part, expected, policy, log)
     keep = {u.client_id for u in accepted}
     return [u for u in updates if u.client_id in keep], rejected

@@ -148,7 +148,7 @@ class FederatedStrategy(Strategy):
             self._row["skipped"] = True
             return None, MetricRecord({"num-replies": len(updates), "num-failed": len(failed)})
         accepted, rejected = filter_model_updates(sorted(updates, key=lambda u: u.client_id), algo.global_shared(),
-                                                  self.validation, log)
+                                                  self.validation, log, algo.reply_prefixes)
         self._row["rejected"] = [list(r) for r in rejected]
         if accepted:
             algo.aggregate(t, sorted(self._sampled), accepted)

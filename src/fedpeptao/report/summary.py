@@ -35,7 +35,7 @@ def config_difference(old: Mapping[str, Any], new: Mapping[str, Any], ignore: It
                       prefix: str = "") -> str | None:
     """The first setting that differs between two config dumps, as ``key: old -> new`` (None: same)."""
     ignore = set(ignore)
-    for key in sorted(set(old) | set(new)):
+    for key in sorted(set(old) | set(new), key=lambda k: (k != "name", k)):  # a union's tag first
         dotted = f"{prefix}{key}"
         if dotted in ignore:
             continue

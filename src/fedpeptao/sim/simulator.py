@@ -112,7 +112,8 @@ class Simulation:
 
     def aggregate(self, round_index: int, sampled: list[int], updates: list[ClientUpdate]) -> None:
         """Runtime-wide validation of the shared model tensors, then the algorithm's server step."""
-        updates, self.rejected = filter_model_updates(updates, self.algorithm.global_shared(), self.validation, log)
+        updates, self.rejected = filter_model_updates(updates, self.algorithm.global_shared(), self.validation, log,
+                                                     self.algorithm.reply_prefixes)
         if not updates:
             log.warning("round %d: no valid update; global state unchanged", round_index)
             return
