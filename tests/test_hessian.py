@@ -189,6 +189,55 @@ def test_estimate_ratio_averages_clients():
     a = known_matrix(spectrum_a, seed=8, rotate=False)
     b = known_matrix(spectrum_b, seed=9, rotate=False)
     got = estimate_ratio([(matvec(a), 20), (matvec(b), 20)], num_iters=20)
-    assert got == pytest.approx(0.5, abs=1e-9)
+    assert got == pytest.approx(0.5, abs=1e-3)  # the reference's gridded density: a Riemann sum
     with pytest.raises(ValueError):
         estimate_ratio([])
+
+
+# -- the reference's density procedure (llm-eff/FedPepTAO, decoder-only-gpt2/get_ratio.py) -----
+# Ritz values and weights shaped like a MiniLM/MR prompt Hessian: a few large positive values,
+# many near zero, a couple negative.
+RITZ = np.array([-0.031, -0.004, 0.0002, 0.0011, 0.0019, 0.0035, 0.006, 0.011, 0.019, 0.042, 0.088, 0.17, 0.36, 0.95,
+                 2.4])
+RITZ_W = np.array([0.02, 0.05, 0.21, 0.14, 0.11, 0.09, 0.08, 0.07, 0.06, 0.05, 0.04, 0.03, 0.02, 0.015, 0.005])
+
+
+def numpy_reference_ratio(eigs: np.ndarray, weights: np.ndarray) -> float:
+    """A straight NumPy transcription of the reference: _density_generate, _get_ratio, the walk."""
+    lambda_max, lambda_min = eigs.max() + 0.01, eigs.min() - 0.01
+    grids = np.linspace(lambda_min, lambda_max, num=10000)
+    sigma = 1e-5 * max(1, lambda_max - lambda_min)
+    density = np.array([np.sum(weights * np.exp(-(x - eigs) ** 2 / (2.0 * sigma)) / np.sqrt(2 * np.pi * sigma))
+                        for x in grids])
+    density = density / (np.sum(density) * (grids[1] - grids[0]))
+
+    def ratio_at(t: float) -> float:
+        return 1.0 - np.sum(density[grids <= t]) * (grids[1] - grids[0])
+
+    step = 0.1
+    while True:
+        t, walk = 0.0, []
+        while True:
+            walk.append(ratio_at(t))
+            if walk[-1] < walk[0] / 2:
+                break
+            recent = walk[-4:]
+            if len(recent) == 4 and all(abs(a - b) < 0.005 for a, b in zip(recent, recent[1:])):
+                return walk[-1]
+            t += step
+        step /= 2
+
+
+def test_reference_density_integrates_to_one_on_its_grid():
+    density, grid = hessian.reference_density(torch.tensor(RITZ), torch.tensor(RITZ_W))
+    assert len(grid) == 10000 and grid[0] == pytest.approx(RITZ.min() - 0.01) and grid[-1] == pytest.approx(RITZ.max() + 0.01)
+    assert float(density.sum() * (grid[1] - grid[0])) == pytest.approx(1.0, abs=1e-12)
+    assert hessian.density_mass_above(density, grid, float(grid[-1])) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ratio_matches_the_reference_density_procedure_on_fixed_ritz_values():
+    expected = numpy_reference_ratio(RITZ, RITZ_W)
+    assert hessian.reference_ratio(torch.tensor(RITZ), torch.tensor(RITZ_W)) == pytest.approx(expected, abs=1e-9)
+    assert 0.0 < expected < 1.0
+    # the gridded, smoothed density is not the sharp mass above t that the search used before
+    assert expected != pytest.approx(search_ratio(torch.tensor(RITZ), torch.tensor(RITZ_W)), abs=1e-6)

@@ -16,15 +16,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, BertConfig, GPT2Config, LlamaConfig, RobertaConfig, T5Config
 
-from fedpeptao.models import registry
-from fedpeptao.models.registry import (
-    BUILTIN_MODELS,
-    Backbone,
-    ModelError,
-    infer_kind,
-    load_backbone,
-    resolve_builtin,
-)
+from fedpeptao.models import builtin as registry
+from fedpeptao.models.builtin import BUILTIN_MODELS, ModelError, resolve_builtin
+from fedpeptao.models.loading import Backbone, infer_kind, load_backbone
 from fedpeptao.models.tiny import TINY_ARCHS, tiny_backbone
 
 

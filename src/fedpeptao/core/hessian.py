@@ -6,7 +6,8 @@ density of ``H`` from ``m`` Hessian-vector products: Lanczos on a random unit pr
 tridiagonal ``T = V^T H V``; the eigenvalues ``theta_i`` of ``T`` (Ritz values) are the quadrature
 nodes and the squared first components ``tau_i^2`` of its eigenvectors the weights, so that
 ``v^T f(H) v ~= sum_i tau_i^2 f(theta_i)``. The ratio ``r`` is the density's mass above a threshold
-found by :func:`search_ratio`.
+found by :func:`search_ratio` on the gridded, Gaussian-smoothed density the reference code builds
+(:func:`reference_density`).
 """
 
 from __future__ import annotations
@@ -137,9 +138,45 @@ def spectral_mass_above(nodes: torch.Tensor, weights: torch.Tensor, threshold: f
     return float((weights * above).sum())
 
 
+GRID_POINTS = 10_000  # the reference's num_bins
+GRID_MARGIN = 0.01  # its overhead: the grid spans [min - 0.01, max + 0.01]
+BASE_VARIANCE = 1e-5  # its sigma_squared, scaled by max(1, range)
+
+
+def reference_density(nodes: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eigen-density as llm-eff/FedPepTAO computes it (``decoder-only-gpt2/get_ratio.py``,
+    ``_density_generate``): a Gaussian of variance ``1e-5 * max(1, range)`` on every Ritz value,
+    weighted, evaluated on a 10,000-point grid over ``[min - 0.01, max + 0.01]`` and normalised so
+    that its Riemann sum on that grid is 1. Returns ``(density, grid)``, float64.
+    """
+    nodes = torch.as_tensor(nodes, dtype=torch.float64).reshape(-1)
+    weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+    if nodes.shape != weights.shape or nodes.numel() == 0:
+        raise ValueError(f"nodes {tuple(nodes.shape)} and weights {tuple(weights.shape)} must be equal, non-empty")
+    high, low = float(nodes.max()) + GRID_MARGIN, float(nodes.min()) - GRID_MARGIN
+    grid = torch.linspace(low, high, GRID_POINTS, dtype=torch.float64)
+    variance = BASE_VARIANCE * max(1.0, high - low)
+    gauss = torch.exp(-((grid[:, None] - nodes[None, :]) ** 2) / (2.0 * variance)) / math.sqrt(2 * math.pi * variance)
+    density = gauss @ weights
+    density = density / (density.sum() * (grid[1] - grid[0]))
+    return density, grid
+
+
+def density_mass_above(density: torch.Tensor, grid: torch.Tensor, threshold: float) -> float:
+    """The reference's ``_get_ratio``: one minus the density's grid mass at points ``<= threshold``."""
+    return float(1.0 - density[grid <= threshold].sum() * (grid[1] - grid[0]))
+
+
+def reference_ratio(nodes: torch.Tensor, weights: torch.Tensor, **search: float) -> float:
+    """The ratio of SPEC 2.2 as the reference finds it: :func:`search_ratio`'s threshold walk on
+    :func:`density_mass_above` of :func:`reference_density`."""
+    density, grid = reference_density(nodes, weights)
+    return search_ratio(nodes, weights, mass=lambda t: density_mass_above(density, grid, t), **search)
+
+
 def search_ratio(nodes: torch.Tensor, weights: torch.Tensor, start: float = 0.0, step: float = 0.1,
                  tol: float = 0.005, patience: int = 4, max_iters: int = 10_000, *,
-                 sigma_squared: float = 0.0) -> float:
+                 sigma_squared: float = 0.0, mass: Callable[[float], float] | None = None) -> float:
     """Step-halving threshold search of SPEC 2.2; returns the ratio ``r``.
 
     Exact rule (the reference's ``get_ratio``): with ``r(t)`` = :func:`spectral_mass_above`, walk
@@ -149,8 +186,13 @@ def search_ratio(nodes: torch.Tensor, weights: torch.Tensor, start: float = 0.0,
     ``patience - 1`` consecutive differences) all change by less than ``tol``; it returns the last
     value. So ``r`` is the mass above the first plateau of the density's tail that is still at
     least half the mass above ``start``. ``max_iters`` bounds the evaluations of ``r`` in total;
-    exceeding it raises ``RuntimeError`` rather than returning an unconverged ratio.
+    exceeding it raises ``RuntimeError`` rather than returning an unconverged ratio. ``mass``
+    replaces ``r(t)`` (:func:`reference_ratio` passes the reference's gridded density).
     """
+    if mass is None:
+        def mass(t: float) -> float:
+            return spectral_mass_above(nodes, weights, t, sigma_squared=sigma_squared)
+
     if step <= 0 or tol <= 0 or patience < 2:
         raise ValueError(f"need step > 0, tol > 0 and patience >= 2, got {step}, {tol}, {patience}")
     evaluations = 0
@@ -159,7 +201,7 @@ def search_ratio(nodes: torch.Tensor, weights: torch.Tensor, start: float = 0.0,
         while True:
             if evaluations >= max_iters:
                 raise RuntimeError(f"ratio search did not converge in {max_iters} evaluations (step now {step})")
-            walk.append(spectral_mass_above(nodes, weights, t, sigma_squared=sigma_squared))
+            walk.append(mass(t))
             evaluations += 1
             if walk[-1] < walk[0] / 2:
                 break
@@ -173,14 +215,16 @@ def search_ratio(nodes: torch.Tensor, weights: torch.Tensor, start: float = 0.0,
 def estimate_ratio(hvps: Sequence[tuple[Hvp, int]], num_iters: int = 50, seed: int = 0, *,
                    num_probes: int = 1, sigma_squared: float = 0.0,
                    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> float:
-    """SPEC 2.2 end to end: each client's SLQ density, its searched ratio, averaged over clients.
-
-    ``hvps`` holds one ``(hvp, dim)`` pair per client; client ``i`` draws its probes from seed ``seed + i``.
+    """SPEC 2.2 end to end: each client's SLQ density (the reference's, :func:`reference_density`;
+    with ``sigma_squared > 0`` the closed-form smoothed mass instead), its searched ratio, averaged
+    over clients. ``hvps`` holds one ``(hvp, dim)`` pair per client; client ``i`` draws its probes
+    from seed ``seed + i``.
     """
     if len(hvps) == 0:
         raise ValueError("estimate_ratio needs at least one client's Hessian-vector product")
     ratios = []
     for index, (hvp, dim) in enumerate(hvps):
         nodes, weights = slq_density(hvp, dim, num_iters, num_probes, seed + index, dtype=dtype, device=device)
-        ratios.append(search_ratio(nodes, weights, sigma_squared=sigma_squared))
+        ratios.append(search_ratio(nodes, weights, sigma_squared=sigma_squared) if sigma_squared > 0
+                      else reference_ratio(nodes, weights))
     return sum(ratios) / len(ratios)
