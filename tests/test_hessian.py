@@ -189,7 +189,11 @@ def test_estimate_ratio_averages_clients():
     a = known_matrix(spectrum_a, seed=8, rotate=False)
     b = known_matrix(spectrum_b, seed=9, rotate=False)
     got = estimate_ratio([(matvec(a), 20), (matvec(b), 20)], num_iters=20)
-    assert got == pytest.approx(0.5, abs=1e-3)  # the reference's gridded density: a Riemann sum
+    # the reference's density on each client's exact spectrum (distinct values, weight = share)
+    expected = [numpy_reference_ratio(values, counts / counts.sum())
+                for values, counts in (np.unique(spec, return_counts=True) for spec in (spectrum_a, spectrum_b))]
+    assert got == pytest.approx(sum(expected) / 2, abs=1e-6)
+    assert got == pytest.approx(0.5, abs=0.01)  # the plateaus 0.75 and 0.25, up to the grid's cut-off tails
     with pytest.raises(ValueError):
         estimate_ratio([])
 
