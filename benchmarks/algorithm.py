@@ -13,14 +13,15 @@ import argparse
 
 from common import TASKS, launch
 
+FEDPEPTAO = ["method.name=fedpeptao", "method.lanczos_iters=30"]
 METHODS = {
-    "FedPepTAO": ["algorithm=fedpeptao"],
-    "FedAvg (P-tuning v2, all layers)": ["algorithm=fedavg"],
-    "- no layer selection": ["algorithm=fedpeptao", "selection.ratio=1.0"],
-    "- no control variate": ["algorithm=fedpeptao", "server.use_control_variates=false"],
-    "- no server momentum": ["algorithm=fedpeptao", "server.use_momentum=false"],
-    "- device SGD": ["algorithm=fedpeptao", "client.optimizer=sgd"],
-    "FedPepTAO, reference variant": ["algorithm=fedpeptao", "server.variant=reference"],
+    "FedPepTAO": FEDPEPTAO,
+    "FedAvg (P-tuning v2, all layers)": ["method.name=fedavg"],
+    "- no layer selection": FEDPEPTAO + ["method.ratio=1.0"],
+    "- no control variate": FEDPEPTAO + ["method.use_control_variates=false"],
+    "- no server momentum": FEDPEPTAO + ["method.use_momentum=false"],
+    "- device SGD": FEDPEPTAO + ["client.optimizer=sgd"],
+    "FedPepTAO, reference variant": FEDPEPTAO + ["method.variant=reference"],
 }
 
 
@@ -38,12 +39,13 @@ def main() -> None:
     args = parser.parse_args()
     for task in args.tasks:
         common = [f"data.task={TASKS / task}", "data.partition=paper-dirichlet", "data.alpha=1.0", "seed=0",
-                  "model.name=minilm", "model.num_prompt_tokens=10", "model.max_length=48",
+                  "model.name=minilm", "tuning.num_prompt_tokens=10", "model.max_length=48",
                   f"data.max_train_examples={args.train}", "data.max_eval_examples=400",
                   "federated.num_clients=20", "federated.clients_per_round=5", f"federated.rounds={args.rounds}",
-                  f"federated.target_accuracy={args.target}", "client.lr=0.02",
-                  f"selection.warmup_rounds={args.warmup}", "selection.lanczos_iters=30"]
-        results = {name: launch(common + extra) for name, extra in METHODS.items()}
+                  f"federated.target_accuracy={args.target}", "client.lr=0.02"]
+        warmup = [f"method.warmup_rounds={args.warmup}"]
+        results = {name: launch(common + extra + (warmup if "method.name=fedpeptao" in extra else []))
+                   for name, extra in METHODS.items()}
         print(f"\n## {task}: MiniLM, 20 clients (5 per round), paper Dirichlet alpha=1.0, {args.rounds} rounds, "
               f"target {args.target}")
         print("| method | best acc | final acc | rounds to target | s to target | MB | shared layers (ratio) |")

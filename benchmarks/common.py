@@ -18,8 +18,9 @@ def child(overrides: list[str]) -> None:
     sim = Simulation(load_config(None, overrides + ["progress=false"]))
     history = sim.run()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps({"history": history, "summary": sim.summary(), "peak_mb": peak_mb,
-                                  "selection": None if sim.selection is None else sim.selection.__dict__}))
+    summary = sim.summary()
+    print("RESULT " + json.dumps({"history": history, "summary": summary, "peak_mb": peak_mb,
+                                  "selection": summary.get("selection")}))
 
 
 def launch(overrides: list[str]) -> dict:

@@ -38,18 +38,18 @@ def main() -> None:
     mr = str(TASKS / "mr")
     cap = ["data.max_train_examples=600", "data.max_eval_examples=300"] if args.quick else \
           ["data.max_train_examples=2000", "data.max_eval_examples=600"]
-    common = [f"data.task={mr}", "data.partition=paper-dirichlet", "data.alpha=1.0", "algorithm=fedavg",
+    common = [f"data.task={mr}", "data.partition=paper-dirichlet", "data.alpha=1.0", "method.name=fedavg",
               f"federated.rounds={args.rounds}", "model.max_length=64", "client.lr=0.02", *cap]
-    minilm = launch(common + ["model.name=minilm", "model.num_prompt_tokens=10", "federated.num_clients=20",
+    minilm = launch(common + ["model.name=minilm", "tuning.num_prompt_tokens=10", "federated.num_clients=20",
                               "federated.clients_per_round=5"])
     per_round_table("MiniLM (BERT, 22.7M) on MR, FedAvg, deep prompts, 20 clients, alpha=1.0", minilm)
-    smol = launch(common + ["model.name=smollm2-135m", "model.num_prompt_tokens=5", "federated.num_clients=20",
+    smol = launch(common + ["model.name=smollm2-135m", "tuning.num_prompt_tokens=5", "federated.num_clients=20",
                             "federated.clients_per_round=5", "data.max_train_examples=800",
                             "data.max_eval_examples=300", "client.epochs=1", "client.lr=0.01",
                             f"federated.rounds={max(3, args.rounds // 2)}"])
     per_round_table("SmolLM2-135M (LLaMA) on MR, FedAvg, deep prompts, label-word scoring, 20 clients", smol)
 
-    memory = {n: launch(common + ["model.name=minilm", "model.num_prompt_tokens=10", f"federated.num_clients={n}",
+    memory = {n: launch(common + ["model.name=minilm", "tuning.num_prompt_tokens=10", f"federated.num_clients={n}",
                                   "federated.clients_per_round=10", "federated.rounds=3"]) for n in (10, 100)}
     ratio = memory[100]["peak_mb"] / memory[10]["peak_mb"]
     print("\n## Peak memory, one shared backbone (MiniLM, 3 rounds, 10 clients sampled per round)")

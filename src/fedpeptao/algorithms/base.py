@@ -155,6 +155,10 @@ class Algorithm:
         """The model tensors of a message (without the algorithm's own entries)."""
         return dict(received)
 
+    def received_copy(self, received: Mapping[str, Tensor]) -> Tensors:
+        """A detached copy of the received model tensors: the global model a local objective refers to."""
+        return {n: t.detach().clone() for n, t in self.model_part(received).items()}
+
     def client_start(self, received: Mapping[str, Tensor], client: ClientState) -> Tensors:
         """The trainable tensors the device works from: its own, overwritten by the shared ones."""
         return {**client.params, **self.model_part(received)}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
 
@@ -11,7 +11,6 @@ from pydantic import Field
 from torch import Tensor
 
 from fedpeptao.algorithms.base import Algorithm, AlgorithmSettings, ExtraLoss, register
-from fedpeptao.core.federation import ClientState
 
 
 class FedProxSettings(AlgorithmSettings):
@@ -25,10 +24,9 @@ class FedProx(Algorithm):
     settings_class = FedProxSettings
 
     @contextmanager
-    def client_training(self, model: torch.nn.Module, received: Mapping[str, Tensor], client: ClientState
-                        ) -> Iterator[ExtraLoss | None]:
-        anchor = {n: t.detach().clone() for n, t in self.model_part(received).items()}
-        mu = self.settings.mu
+    def client_training(self, model, received, client) -> Iterator[ExtraLoss | None]:
+        """The local loss gains ``mu/2 ||w - w_global||^2`` over the received tensors."""
+        mu, anchor = self.settings.mu, self.received_copy(received)
 
         def proximal(m: torch.nn.Module) -> Tensor:
             params = dict(m.named_parameters())

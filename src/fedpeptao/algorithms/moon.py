@@ -44,10 +44,10 @@ class Moon(Algorithm):
     @contextmanager
     def client_training(self, model: torch.nn.Module, received: Mapping[str, Tensor], client: ClientState
                         ) -> Iterator[ExtraLoss | None]:
-        glob = {n: t.detach().clone() for n, t in self.model_part(received).items()}
-        prev = {n: client.params[n].detach().clone() for n in glob}
-        seen: dict[str, object] = {}
         mu, tau = self.settings.mu, self.settings.tau
+        glob = self.received_copy(received)  # positive: the global model
+        prev = {n: client.params[n].detach().clone() for n in glob}  # negative: this device's last model
+        seen: dict[str, object] = {}
 
         def grab_batch(_module, _args, kwargs):
             seen["batch"] = kwargs

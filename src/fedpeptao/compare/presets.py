@@ -26,8 +26,8 @@ class Preset:
     method: str = "fedavg"
     tuning: str = "deep_prompt"
     settings: tuple[str, ...] = ()  # further key=value settings of this preset
-    shared: str = ""  # what travels
-    parameters: str = ""  # trainable (= shared) parameters per client, without the head
+    shared: str = "every layer's deep prompt + head"  # what travels
+    parameters: str = _DEEP  # trainable (= shared) parameters per client, without the head
 
     def overrides(self) -> list[str]:
         return [f"method.name={self.method}", f"tuning.name={self.tuning}", *self.settings]
@@ -37,8 +37,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("fedpeptao", "FedPepTAO: scored layer selection, SCAFFOLD-II control variates and server momentum",
            "fedpeptao", shared="deep prompts of the selected ceil(r*L) layers + head; the rest stay on the device",
            parameters=f"{_DEEP} trained, ceil(r*L) * P * 2 * kv shared"),
-    Preset("fedavg", "P-tuning v2, every layer's deep prompt shared, FedAvg", shared="every layer's deep prompt + head",
-           parameters=_DEEP),
+    Preset("fedavg", "P-tuning v2, every layer's deep prompt shared, FedAvg"),
     Preset("fedprompt", "prompt tuning on the input only (PEFT PromptTuning), FedAvg", tuning="input_prompt",
            shared="input prompt + head", parameters="P * H"),
     Preset("lpt", "late prompt tuning: hidden-state prompt inserted at layer L//2, FedAvg", tuning="late_prompt",
@@ -54,30 +53,24 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("attempt", "ATTEMPT: attention over 4 frozen random source prompts + a target prompt, FedAvg",
            tuning="attempt", shared="target prompt + attention module + head",
            parameters="P*H + (H*r + r) + (r*H + H) + 2H, r = 32"),
-    Preset("fedprox", "P-tuning v2 prompts, FedProx (mu = 0.01)", "fedprox",
-           shared="every layer's deep prompt + head", parameters=_DEEP),
+    Preset("fedprox", "P-tuning v2 prompts, FedProx (mu = 0.01)", "fedprox"),
     Preset("scaffold", "P-tuning v2 prompts, SCAFFOLD (option II, client control variates)", "scaffold",
-           shared="prompts + head and their control variates (2x both ways)", parameters=_DEEP),
-    Preset("moon", "P-tuning v2 prompts, MOON (mu = 1, tau = 0.5)", "moon",
-           shared="every layer's deep prompt + head", parameters=_DEEP),
-    Preset("fedadam", "P-tuning v2 prompts, FedAdam server (Reddi et al. 2021)", "fedadam",
-           shared="every layer's deep prompt + head", parameters=_DEEP),
-    Preset("fedyogi", "P-tuning v2 prompts, FedYogi server", "fedyogi",
-           shared="every layer's deep prompt + head", parameters=_DEEP),
-    Preset("fedadagrad", "P-tuning v2 prompts, FedAdagrad server", "fedadagrad",
-           shared="every layer's deep prompt + head", parameters=_DEEP),
+           shared="prompts + head and their control variates (2x both ways)"),
+    Preset("moon", "P-tuning v2 prompts, MOON (mu = 1, tau = 0.5)", "moon"),
+    Preset("fedadam", "P-tuning v2 prompts, FedAdam server (Reddi et al. 2021)", "fedadam"),
+    Preset("fedyogi", "P-tuning v2 prompts, FedYogi server", "fedyogi"),
+    Preset("fedadagrad", "P-tuning v2 prompts, FedAdagrad server", "fedadagrad"),
     # FedPepTAO on another per-layer tuning, and its ablations (SPEC section 5)
     Preset("fedpeptao-lora", f"FedPepTAO selecting among LoRA's per-layer matrices, device lr {WEIGHT_LR}",
            "fedpeptao", "lora", (f"client.lr={WEIGHT_LR}",),
            shared="LoRA matrices of the selected layers + head", parameters="L * 2 * r * 2H (BERT)"),
     Preset("fedpeptao-all-layers", "FedPepTAO without layer selection (every layer shared)", "fedpeptao",
-           settings=("method.ratio=1.0",), shared="every layer's deep prompt + head", parameters=_DEEP),
-    Preset("fedpeptao-no-cv", "FedPepTAO without control variates", "fedpeptao",
-           settings=("method.use_control_variates=false",), shared="selected layers + head", parameters=_DEEP),
-    Preset("fedpeptao-no-momentum", "FedPepTAO without server momentum", "fedpeptao",
-           settings=("method.use_momentum=false",), shared="selected layers + head", parameters=_DEEP),
-    Preset("fedpeptao-sgd", "FedPepTAO with device SGD instead of AdamW", "fedpeptao",
-           settings=("client.optimizer=sgd",), shared="selected layers + head", parameters=_DEEP),
+           settings=("method.ratio=1.0",)),
+    *[Preset(f"fedpeptao-{suffix}", f"FedPepTAO {what}", "fedpeptao", settings=(setting,),
+             shared="selected layers + head")
+      for suffix, what, setting in [("no-cv", "without control variates", "method.use_control_variates=false"),
+                                    ("no-momentum", "without server momentum", "method.use_momentum=false"),
+                                    ("sgd", "with device SGD instead of AdamW", "client.optimizer=sgd")]],
 ]}
 
 # The paper's comparison (SPEC section 5): FedPepTAO and the nine baselines, the server optimisers split out.

@@ -1,7 +1,7 @@
 """Send the package's log records through Flower's own logger.
 
 Flower prints, streams (``flwr run --stream``, ``flwr log``) and stores what its ``flwr`` logger
-handles; records of the ``fedpeptao`` loggers (the round summaries, rejected updates, refused
+handles; records of the package's loggers (the round summaries, rejected updates, refused
 nodes) would otherwise show only as bare warnings on stderr, and INFO not at all.
 """
 
@@ -11,7 +11,7 @@ import logging
 
 
 def route_to_flower() -> None:
-    """Attach Flower's handlers to the ``fedpeptao`` logger at INFO (idempotent).
+    """Attach Flower's handlers to the package logger at INFO (idempotent).
 
     Propagation to the root logger is left on, so whatever the host process configured still works.
     """

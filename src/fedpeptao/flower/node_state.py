@@ -1,7 +1,7 @@
 """A client's state between rounds on a SuperNode: in ``context.state`` and on the node's disk.
 
-FedPepTAO's unselected layers never leave the device, the device's AdamW moments carry over
-between rounds, and an algorithm may keep per-device tensors (SCAFFOLD's ``c_k``), so a client
+Personal layers never leave the device, the device's AdamW moments carry over between rounds,
+and an algorithm may keep per-device tensors of its own (control variates), so a client
 that forgot them would silently become a different algorithm. Flower keeps ``context.state``
 for the life of the SuperNode process; copies on the node's disk (crash-safe checkpoints of
 :mod:`fedpeptao.utils.checkpoint`, keyed by run and client, one per round the client changed)

@@ -2,7 +2,7 @@
 
 The run config (``[tool.flwr.app.config]`` in ``flower_app/pyproject.toml``, overridable with
 ``flwr run -c``) names the same :class:`~fedpeptao.config.ExperimentConfig` file the embedded
-simulator reads (``method.*`` and ``tuning.*`` choose the algorithm, as in ``fedpeptao run``),
+simulator reads (``method.*`` and ``tuning.*`` choose the algorithm, as on the command line),
 plus the few knobs only a real network needs (timeouts, quorum, where the server checkpoints).
 The node config
 (``flower-supernode --node-config``) says which data this node holds and where it keeps its state.
@@ -24,7 +24,7 @@ from fedpeptao.config import ConfigError, ExperimentConfig, load_config
 # only overrides keys the app declares).
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "config": "",  # ExperimentConfig file (TOML/YAML) on the SuperLink host; "" = built-in defaults
-    "overrides": "",  # "key=value; key=value" applied on top, as `fedpeptao run ... key=value`
+    "overrides": "",  # "key=value; key=value" applied on top, as on the command line
     "output-dir": "",  # where the ServerApp writes results; "" = <output_dir>/<run_name or flower-RUNID>
     "checkpoint-dir": "",  # where the ServerApp checkpoints and, restarted, continues from; "" = <output-dir>
     "round-timeout": 600.0,  # seconds to wait for replies in one phase of a round

@@ -130,7 +130,7 @@ class Simulation:
             message = algo.client_message(k)
             client = self.clients.get(k) or ClientState(params=self.fed.initial)
             self.model.load_trainable(algo.client_start(message, client))
-            if client.algo_state:  # the device kept something of this message (FedPepTAO's base)
+            if client.algo_state:  # the device kept something of this message
                 self.clients[k] = client
             algo.acknowledge(k)
             p, l = predict(self.model, self.eval_data, part)
