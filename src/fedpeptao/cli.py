@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -48,7 +49,84 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/report)")
     report.add_argument("--target", type=float, help="target metric for time-to-target columns")
     report.set_defaults(func=_report)
+    evaluate = sub.add_parser("evaluate", help="metrics of a finished run's global or client model")
+    _model_arguments(evaluate)
+    evaluate.add_argument("--data", type=Path, help="task folder or labelled table (default: the run's own test split)")
+    evaluate.add_argument("--split", choices=["test"], default="test", help="which split of the run's data")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate.set_defaults(func=_evaluate)
+    predict = sub.add_parser("predict", help="label text with a finished run's model: one JSON line per input line")
+    _model_arguments(predict)
+    predict.add_argument("--input", required=True, help="text file, one example per line (TAB between a pair), or -")
+    predict.add_argument("--output", type=Path, help="where to write the JSON lines (default: standard output)")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.set_defaults(func=_predict)
+    export = sub.add_parser("export", help="write a finished run's model as a PEFT adapter or plain safetensors")
+    _model_arguments(export)
+    export.add_argument("--format", choices=["peft", "safetensors"], required=True)
+    export.add_argument("out_dir", type=Path)
+    export.set_defaults(func=_export)
     return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="a finished run directory")
+    parser.add_argument("--client", type=int, help="this client's personal model (default: the global model)")
+
+
+def _load(args: argparse.Namespace):
+    from fedpeptao.trained import load_run  # noqa: PLC0415
+
+    return load_run(args.run_dir, args.client)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    metrics = _load(args).evaluate(args.data)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print("| metric | value |\n|---|---:|")
+        for key, value in metrics.items():
+            if key != "metric":
+                print(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    return 0
+
+
+def _read_inputs(source: str) -> list:
+    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"--input {source}: no text to predict")
+    return lines
+
+
+def _predict(args: argparse.Namespace) -> int:
+    lines = _read_inputs(args.input)  # before the model loads: an empty input costs nothing
+    model = _load(args)
+    inputs = [tuple(line.split("\t", 1)) if model.pair else line for line in lines]
+    if model.pair and any(len(x) != 2 for x in inputs):
+        raise ValueError(f"--input {args.input}: this model classifies pairs; separate them with a TAB")
+    truncated = model.count_truncated(inputs)
+    if truncated:
+        print(f"warning: {truncated} of {len(inputs)} inputs are longer than model.max_length "
+              f"({model.cfg.model.max_length} tokens) and were truncated", file=sys.stderr)
+    probs = model.predict_proba(inputs, args.batch_size, progress=len(inputs) > 1000)
+    rows = [json.dumps({"text": x if isinstance(x, str) else list(x), "label": model.labels[int(p.argmax())],
+                        "probabilities": {name: float(v) for name, v in zip(model.labels, p)}})
+            for x, p in zip(inputs, probs)]
+    out = "\n".join(rows) + "\n"
+    if args.output:
+        args.output.write_text(out, encoding="utf-8")
+    else:
+        sys.stdout.write(out)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fedpeptao.export import export  # noqa: PLC0415
+
+    print(f"exported to {export(_load(args), args.out_dir, args.format)}")
+    return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -79,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

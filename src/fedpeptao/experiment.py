@@ -8,7 +8,9 @@ the same algorithm: the basis of their equality.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -66,23 +68,40 @@ class Federation:
     head: str
     train_set: TextDataset
     eval_set: TextDataset
+    label_words: list[str] | None = None
+
+
+@dataclass
+class Classifier:
+    """The tuned model around a backbone, and how it reads text (what a trained run is rebuilt from)."""
+
+    model: PromptedClassifier
+    head: str
+    label_words: list[str] | None
+    max_length: int  # text tokens per example, after the tuning's prompt positions
+
+
+def build_classifier(cfg: ExperimentConfig, backbone: Backbone, label_names: list[str], is_pair: bool) -> Classifier:
+    """The configured tuning on ``backbone`` for these labels, its initial tensors seeded by ``cfg.seed``."""
+    head = resolve_head(cfg, backbone)
+    words = None
+    if head in ("mlm", "lm"):
+        words = cfg.model.label_words or default_label_words(label_names, is_pair)
+        if len(words) != len(label_names):
+            raise ValueError(f"model.label_words: expected {len(label_names)} words, got {len(words)}")
+    model = build_tuning(cfg.tuning, backbone.model, head, len(label_names),
+                         label_word_ids(backbone.tokenizer, words, head) if words else None, cfg.seed)
+    return Classifier(model, head, words, max_text_length(backbone.model, prompt_tokens(cfg), cfg.model.max_length))
 
 
 def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, own_data: bool = False) -> Federation:
     """Everything a device needs, built from its config. ``own_data``: the data set is one client's, not partitioned."""
     torch.manual_seed(cfg.seed)
     backbone = backbone or load_backbone(cfg.model.name, head=cfg.model.head)
-    head = resolve_head(cfg, backbone)
     train_set, eval_set = load_splits(cfg.data, cfg.seed)
     tokenizer = backbone.tokenizer
-    words = None
-    if head in ("mlm", "lm"):
-        words = cfg.model.label_words or default_label_words(train_set.label_names, train_set.is_pair)
-        if len(words) != train_set.num_labels:
-            raise ValueError(f"model.label_words: expected {train_set.num_labels} words, got {len(words)}")
-    model = build_tuning(cfg.tuning, backbone.model, head, train_set.num_labels,
-                         label_word_ids(tokenizer, words, head) if words else None, cfg.seed)
-    length = max_text_length(backbone.model, prompt_tokens(cfg), cfg.model.max_length)
+    built = build_classifier(cfg, backbone, train_set.label_names, train_set.is_pair)
+    model, head, length = built.model, built.head, built.max_length
     train_data = encode(train_set, tokenizer, head, length, cfg.model.template)
     eval_data = encode(eval_set, tokenizer, head, length, cfg.model.template)
     if own_data:
@@ -94,7 +113,7 @@ def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, ow
             cfg.seed, min_size=2, size_alpha=cfg.data.size_alpha)
     return Federation(cfg, model, model.trainable_state(), train_data, eval_data, train_parts, eval_parts,
                       local_config(cfg), metric_for_task(cfg.data.task), train_set.num_labels,
-                      backbone, head, train_set, eval_set)
+                      backbone, head, train_set, eval_set, built.label_words)
 
 
 def server_context(cfg: ExperimentConfig, layer_groups: dict[int, list[str]], head_names: list[str]) -> ServerContext:
@@ -112,3 +131,27 @@ def make_run_algorithm(cfg: ExperimentConfig, initial: Tensors, layer_groups: di
 def device_algorithm(cfg: ExperimentConfig, fed: Federation) -> Algorithm:
     """The same algorithm on a device: its client hooks, with the device's model groups."""
     return make_run_algorithm(cfg, fed.initial, fed.model.layer_groups(), fed.model.head_names())
+
+
+MODEL_CARD = "model.json"
+MODEL_FORMAT = "fedpeptao-model"
+
+
+def write_model_card(run_dir: Path, cfg: ExperimentConfig, fed: Federation, clients: list[int],
+                     personal: list[str]) -> Path:
+    """``model.json``: what a run's tensors belong to, so the model can be rebuilt and used.
+
+    ``personal`` are the trainable tensors that never left the devices (FedPepTAO's unselected
+    layers): a model with any is personal by construction, and only ``clients/<k>.safetensors``
+    holds a complete one.
+    """
+    card = {
+        "format": MODEL_FORMAT, "version": 1, "base_model": cfg.model.name, "head": fed.head,
+        "tuning": cfg.tuning.model_dump(mode="json"), "method": cfg.method.name,
+        "labels": fed.train_set.label_names, "pair": fed.train_set.is_pair, "label_words": fed.label_words,
+        "template": cfg.model.template, "max_length": cfg.model.max_length, "metric": fed.metric,
+        "clients": clients, "personal_tensors": personal, "seed": cfg.seed,
+    }
+    path = Path(run_dir) / MODEL_CARD
+    path.write_text(json.dumps(card, indent=2))
+    return path

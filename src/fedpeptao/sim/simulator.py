@@ -31,7 +31,7 @@ from fedpeptao.core.federation import ClientState, client_round, round_seed
 from fedpeptao.core.metrics import score
 from fedpeptao.core.server import ClientUpdate
 from fedpeptao.core.validation import ValidationPolicy, filter_model_updates
-from fedpeptao.experiment import build_federation, device_algorithm
+from fedpeptao.experiment import build_federation, device_algorithm, write_model_card
 from fedpeptao.models.loading import Backbone
 from fedpeptao.report.summary import config_difference, run_summary
 from fedpeptao.utils.checkpoint import (capture_rng_state, flatten_state, load_latest_checkpoint, restore_rng_state,
@@ -213,11 +213,26 @@ class Simulation:
                            trainable_parameters=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                            params_per_message=sum(t.numel() for t in self.algorithm.global_shared().values()))
 
+    def client_model(self, k: int) -> dict:
+        """Client ``k``'s tensors exactly as it would use them: its own, with the global shared ones."""
+        client = self.clients[k]
+        copy = ClientState(params=dict(client.params), algo_state=dict(client.algo_state))
+        return self.algorithm.client_start(self.algorithm.client_message(k), copy)
+
     def save_final(self) -> None:
+        """``global.safetensors``, ``clients/<k>.safetensors`` for every client that trained,
+        ``model.json`` (what the tensors belong to) and ``summary.json``; nothing pickled."""
         if self.run_dir is None:
             return
         params = self.algorithm.params
         save_file({k: v.contiguous() for k, v in params.items()}, self.run_dir / "global.safetensors")
+        trained = [k for k, c in sorted(self.clients.items()) if c.rounds_trained]
+        (self.run_dir / "clients").mkdir(exist_ok=True)
+        for k in trained:
+            save_file({n: t.contiguous() for n, t in self.client_model(k).items()},
+                      self.run_dir / "clients" / f"{k}.safetensors")
+        personal = sorted(set(self.model.trainable_names()) - set(self.algorithm.shared))
+        write_model_card(self.run_dir, self.cfg, self.fed, trained, personal)
         (self.run_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2))
 
 

@@ -1,0 +1,118 @@
+"""Hand a trained model to other tools: a PEFT adapter, or plain safetensors plus ``model.json``.
+
+``peft``: ``peft.PeftModel.from_pretrained(base_model, OUT_DIR)`` loads it.
+
+- deep prompts -> PEFT prefix tuning without projection: layer ``i``'s ``[P, 2, H_kv*d]`` prefix
+  is PEFT's ``[P, L*2*H_kv*d]`` prompt embedding's slice ``i`` (PEFT views it as
+  ``[P, 2L, H_kv, d]`` and takes rows ``2i``, ``2i+1`` as layer ``i``'s keys and values);
+- LoRA -> PEFT LoRA with the same rank, alpha and target modules;
+- input prompts -> PEFT prompt tuning (the tuning already is PEFT's module).
+
+The adapter is built on a fresh copy of the base model and saved with PEFT's own
+``save_pretrained``, so the files are exactly what PEFT writes. The classification rule that PEFT
+has no place for goes beside it: ``classifier.json`` (head kind, pooling, labels, label words,
+template) and, for the linear head, ``head.safetensors`` (``weight``, ``bias``: logits =
+``mean-pooled last hidden state @ weight.T + bias``, masked mean over the text tokens).
+Late prompts, adapters, IDPG and ATTEMPT have no PEFT form; they are refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fedpeptao.models.loading import load_backbone
+from fedpeptao.trained import TrainedModel
+
+PEFT_TUNINGS = ("deep_prompt", "lora", "input_prompt")
+CLASSIFIER_FILE, HEAD_FILE = "classifier.json", "head.safetensors"
+
+
+class ExportError(ValueError):
+    """What cannot be exported, in one line."""
+
+
+def export(trained: TrainedModel, out_dir: str | Path, fmt: str) -> Path:
+    """Write ``trained`` to ``out_dir`` (which must not hold files) as ``peft`` or ``safetensors``."""
+    out = Path(out_dir)
+    tuning = trained.cfg.tuning.name
+    if fmt not in ("peft", "safetensors"):
+        raise ExportError(f"--format: {fmt!r} is not one of peft, safetensors")
+    if fmt == "peft" and tuning not in PEFT_TUNINGS:
+        raise ExportError(f"tuning {tuning}: PEFT has no equivalent (exportable: {', '.join(PEFT_TUNINGS)}); "
+                          f"use --format safetensors")
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out}: exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        state = trained.model.trainable_state()
+        save_file({n: t.contiguous() for n, t in state.items()}, str(out / "tensors.safetensors"))
+    else:
+        _peft_adapter(trained).save_pretrained(str(out))
+    _classifier_files(trained, out)
+    return out
+
+
+def _classifier_files(trained: TrainedModel, out: Path) -> None:
+    model = trained.model
+    card = {"format": "fedpeptao-classifier", "version": 1, "base_model": trained.cfg.model.name, "head": trained.head,
+            "pooling": "masked mean of the last hidden state" if trained.head == "linear" else "label-word logits",
+            "labels": trained.labels, "pair": trained.pair, "template": trained.cfg.model.template,
+            "label_word_ids": model.label_word_ids.tolist(), "tuning": trained.cfg.tuning.model_dump(mode="json"),
+            "client": trained.client, "max_length": trained.cfg.model.max_length}
+    (out / CLASSIFIER_FILE).write_text(json.dumps(card, indent=2))
+    if model.head is not None:
+        save_file({"weight": model.head.weight.detach().contiguous(), "bias": model.head.bias.detach().contiguous()},
+                  str(out / HEAD_FILE))
+
+
+def _peft_adapter(trained: TrainedModel):
+    from peft import get_peft_model  # noqa: PLC0415
+
+    tuning = trained.cfg.tuning
+    if tuning.name == "input_prompt":
+        return trained.model.peft
+    base = load_backbone(trained.cfg.model.name, head=trained.head).model  # fresh: ours carries our own prefix hook
+    if tuning.name == "deep_prompt":
+        return _prefix_adapter(trained, base, get_peft_model)
+    return _lora_adapter(trained, base, get_peft_model)
+
+
+def _prefix_adapter(trained: TrainedModel, base, get_peft_model):
+    from peft import PrefixTuningConfig  # noqa: PLC0415
+
+    prompt = trained.model.prompt
+    layers = prompt.active_layers
+    if layers != list(range(prompt.num_model_layers)):
+        raise ExportError("deep prompts on a subset of layers have no PEFT prefix-tuning form")
+    task = "CAUSAL_LM" if trained.head == "lm" else "FEATURE_EXTRACTION"
+    config = PrefixTuningConfig(task_type=task, num_virtual_tokens=prompt.num_tokens, prefix_projection=False)
+    peft_model = get_peft_model(base, config)
+    weight = torch.cat([prompt.layers[str(i)].detach().reshape(prompt.num_tokens, -1) for i in layers], dim=1)
+    embedding = peft_model.prompt_encoder["default"].embedding.weight
+    if embedding.shape != weight.shape:
+        raise ExportError(f"PEFT's prefix for this model is {tuple(embedding.shape)}, ours {tuple(weight.shape)}")
+    with torch.no_grad():
+        embedding.copy_(weight)
+    return peft_model
+
+
+def _lora_adapter(trained: TrainedModel, base, get_peft_model):
+    from peft import LoraConfig  # noqa: PLC0415
+
+    s = trained.cfg.tuning
+    config = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=s.target_modules, bias="none",
+                        task_type="CAUSAL_LM" if trained.head == "lm" else "FEATURE_EXTRACTION")
+    peft_model = get_peft_model(base, config)
+    ours = {n.removeprefix("model."): t for n, t in trained.model.trainable_state().items() if "lora_" in n}
+    theirs = {n.removeprefix("base_model.model."): p for n, p in peft_model.named_parameters() if "lora_" in n}
+    if ours.keys() != theirs.keys():
+        missing = sorted(set(ours) ^ set(theirs))[:3]
+        raise ExportError(f"PEFT's LoRA modules differ from the trained ones ({missing})")
+    with torch.no_grad():
+        for name, tensor in ours.items():
+            theirs[name].copy_(tensor)
+    return peft_model
