@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedpeptao.core.metrics import accuracy, binary_f1, matthews, metric_for_task, score
+from fedpeptao.core.metrics import accuracy, binary_f1, default_metric, matthews, score
 
 
 def test_against_hand_computed_values():
@@ -17,5 +17,6 @@ def test_against_hand_computed_values():
 
 def test_constant_prediction_has_zero_mcc_and_task_metrics():
     assert matthews(np.zeros(5, int), np.array([0, 1, 0, 1, 1])) == 0.0
-    assert metric_for_task("../shared/data/tasks/mrpc") == "acc_f1"
-    assert metric_for_task("cola") == "mcc" and metric_for_task("mr") == "accuracy"
+    assert default_metric("mrpc") == "acc_f1" and default_metric("cola") == "mcc"
+    assert default_metric(None) == "accuracy" and default_metric("sst-2") == "accuracy"
+    assert score("macro_f1", np.array([0, 1, 2, 2]), np.array([0, 1, 2, 1])) == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedpeptao.algorithms import METHODS, MethodConfig
 from fedpeptao.algorithms.fedpeptao import FedPepTAOSettings
+from fedpeptao.core.metrics import MetricName
 from fedpeptao.tunings import TUNINGS, TuningConfig
 from fedpeptao.tunings.deep_prompt import DeepPromptSettings
 from fedpeptao.utils.round_log import tensorboard_available
@@ -42,14 +43,22 @@ class DataConfig(_Section):
     task: str = "rotten_tomatoes"  # bundled task, or a folder with train/dev/test files
     train_file: str | None = None
     eval_file: str | None = None
+    header: bool = True  # false: the tables' first line is data; name columns by index (text_a=3, label=1)
     text_a: str | None = None
     text_b: str | None = None
     label: str | None = None
+    metric: MetricName | None = None  # default: the task's (CoLA: mcc, MRPC: acc_f1), else accuracy
     partition: Literal["paper-dirichlet", "flwr-dirichlet", "iid"] = "paper-dirichlet"
     alpha: float = Field(1.0, gt=0.0)
     size_alpha: float = Field(5.0, gt=0.0)
     max_train_examples: int | None = Field(None, ge=1)
     max_eval_examples: int | None = Field(None, ge=1)
+
+    @field_validator("text_a", "text_b", "label", mode="before")
+    @classmethod
+    def _column_index(cls, value: Any) -> Any:
+        """``data.label=1`` names column 1 of a headerless table."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class FederatedConfig(_Section):

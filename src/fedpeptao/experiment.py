@@ -19,7 +19,7 @@ from fedpeptao.algorithms import Algorithm, ServerContext, make_algorithm
 from fedpeptao.config import ExperimentConfig
 from fedpeptao.core.client import LocalTrainConfig
 from fedpeptao.core.federation import averaging
-from fedpeptao.core.metrics import MetricName, metric_for_task
+from fedpeptao.core.metrics import MetricName, default_metric
 from fedpeptao.data.dataset import TextDataset
 from fedpeptao.data.encoding import EncodedDataset, default_label_words, encode, label_word_ids
 from fedpeptao.data.partition import partition
@@ -112,7 +112,7 @@ def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, ow
             train_set.labels, eval_set.labels, cfg.data.partition, cfg.federated.num_clients, cfg.data.alpha,
             cfg.seed, min_size=2, size_alpha=cfg.data.size_alpha)
     return Federation(cfg, model, model.trainable_state(), train_data, eval_data, train_parts, eval_parts,
-                      local_config(cfg), metric_for_task(cfg.data.task), train_set.num_labels,
+                      local_config(cfg), cfg.data.metric or default_metric(train_set.layout), train_set.num_labels,
                       backbone, head, train_set, eval_set, built.label_words)
 
 

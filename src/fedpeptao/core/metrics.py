@@ -1,32 +1,33 @@
-"""Classification metrics the paper reports: accuracy, Matthews correlation (CoLA), (acc+F1)/2 (MRPC)."""
+"""Classification metrics the paper reports, from scikit-learn: accuracy, Matthews correlation
+(CoLA), (accuracy + F1) / 2 (MRPC), and binary / macro F1.
+
+A run's metric is ``data.metric``; its default comes from the task's layout as the reader
+recognised it (GLUE CoLA: MCC; GLUE MRPC: (accuracy + F1) / 2), never from a folder name.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-MetricName = Literal["accuracy", "mcc", "acc_f1"]
+MetricName = Literal["accuracy", "f1", "macro_f1", "mcc", "acc_f1"]
+METRICS: tuple[str, ...] = get_args(MetricName)
+LAYOUT_METRICS: dict[str, MetricName] = {"cola": "mcc", "mrpc": "acc_f1"}
 
 
 def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
-    return float((preds == labels).mean()) if len(labels) else 0.0
+    return float(accuracy_score(labels, preds)) if len(labels) else 0.0
 
 
 def binary_f1(preds: np.ndarray, labels: np.ndarray, positive: int = 1) -> float:
-    tp = np.sum((preds == positive) & (labels == positive))
-    fp = np.sum((preds == positive) & (labels != positive))
-    fn = np.sum((preds != positive) & (labels == positive))
-    return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 0.0
+    return float(f1_score(labels, preds, pos_label=positive, average="binary", zero_division=0.0))
 
 
 def matthews(preds: np.ndarray, labels: np.ndarray) -> float:
     """Multi-class Matthews correlation (Gorodkin's R_K), 0 when undefined."""
-    classes = np.union1d(preds, labels)
-    conf = np.array([[np.sum((labels == a) & (preds == b)) for b in classes] for a in classes], dtype=np.float64)
-    t, p, c, s = conf.sum(1), conf.sum(0), np.trace(conf), conf.sum()
-    denom = np.sqrt((s**2 - p @ p) * (s**2 - t @ t))
-    return float((c * s - t @ p) / denom) if denom else 0.0
+    return float(matthews_corrcoef(labels, preds)) if len(labels) else 0.0
 
 
 def score(name: MetricName, preds: np.ndarray, labels: np.ndarray) -> float:
@@ -34,10 +35,13 @@ def score(name: MetricName, preds: np.ndarray, labels: np.ndarray) -> float:
         return matthews(preds, labels)
     if name == "acc_f1":
         return (accuracy(preds, labels) + binary_f1(preds, labels)) / 2
+    if name == "f1":
+        return binary_f1(preds, labels)
+    if name == "macro_f1":
+        return float(f1_score(labels, preds, average="macro", zero_division=0.0))
     return accuracy(preds, labels)
 
 
-def metric_for_task(task: str) -> MetricName:
-    """The paper's metric for a task name (CoLA: MCC, MRPC: (acc+F1)/2, else accuracy)."""
-    name = task.rstrip("/").split("/")[-1].lower()
-    return {"cola": "mcc", "mrpc": "acc_f1"}.get(name, "accuracy")
+def default_metric(layout: str | None) -> MetricName:
+    """The paper's metric for a recognised task layout (CoLA: MCC, MRPC: (acc+F1)/2, else accuracy)."""
+    return LAYOUT_METRICS.get(layout or "", "accuracy")

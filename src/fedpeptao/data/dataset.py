@@ -23,6 +23,7 @@ class TextDataset:
     texts_b: list[str] | None
     labels: np.ndarray
     label_names: list[str]
+    layout: str | None = None  # the task layout the reader recognised (cola, mrpc, ...), which picks the metric
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
@@ -48,6 +49,7 @@ class TextDataset:
             texts_b=None if self.texts_b is None else [self.texts_b[i] for i in idx],
             labels=self.labels[idx],
             label_names=list(self.label_names),
+            layout=self.layout,
         )
 
     @property

@@ -1,5 +1,12 @@
 """Read labelled text tables (TSV, CSV, JSON lines, ``save_to_disk`` folders) into a TextDataset.
 
+Tables as users have them: with a header (columns found by name, see ``TEXT_COLUMNS``), or
+without one (``header=False``, columns named by index: ``text_a="3", label="1"``). The GLUE
+layouts are recognised without configuration, and the layout is recorded on the dataset so the
+task's metric follows from it: CoLA (headerless ``source, label, mark, sentence``), MRPC
+(``Quality, #1 ID, #2 ID, #1 String, #2 String``), QNLI / RTE (``index`` + pair + ``label``),
+SST-2 (``sentence, label``).
+
 Every problem with the input becomes a one-line :class:`DataError` that names the file and the
 line (or row) and column involved, so a user can go straight to the bad cell.
 """
@@ -26,6 +33,7 @@ TEXT_COLUMNS: tuple[tuple[str, str | None], ...] = (
     ("text", None),
 )
 TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
+COLA_COLUMNS = ["source", "label", "mark", "sentence"]  # GLUE CoLA's headerless train/dev files
 NO_TRAIN_SPLIT_SEED = 0  # fixed, so a task without a train file always splits the same way
 
 csv.field_size_limit(1 << 30)  # long documents are legitimate cells
@@ -40,6 +48,7 @@ class _Table:
     rows: list[list]
     where: list[str]
     label_orders: dict[str, list[str]] = field(default_factory=dict)  # ClassLabel column -> its names
+    layout: str | None = None
 
 
 def read_table(
@@ -49,32 +58,39 @@ def read_table(
     label: str | None = None,
     label_names: list[str] | None = None,
     split: str = "train",
+    header: bool = True,
 ) -> TextDataset:
-    """Read one labelled table; columns are auto-detected when not named (see ``TEXT_COLUMNS``)."""
-    return _to_dataset(_load(Path(path), split), text_a, text_b, label, label_names)
+    """Read one labelled table; columns are auto-detected when not named (see ``TEXT_COLUMNS``).
+
+    ``header=False``: the first line is data and columns are named by index (``"0"``, ``"1"``, ...).
+    """
+    return _to_dataset(_load(Path(path), split, header), text_a, text_b, label, label_names)
 
 
-def load_task_dir(path, label_names: list[str] | None = None) -> tuple[TextDataset, TextDataset]:
+def load_task_dir(path, label_names: list[str] | None = None, header: bool = True,
+                  columns: dict[str, str | None] | None = None) -> tuple[TextDataset, TextDataset]:
     """(train, eval) from a task folder with ``train``/``dev``/``test`` tables.
 
     Eval is the labelled test file, else the labelled dev file (GLUE test files carry no
     labels). Without a train file, the labelled held-out file is split 80/20 with a fixed seed.
+    ``columns`` (``text_a``, ``text_b``, ``label``) name the columns when detection cannot.
     """
+    text_a, text_b, label = ((columns or {}).get(k) for k in ("text_a", "text_b", "label"))
     folder = Path(path)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder")
     found = {name: _find_split_file(folder, name) for name in ("train", "dev", "test")}
     if found["train"] is not None:
-        train = read_table(found["train"], label_names=label_names)
+        train = read_table(found["train"], text_a, text_b, label, label_names, header=header)
         for name in ("test", "dev"):
-            table = _load(found[name], "train") if found[name] is not None else None
-            if table is not None and _detect_label(table.columns) is not None:
-                return train, _to_dataset(table, None, None, None, train.label_names)
+            table = _load(found[name], "train", header) if found[name] is not None else None
+            if table is not None and (label or _detect_label(table.columns)) in table.columns:
+                return train, _to_dataset(table, text_a, text_b, label, train.label_names)
         raise DataError(f"{folder}: has a train file but no labelled test or dev file to evaluate on")
     for name in ("dev", "test"):
-        table = _load(found[name], "train") if found[name] is not None else None
-        if table is not None and _detect_label(table.columns) is not None:
-            return stratified_split(_to_dataset(table, None, None, None, label_names), 0.2, NO_TRAIN_SPLIT_SEED)
+        table = _load(found[name], "train", header) if found[name] is not None else None
+        if table is not None and (label or _detect_label(table.columns)) in table.columns:
+            return stratified_split(_to_dataset(table, text_a, text_b, label, label_names), 0.2, NO_TRAIN_SPLIT_SEED)
     raise DataError(f"{folder}: no labelled train, dev or test file ({', '.join('*' + s for s in TABLE_SUFFIXES)})")
 
 
@@ -88,7 +104,7 @@ def _find_split_file(folder: Path, name: str) -> Path | None:
 # -- parsing ------------------------------------------------------------------------------
 
 
-def _load(path: Path, split: str) -> _Table:
+def _load(path: Path, split: str, header: bool = True) -> _Table:
     if path.is_dir():
         return _read_saved(path, split)
     if not path.exists():
@@ -104,10 +120,29 @@ def _load(path: Path, split: str) -> _Table:
     if suffix in (".jsonl", ".json"):
         table = _parse_json(path, text)
     else:
-        table = _parse_delimited(path, text, "\t" if suffix == ".tsv" else ",")
+        table = _parse_delimited(path, text, "\t" if suffix == ".tsv" else ",", header)
     if not table.rows:
         raise DataError(f"{path}: no data rows after the header")
+    table.layout = table.layout or _layout(table.columns)
     return table
+
+
+def _layout(columns: list[str]) -> str | None:
+    """The GLUE layout a header names (CoLA's files have none; :func:`_looks_like_cola` finds them)."""
+    if "Quality" in columns and "#1 String" in columns:
+        return "mrpc"
+    if columns[:1] == ["index"] and "question" in columns and "sentence" in columns:
+        return "qnli"
+    if columns[:1] == ["index"] and "sentence1" in columns and "sentence2" in columns:
+        return "rte"
+    if columns == ["sentence", "label"]:
+        return "sst-2"
+    return None
+
+
+def _looks_like_cola(first: list[str]) -> bool:
+    """GLUE CoLA's headerless rows: a source id, a 0/1 label, an empty or ``*`` mark, the sentence."""
+    return len(first) == 4 and first[1] in ("0", "1") and first[2] in ("", "*") and bool(first[3].strip())
 
 
 def _decode(path: Path) -> str:
@@ -121,13 +156,23 @@ def _decode(path: Path) -> str:
         ) from None
 
 
-def _parse_delimited(path: Path, text: str, delimiter: str) -> _Table:
+def _parse_delimited(path: Path, text: str, delimiter: str, has_header: bool = True) -> _Table:
     # GLUE TSVs put bare quotes inside fields (MRPC), so TSV cells are never quoted; CSV follows RFC 4180.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    layout = None
     try:
-        header = [name.strip() for name in next(reader)]
+        first = next(reader)
         rows, where = [], []
+        if has_header and _looks_like_cola(first):  # CoLA as GLUE distributes it: no header
+            header, layout = list(COLA_COLUMNS), "cola"
+        elif has_header:
+            header, first = [name.strip() for name in first], None
+        else:
+            header = [str(i) for i in range(len(first))]
+        if first is not None:
+            rows.append(first)
+            where.append("line 1")
         for fields in reader:
             if not fields or fields == [""]:
                 continue  # blank line
@@ -140,7 +185,7 @@ def _parse_delimited(path: Path, text: str, delimiter: str) -> _Table:
             where.append(f"line {reader.line_num}")
     except csv.Error as err:
         raise DataError(f"{path}: line {reader.line_num}: malformed {path.suffix[1:].upper()}: {err}") from None
-    return _Table(str(path), header, rows, where)
+    return _Table(str(path), header, rows, where, layout=layout)
 
 
 def _parse_json(path: Path, text: str) -> _Table:
@@ -253,7 +298,7 @@ def _to_dataset(
                 f"is not one of {label_names}"
             )
         labels[i] = index[value]
-    return TextDataset(texts_a, texts_b, labels, list(label_names))
+    return TextDataset(texts_a, texts_b, labels, list(label_names), table.layout)
 
 
 def _text_column(table: _Table, col: int) -> list[str]:

@@ -25,14 +25,14 @@ def load_splits(cfg, seed: int) -> tuple[TextDataset, TextDataset]:
     """Bundled task, task folder, or explicit train/eval files (``cfg`` is a DataConfig)."""
     columns = dict(text_a=cfg.text_a, text_b=cfg.text_b, label=cfg.label)
     if cfg.train_file:
-        train = read_table(cfg.train_file, **columns)
+        train = read_table(cfg.train_file, header=cfg.header, **columns)
         if not cfg.eval_file:
             raise DataError("data.eval_file: required when data.train_file is given")
-        evaluation = read_table(cfg.eval_file, label_names=train.label_names, **columns)
+        evaluation = read_table(cfg.eval_file, label_names=train.label_names, header=cfg.header, **columns)
     elif cfg.task in BUNDLED:
         train, evaluation = BUNDLED[cfg.task](seed=seed)
     elif Path(cfg.task).is_dir():
-        train, evaluation = load_task_dir(cfg.task)
+        train, evaluation = load_task_dir(cfg.task, header=cfg.header, columns=columns)
     else:
         raise DataError(f"data.task: '{cfg.task}' is neither a bundled task ({', '.join(BUNDLED)}) nor a folder")
     return _cap(train, cfg.max_train_examples, seed), _cap(evaluation, cfg.max_eval_examples, seed + 1)

@@ -86,7 +86,7 @@ def setup(message: Message, context: Context) -> Message:
     metrics = {"client-id": job.node.client_id, "num-train": len(job.train_part), "num-eval": len(job.eval_part),
                "num-labels": job.fed.num_labels}
     names = ConfigRecord({"layer-groups": json.dumps({str(i): n for i, n in model.layer_groups().items()}),
-                          "head-names": json.dumps(model.head_names())})
+                          "head-names": json.dumps(model.head_names()), "metric": job.fed.metric})
     return _reply(message, **{R.INIT: R.to_record(job.fed.initial), R.METRICS: MetricRecord(metrics),
                               R.CONFIG: names})
 

@@ -40,7 +40,7 @@ from fedpeptao.algorithms import Algorithm
 from fedpeptao.algorithms.base import ClientTask
 from fedpeptao.config import ConfigError, ExperimentConfig
 from fedpeptao.core import payload
-from fedpeptao.core.metrics import metric_for_task, score
+from fedpeptao.core.metrics import score
 from fedpeptao.core.server import ClientUpdate
 from fedpeptao.core.validation import ValidationPolicy, filter_model_updates
 from fedpeptao.experiment import make_run_algorithm
@@ -66,7 +66,7 @@ class FederatedStrategy(Strategy):
         self.min_replies = min_replies
         self.run_dir = run_dir
         self.checkpoint_dir = checkpoint_dir
-        self.metric = metric_for_task(cfg.data.task)
+        self.metric = cfg.data.metric or "accuracy"  # the clients' data says otherwise at setup
         self.rng = np.random.default_rng(cfg.seed)  # the simulator's sampling stream
         self.clients: dict[int, int] = {}  # client id -> Flower node id
         self.refused: set[int] = set()  # node ids whose initial tensors disagree with the federation's
@@ -309,6 +309,7 @@ class FederatedStrategy(Strategy):
             if not self.initial:
                 self.initial = init
                 self.names = {k: str(v) for k, v in message.content[R.CONFIG].items()}
+                self.metric = self.names["metric"]
             problem = _disagreement(self.initial, init)
             if problem is None and cid in answers:
                 problem = f"client id {cid} is already served by node {self.clients[cid]}"

@@ -17,7 +17,6 @@ from typing import Any
 
 import yaml
 
-from fedpeptao.core.metrics import metric_for_task
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +58,9 @@ class RunData:
 
     @property
     def metric_name(self) -> str:
-        """From summary.json; for an unfinished run, the task's metric as the simulator would choose it."""
-        name = (self.summary or {}).get("metric")
-        if name:
-            return str(name)
-        task = self.setting("data.task")
-        return metric_for_task(task) if isinstance(task, str) else "metric"
+        """From summary.json; for an unfinished run, the configured ``data.metric`` (else "metric")."""
+        name = (self.summary or {}).get("metric") or self.setting("data.metric")
+        return str(name) if name else "metric"
 
     def target(self, override: float | None = None) -> float | None:
         if override is not None:

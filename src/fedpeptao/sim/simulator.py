@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -250,6 +251,10 @@ def run_experiment(cfg: ExperimentConfig, backbone: Backbone | None = None) -> t
     """Validate inputs and build everything first; only then create the run directory and train."""
     run_dir = check_run_dir(cfg)
     sim = Simulation(cfg, None, backbone)
+    if cfg.progress:
+        layout = sim.fed.train_set.layout
+        print(f"metric: {sim.metric} ({'data.metric' if cfg.data.metric else f'task layout {layout}' if layout else 'default'})",
+              file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     sim.run_dir = run_dir
