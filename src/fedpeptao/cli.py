@@ -27,9 +27,11 @@ def _run(args: argparse.Namespace) -> int:
 
         sim, run_dir = run_experiment(cfg)
     s = sim.summary()
+    selected = (f"round {s['selected_round'] + 1}, selected on validation ({s['validation_metric']:.4f})"
+                if s["validation_metric"] is not None else "the last round (no validation examples)")
     print(f"run directory: {run_dir}")
-    print(f"final {s['metric']}: {s['final_metric']:.4f} (best {s['best_metric']:.4f} at round {s['best_round'] + 1}; "
-          f"majority-class rate {s['majority_rate']:.4f}); {s['total_mb']:.2f} MB communicated in {s['elapsed_s']:.0f} s")
+    print(f"test {s['metric']}: {s['test_metric_at_selected']:.4f} at {selected}; {s['final_metric']:.4f} at the end "
+          f"(majority-class rate {s['majority_rate']:.4f}); {s['total_mb']:.2f} MB communicated in {s['elapsed_s']:.0f} s")
     return 0
 
 

@@ -42,7 +42,9 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     task: str = "rotten_tomatoes"  # bundled task, or a folder with train/dev/test files
     train_file: str | None = None
-    eval_file: str | None = None
+    eval_file: str | None = None  # the test split
+    validation_file: str | None = None  # else a held-out share of each client's training data
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     header: bool = True  # false: the tables' first line is data; name columns by index (text_a=3, label=1)
     text_a: str | None = None
     text_b: str | None = None
@@ -201,6 +203,18 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     except yaml.YAMLError:
         value = raw
     parts = key.strip().split(".")
+    if len(parts) == 2 and parts[1] == "name" and parts[0] in ("method", "tuning"):
+        table = data.get(parts[0])
+        default = "fedpeptao" if parts[0] == "method" else "deep_prompt"
+        if isinstance(table, dict) and table.get("name", default) != value:
+            # another algorithm (tuning) starts from its own defaults; a tuning keeps the settings it shares
+            kept = {}
+            if parts[0] == "tuning":
+                from fedpeptao.tunings.base import REGISTRY  # noqa: PLC0415
+
+                fields = REGISTRY[value][0].model_fields if value in REGISTRY else {}
+                kept = {k: v for k, v in table.items() if k != "name" and k in fields}
+            data[parts[0]] = kept
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})

@@ -69,6 +69,9 @@ class Federation:
     train_set: TextDataset
     eval_set: TextDataset
     label_words: list[str] | None = None
+    val_data: EncodedDataset | None = None  # the validation examples (``train_data`` when held out)
+    val_parts: list[np.ndarray] | None = None  # each client's validation examples in ``val_data``
+    splits: dict[str, str] | None = None  # where each role's examples come from, for the summary
 
 
 @dataclass
@@ -98,7 +101,7 @@ def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, ow
     """Everything a device needs, built from its config. ``own_data``: the data set is one client's, not partitioned."""
     torch.manual_seed(cfg.seed)
     backbone = backbone or load_backbone(cfg.model.name, head=cfg.model.head)
-    train_set, eval_set = load_splits(cfg.data, cfg.seed)
+    train_set, val_set, eval_set = load_splits(cfg.data, cfg.seed)
     tokenizer = backbone.tokenizer
     built = build_classifier(cfg, backbone, train_set.label_names, train_set.is_pair)
     model, head, length = built.model, built.head, built.max_length
@@ -111,9 +114,34 @@ def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, ow
         train_parts, eval_parts = partition(
             train_set.labels, eval_set.labels, cfg.data.partition, cfg.federated.num_clients, cfg.data.alpha,
             cfg.seed, min_size=2, size_alpha=cfg.data.size_alpha)
+    if val_set is not None:
+        val_data = encode(val_set, tokenizer, head, length, cfg.model.template)
+        val_parts = ([np.arange(len(val_set), dtype=np.int64)] if own_data else
+                     partition(train_set.labels, val_set.labels, cfg.data.partition, cfg.federated.num_clients,
+                               cfg.data.alpha, cfg.seed, min_size=2, size_alpha=cfg.data.size_alpha)[1])
+        validation = f"validation split ({val_set.source or 'dev'})"
+    else:
+        train_parts, val_parts = hold_out(train_parts, cfg.data.validation_fraction, cfg.seed)
+        val_data = train_data
+        validation = f"{cfg.data.validation_fraction:g} of each client's training data, held out (seeded)"
+    splits = {"validation": validation, "test": f"test split ({eval_set.source or cfg.data.task})"}
     return Federation(cfg, model, model.trainable_state(), train_data, eval_data, train_parts, eval_parts,
                       local_config(cfg), cfg.data.metric or default_metric(train_set.layout), train_set.num_labels,
-                      backbone, head, train_set, eval_set, built.label_words)
+                      backbone, head, train_set, eval_set, built.label_words, val_data, val_parts, splits)
+
+
+def hold_out(parts: list[np.ndarray], fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Split each client's training indices into (train, validation): a seeded ``fraction`` of
+    each client's own examples (rounded down, and never the client's last two), so validation
+    follows the clients' non-IID mix and no example is in both."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
+    train, validation = [], []
+    for part in parts:
+        order = rng.permutation(part)
+        count = min(int(fraction * len(part)), max(0, len(part) - 2))
+        validation.append(np.sort(order[:count]))
+        train.append(np.sort(order[count:]))
+    return train, validation
 
 
 def server_context(cfg: ExperimentConfig, layer_groups: dict[int, list[str]], head_names: list[str]) -> ServerContext:

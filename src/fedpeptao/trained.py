@@ -97,12 +97,12 @@ class TrainedModel:
         """The run's metric (and accuracy) on ``data``: a task folder, a labelled table, a
         TextDataset, or by default the run's own test split."""
         if data is None:
-            dataset = load_splits(self.cfg.data, self.cfg.seed)[1]
+            dataset = load_splits(self.cfg.data, self.cfg.seed)[2]
         elif isinstance(data, TextDataset):
             dataset = data
         else:
             path = Path(data)
-            dataset = load_task_dir(path, self.labels)[1] if path.is_dir() else read_table(path, label_names=self.labels)
+            dataset = load_task_dir(path, self.labels)[2] if path.is_dir() else read_table(path, label_names=self.labels)
         if len(dataset) == 0:
             raise ValueError("no examples to evaluate")
         inputs = list(zip(dataset.texts_a, dataset.texts_b)) if dataset.is_pair else dataset.texts_a

@@ -24,6 +24,7 @@ class TextDataset:
     labels: np.ndarray
     label_names: list[str]
     layout: str | None = None  # the task layout the reader recognised (cola, mrpc, ...), which picks the metric
+    source: str | None = None  # where the examples came from (a file), for naming a run's splits
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
@@ -50,6 +51,7 @@ class TextDataset:
             labels=self.labels[idx],
             label_names=list(self.label_names),
             layout=self.layout,
+            source=self.source,
         )
 
     @property

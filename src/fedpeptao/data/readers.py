@@ -68,11 +68,14 @@ def read_table(
 
 
 def load_task_dir(path, label_names: list[str] | None = None, header: bool = True,
-                  columns: dict[str, str | None] | None = None) -> tuple[TextDataset, TextDataset]:
-    """(train, eval) from a task folder with ``train``/``dev``/``test`` tables.
+                  columns: dict[str, str | None] | None = None
+                  ) -> tuple[TextDataset, TextDataset | None, TextDataset]:
+    """(train, validation, test) from a task folder with ``train``/``dev``/``test`` tables.
 
-    Eval is the labelled test file, else the labelled dev file (GLUE test files carry no
-    labels). Without a train file, the labelled held-out file is split 80/20 with a fixed seed.
+    With labelled dev and test files, dev is the validation split and test the test split. GLUE's
+    test files carry no labels: then the labelled dev file is the test split and the validation
+    split is ``None`` (the caller holds part of the training data out). Without a train file, the
+    labelled held-out file is split 80/20 with a fixed seed into train and test.
     ``columns`` (``text_a``, ``text_b``, ``label``) name the columns when detection cannot.
     """
     text_a, text_b, label = ((columns or {}).get(k) for k in ("text_a", "text_b", "label"))
@@ -80,17 +83,24 @@ def load_task_dir(path, label_names: list[str] | None = None, header: bool = Tru
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder")
     found = {name: _find_split_file(folder, name) for name in ("train", "dev", "test")}
-    if found["train"] is not None:
-        train = read_table(found["train"], text_a, text_b, label, label_names, header=header)
-        for name in ("test", "dev"):
-            table = _load(found[name], "train", header) if found[name] is not None else None
-            if table is not None and (label or _detect_label(table.columns)) in table.columns:
-                return train, _to_dataset(table, text_a, text_b, label, train.label_names)
-        raise DataError(f"{folder}: has a train file but no labelled test or dev file to evaluate on")
-    for name in ("dev", "test"):
+    labelled = {}
+    for name in ("test", "dev"):
         table = _load(found[name], "train", header) if found[name] is not None else None
         if table is not None and (label or _detect_label(table.columns)) in table.columns:
-            return stratified_split(_to_dataset(table, text_a, text_b, label, label_names), 0.2, NO_TRAIN_SPLIT_SEED)
+            labelled[name] = table
+    if found["train"] is not None:
+        train = read_table(found["train"], text_a, text_b, label, label_names, header=header)
+        if not labelled:
+            raise DataError(f"{folder}: has a train file but no labelled test or dev file to evaluate on")
+        split = {name: _to_dataset(table, text_a, text_b, label, train.label_names) for name, table in labelled.items()}
+        if "test" in split:
+            return train, split.get("dev"), split["test"]
+        return train, None, split["dev"]
+    for name in ("dev", "test"):
+        if name in labelled:
+            train, test = stratified_split(_to_dataset(labelled[name], text_a, text_b, label, label_names), 0.2,
+                                           NO_TRAIN_SPLIT_SEED)
+            return train, None, test
     raise DataError(f"{folder}: no labelled train, dev or test file ({', '.join('*' + s for s in TABLE_SUFFIXES)})")
 
 
@@ -298,7 +308,7 @@ def _to_dataset(
                 f"is not one of {label_names}"
             )
         labels[i] = index[value]
-    return TextDataset(texts_a, texts_b, labels, list(label_names), table.layout)
+    return TextDataset(texts_a, texts_b, labels, list(label_names), table.layout, table.source)
 
 
 def _text_column(table: _Table, col: int) -> list[str]:

@@ -1,4 +1,10 @@
-"""Resolve a data configuration to (train, eval) splits."""
+"""Resolve a data configuration to its three roles: train, validation and test.
+
+The best round is chosen on validation and the test split is reported once (at that round and at
+the end). Validation is ``None`` where the data has none of its own (a GLUE folder whose test
+file has no labels, the bundled task, train/eval files without ``data.validation_file``): the
+experiment then holds out ``data.validation_fraction`` of each client's training data.
+"""
 
 from __future__ import annotations
 
@@ -21,18 +27,25 @@ def _cap(dataset: TextDataset, limit: int | None, seed: int) -> TextDataset:
     return dataset.subset(keep)
 
 
-def load_splits(cfg, seed: int) -> tuple[TextDataset, TextDataset]:
-    """Bundled task, task folder, or explicit train/eval files (``cfg`` is a DataConfig)."""
+def load_splits(cfg, seed: int) -> tuple[TextDataset, TextDataset | None, TextDataset]:
+    """(train, validation or None, test) of a bundled task, a task folder, or explicit files
+    (``cfg`` is a DataConfig); the test split is what the run reports."""
     columns = dict(text_a=cfg.text_a, text_b=cfg.text_b, label=cfg.label)
     if cfg.train_file:
         train = read_table(cfg.train_file, header=cfg.header, **columns)
         if not cfg.eval_file:
             raise DataError("data.eval_file: required when data.train_file is given")
         evaluation = read_table(cfg.eval_file, label_names=train.label_names, header=cfg.header, **columns)
+        validation = None
+        if cfg.validation_file:
+            validation = read_table(cfg.validation_file, label_names=train.label_names, header=cfg.header, **columns)
     elif cfg.task in BUNDLED:
         train, evaluation = BUNDLED[cfg.task](seed=seed)
+        validation = None
     elif Path(cfg.task).is_dir():
-        train, evaluation = load_task_dir(cfg.task, header=cfg.header, columns=columns)
+        train, validation, evaluation = load_task_dir(cfg.task, header=cfg.header, columns=columns)
     else:
         raise DataError(f"data.task: '{cfg.task}' is neither a bundled task ({', '.join(BUNDLED)}) nor a folder")
-    return _cap(train, cfg.max_train_examples, seed), _cap(evaluation, cfg.max_eval_examples, seed + 1)
+    if validation is not None:
+        validation = _cap(validation, cfg.max_eval_examples, seed + 2)
+    return _cap(train, cfg.max_train_examples, seed), validation, _cap(evaluation, cfg.max_eval_examples, seed + 1)

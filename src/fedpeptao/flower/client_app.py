@@ -45,6 +45,7 @@ class ClientJob:
     node: NodeSettings
     train_part: np.ndarray
     eval_part: np.ndarray
+    val_part: np.ndarray
     store: ClientStore
 
     def load(self, before: int) -> StoredClient:
@@ -70,7 +71,7 @@ def _job(message: Message, context: Context) -> ClientJob:
     if node.state_dir is not None:  # per run and client, so a new run never picks up an old one's state
         directory = node.state_dir / f"run-{config[R.RUN_KEY]}" / f"client-{node.client_id}"
     keep = max(2, cfg.checkpoint.every + 1)  # back to the server's last checkpoint
-    return ClientJob(cfg, fed, algorithm, node, fed.train_parts[index], fed.eval_parts[index],
+    return ClientJob(cfg, fed, algorithm, node, fed.train_parts[index], fed.eval_parts[index], fed.val_parts[index],
                      ClientStore(context.state, directory, keep))
 
 
@@ -139,11 +140,13 @@ def evaluate(message: Message, context: Context) -> Message:
     start = job.algorithm.client_start(received, stored.state)
     if stored.state.algo_state != kept:  # the device kept something of this message
         job.store.save(StoredClient(stored.state, round_index))
-    metrics = {"client-id": job.node.client_id, "num-examples": len(job.eval_part), "loss-sum": 0.0,
-               "confusion": [0] * job.fed.num_labels ** 2}
-    if len(job.eval_part):
-        job.fed.model.load_trainable(start)
-        preds, loss_sum = predict(job.fed.model, job.fed.eval_data, job.eval_part)
-        metrics.update({"loss-sum": float(loss_sum),
-                        "confusion": R.confusion(preds, job.fed.eval_data.labels[job.eval_part], job.fed.num_labels)})
+    job.fed.model.load_trainable(start)
+    metrics = {"client-id": job.node.client_id}
+    for prefix, data, part in (("", job.fed.eval_data, job.eval_part), ("val-", job.fed.val_data, job.val_part)):
+        metrics.update({f"{prefix}num-examples": len(part), f"{prefix}loss-sum": 0.0,
+                        f"{prefix}confusion": [0] * job.fed.num_labels ** 2})
+        if len(part):
+            preds, loss_sum = predict(job.fed.model, data, part)
+            metrics.update({f"{prefix}loss-sum": float(loss_sum),
+                            f"{prefix}confusion": R.confusion(preds, data.labels[part], job.fed.num_labels)})
     return _reply(message, **{R.METRICS: MetricRecord(metrics)})

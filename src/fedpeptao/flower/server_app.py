@@ -38,10 +38,10 @@ def main(grid: Grid, context: Context) -> None:
     if not resuming and any(p.name != "checkpoints" for p in run_dir.iterdir()):
         raise FileExistsError(f"output directory {run_dir} is not empty and holds no checkpoint to continue; set run "
                               f"config 'output-dir' or run_name")
-    save_config(cfg, run_dir / "config.yaml")
     strategy = FederatedStrategy(cfg, timeout=settings.round_timeout, min_replies=settings.min_replies,
                                  run_dir=run_dir, checkpoint_dir=settings.checkpoint_dir)
-    strategy.setup(grid, settings.min_nodes, settings.node_wait_timeout)
+    strategy.setup(grid, settings.min_nodes, settings.node_wait_timeout)  # refuses another config's checkpoint
+    save_config(cfg, run_dir / "config.yaml")
     if strategy.remaining_rounds() > 0:
         strategy.start(grid, initial_arrays=strategy.global_arrays(), num_rounds=strategy.remaining_rounds(),
                        timeout=settings.round_timeout)

@@ -350,31 +350,39 @@ class FederatedStrategy(Strategy):
         return update, metrics
 
     def _pool_evaluations(self, replies: Iterable[Message]) -> MetricRecord | None:
-        """Pool every client's predictions (as confusion counts), as the simulator pools them."""
-        total, loss, per_client = None, 0.0, {}
+        """Pool every client's predictions (as confusion counts) per split, as the simulator pools them."""
+        totals: dict[str, np.ndarray] = {}
+        losses, per_client = {"": 0.0, "val-": 0.0}, {}
         for message in replies:
             if message.has_error():
                 log.warning("evaluate: node %s failed: %s", message.metadata.src_node_id, message.error.reason)
                 continue
             metrics = message.content[R.METRICS]
-            cid, n = int(metrics["client-id"]), int(metrics["num-examples"])
+            cid = int(metrics["client-id"])
             self._algo().acknowledge(cid)
-            if n == 0:
-                continue
-            counts = np.asarray(list(metrics["confusion"]), dtype=np.int64)
-            side = math.isqrt(len(counts))
-            counts = counts.reshape(side, side)
-            total = counts if total is None else total + counts
-            loss += float(metrics["loss-sum"])
-            per_client[str(cid)] = float(np.trace(counts) / n)
-        if total is None:
+            for prefix in ("", "val-"):
+                n = int(metrics[f"{prefix}num-examples"])
+                if n == 0:
+                    continue
+                counts = np.asarray(list(metrics[f"{prefix}confusion"]), dtype=np.int64)
+                side = math.isqrt(len(counts))
+                counts = counts.reshape(side, side)
+                totals[prefix] = counts if prefix not in totals else totals[prefix] + counts
+                losses[prefix] += float(metrics[f"{prefix}loss-sum"])
+                if not prefix:
+                    per_client[str(cid)] = float(np.trace(counts) / n)
+        if "" not in totals:
             log.warning("evaluate: no client reported results")
             return None
-        preds, labels = R.expand_confusion(total)
-        result = {"accuracy": score("accuracy", preds, labels), "metric": score(self.metric, preds, labels),
-                  "eval_loss": loss / len(labels)}
+        result = {}
+        for prefix, key in (("", ""), ("val-", "val_")):
+            if prefix in totals:
+                preds, labels = R.expand_confusion(totals[prefix])
+                result.update({f"{key}accuracy": score("accuracy", preds, labels),
+                               f"{key}metric": score(self.metric, preds, labels),
+                               f"{key}loss" if key else "eval_loss": losses[prefix] / len(labels)})
         self._row.update(result)
-        self._row.update({"client_accuracy": per_client, "eval_examples": len(labels)})
+        self._row.update({"client_accuracy": per_client, "eval_examples": int(totals[""].sum())})
         return MetricRecord(result)
 
     def _finish_row(self) -> None:

@@ -32,17 +32,7 @@ from typing import Literal
 
 import torch
 import transformers
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-)
-
-try:  # POSIX only; elsewhere the cache is still written atomically, just without the lock.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
-
-
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 try:  # POSIX only; elsewhere the cache is still written atomically, just without the lock.
     import fcntl

@@ -32,14 +32,16 @@ from transformers import (
     PretrainedConfig,
 )
 
-try:  # POSIX only; elsewhere the cache is still written atomically, just without the lock.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
-
-from fedpeptao.models.builtin import (BUILTIN_MODELS, ModelError, ModelKind, _NotFound, _first_line, _gguf_model, _quiet_transformers, resolve_builtin)
-
-
+from fedpeptao.models.builtin import (
+    BUILTIN_MODELS,
+    ModelError,
+    ModelKind,
+    _first_line,
+    _gguf_model,
+    _NotFound,
+    _quiet_transformers,
+    resolve_builtin,
+)
 
 HeadKind = Literal["linear", "mlm", "lm"]
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from fedpeptao.report.summary import select_round
+
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,8 @@ class RunData:
         return None if value is None else float(value)
 
     def headline(self, target: float | None = None) -> dict[str, Any]:
-        """Best/final metric, best round (1-based), time to target, MB communicated."""
+        """Test metric at the round selected on validation ("best"; the last round for runs without
+        validation rows), that round (1-based), the final test metric, time to target, MB."""
         ev = self.evaluated
         last = self.rows[-1]
         goal = self.target(target)
@@ -79,8 +82,9 @@ class RunData:
             "elapsed_s": last.get("elapsed_s"), "rounds": len(self.rows),
         }
         if ev:
-            best = max(ev, key=lambda r: _score(r["metric"]))
-            out.update(best=best["metric"], best_round=best["round"] + 1, final=ev[-1]["metric"])
+            best = select_round(ev)
+            out.update(best=best["metric"], best_round=best["round"] + 1, final=ev[-1]["metric"],
+                       validation=best.get("val_metric"))
             reached = next((r for r in ev if goal is not None and _score(r["metric"]) >= goal), None)
             if reached is not None:
                 out.update(rounds_to_target=reached["round"] + 1, seconds_to_target=reached.get("train_time_s"))

@@ -8,13 +8,17 @@ from typing import Any
 
 def run_summary(cfg, metric: str, history: list[dict], algorithm_summary: Mapping[str, Any], *, runtime: str,
                 **extra: Any) -> dict[str, Any]:
-    """Headline numbers of a run: best and final metric, time and rounds to target, bytes, time.
+    """Headline numbers of a run: the selected round and its metrics, the final metric, time and
+    rounds to target, bytes, time.
 
-    ``cfg`` is the run's :class:`~fedpeptao.config.ExperimentConfig`; ``algorithm_summary`` what the
-    algorithm adds (FedPepTAO: its layer selection); ``extra`` what only one runtime knows.
+    Honest selection: the round is selected on the validation split only (``val_metric``; the
+    earliest of equals), and the test split is reported at that round and at the end. A run
+    without validation examples selects its last evaluated round. ``cfg`` is the run's
+    :class:`~fedpeptao.config.ExperimentConfig`; ``algorithm_summary`` what the algorithm adds
+    (FedPepTAO: its layer selection); ``extra`` what only one runtime knows.
     """
     evaluated = [r for r in history if "metric" in r]
-    best = max(evaluated, key=lambda r: r["metric"]) if evaluated else None
+    best = select_round(evaluated)
     target = cfg.federated.target_accuracy
     reached = next((r for r in evaluated if target is not None and r["metric"] >= target), None)
     return {
@@ -22,6 +26,10 @@ def run_summary(cfg, metric: str, history: list[dict], algorithm_summary: Mappin
         "model": cfg.model.name, "task": cfg.data.task, "metric": metric,
         "final_metric": evaluated[-1]["metric"] if evaluated else None,
         "final_accuracy": evaluated[-1]["accuracy"] if evaluated else None,
+        "selected_round": best["round"] if best else None,
+        "validation_metric": best.get("val_metric") if best else None,
+        "test_metric_at_selected": best["metric"] if best else None,
+        # kept for readers of older summaries: the test metric at the round selected on validation
         "best_metric": best["metric"] if best else None, "best_round": best["round"] if best else None,
         "target": target, "rounds_to_target": None if reached is None else reached["round"] + 1,
         "seconds_to_target": None if reached is None else reached["train_time_s"],
@@ -29,6 +37,14 @@ def run_summary(cfg, metric: str, history: list[dict], algorithm_summary: Mappin
         "elapsed_s": history[-1]["elapsed_s"] if history else 0.0,
         "shared_layers": None, **dict(algorithm_summary), **extra,
     }
+
+
+def select_round(evaluated: list[dict]) -> dict | None:
+    """The evaluated row with the best validation metric (the last row when none has one)."""
+    scored = [r for r in evaluated if r.get("val_metric") is not None]
+    if not scored:
+        return evaluated[-1] if evaluated else None
+    return max(scored, key=lambda r: (r["val_metric"], -r["round"]))
 
 
 def config_difference(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = (),

@@ -57,7 +57,8 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None, target: 
         "# FedPepTAO report", "",
         f"Generated {datetime.now().strftime('%Y-%m-%d %H:%M')} from {len(runs)} run(s). "
         "Rounds are counted from 1. *Seconds to target* is simulated training time: the sum over "
-        "rounds of the slowest sampled client's local training time.", "",
+        "rounds of the slowest sampled client's local training time. The round is selected on the "
+        "validation split only; the test split is reported at that round and at the end.", "",
         "## Summary", "",
         *_summary_table(runs, target), "",
     ]
@@ -78,9 +79,10 @@ _COLUMNS: list[tuple[str, Callable[[RunData, dict[str, Any]], str]]] = [
     ("model", lambda run, h: str((run.summary or {}).get("model") or run.setting("model.name", "?"))),
     ("task", lambda run, h: str((run.summary or {}).get("task") or run.setting("data.task", "?"))),
     ("metric", lambda run, h: run.metric_name),
-    ("best", lambda run, h: _num(h["best"], 4)),
-    ("best round", lambda run, h: _num(h["best_round"])),
-    ("final", lambda run, h: _num(h["final"], 4)),
+    ("validation at selected", lambda run, h: _num(h["validation"], 4)),
+    ("test at selected", lambda run, h: _num(h["best"], 4)),
+    ("selected round", lambda run, h: _num(h["best_round"])),
+    ("test at end", lambda run, h: _num(h["final"], 4)),
     ("rounds", lambda run, h: str(h["rounds"])),
     ("target", lambda run, h: _num(h["target"], 4)),
     ("rounds to target", lambda run, h: _num(h["rounds_to_target"]) if h["target"] is not None else "—"),

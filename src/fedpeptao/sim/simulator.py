@@ -121,27 +121,38 @@ class Simulation:
         self.algorithm.aggregate(round_index, sampled, updates)
 
     def evaluate(self) -> dict:
-        """Each client with its own personal tensors plus the global shared ones; predictions pooled."""
-        algo = self.algorithm
-        preds, labels, per_client, loss = [], [], [], 0.0
-        for k, part in enumerate(self.eval_parts):
-            if len(part) == 0:
+        """Each client with its own personal tensors plus the global shared ones, on its test and
+        validation examples; predictions pooled over clients per split."""
+        algo, fed = self.algorithm, self.fed
+        pooled = {"test": ([], []), "validation": ([], [])}
+        per_client, losses = [], {"test": 0.0, "validation": 0.0}
+        for k in range(self.cfg.federated.num_clients):
+            work = [("test", fed.eval_data, self.eval_parts[k]), ("validation", fed.val_data, fed.val_parts[k])]
+            work = [(name, data, part) for name, data, part in work if len(part)]
+            if not work:
                 per_client.append(None)
                 continue
             message = algo.client_message(k)
-            client = self.clients.get(k) or ClientState(params=self.fed.initial)
+            client = self.clients.get(k) or ClientState(params=fed.initial)
             self.model.load_trainable(algo.client_start(message, client))
             if client.algo_state:  # the device kept something of this message
                 self.clients[k] = client
             algo.acknowledge(k)
-            p, l = predict(self.model, self.eval_data, part)
-            preds.append(p)
-            labels.append(self.eval_data.labels[part])
-            per_client.append(score("accuracy", p, labels[-1]))
-            loss += l
-        preds, labels = np.concatenate(preds), np.concatenate(labels)
-        return {"accuracy": score("accuracy", preds, labels), "metric": score(self.metric, preds, labels),
-                "eval_loss": loss / len(labels), "client_accuracy": per_client}
+            accuracy = None
+            for name, data, part in work:
+                p, loss = predict(self.model, data, part)
+                pooled[name][0].append(p)
+                pooled[name][1].append(data.labels[part])
+                losses[name] += loss
+                if name == "test":
+                    accuracy = score("accuracy", p, data.labels[part])
+            per_client.append(accuracy)
+        row = pooled_metrics(*pooled["test"], losses["test"], self.metric)
+        row["client_accuracy"] = per_client
+        if pooled["validation"][0]:
+            val = pooled_metrics(*pooled["validation"], losses["validation"], self.metric)
+            row.update({f"val_{key.removeprefix('eval_')}": value for key, value in val.items()})
+        return row
 
     def run(self) -> list[dict]:
         """Run the remaining rounds (all of them, or those after a resumed checkpoint)."""
@@ -210,6 +221,7 @@ class Simulation:
     def summary(self) -> dict:
         majority = float(np.bincount(self.fed.eval_set.labels).max() / len(self.fed.eval_set))
         return run_summary(self.cfg, self.metric, self.history, self.algorithm.summary(), runtime="simulator",
+                           splits=self.fed.splits,
                            majority_rate=majority,
                            trainable_parameters=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                            params_per_message=sum(t.numel() for t in self.algorithm.global_shared().values()))
@@ -235,6 +247,13 @@ class Simulation:
         personal = sorted(set(self.model.trainable_names()) - set(self.algorithm.shared))
         write_model_card(self.run_dir, self.cfg, self.fed, trained, personal)
         (self.run_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2))
+
+
+def pooled_metrics(preds: list[np.ndarray], labels: list[np.ndarray], loss_sum: float, metric: str) -> dict:
+    """Accuracy, the run's metric and the mean loss over every client's predictions of one split."""
+    preds, labels = np.concatenate(preds), np.concatenate(labels)
+    return {"accuracy": score("accuracy", preds, labels), "metric": score(metric, preds, labels),
+            "eval_loss": loss_sum / len(labels)}
 
 
 def check_run_dir(cfg: ExperimentConfig) -> Path:
