@@ -205,8 +205,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     parts = key.strip().split(".")
     if len(parts) == 2 and parts[1] == "name" and parts[0] in ("method", "tuning"):
         table = data.get(parts[0])
-        default = "fedpeptao" if parts[0] == "method" else "deep_prompt"
-        if isinstance(table, dict) and table.get("name", default) != value:
+        if isinstance(table, dict) and "name" in table and table["name"] != value:
             # another algorithm (tuning) starts from its own defaults; a tuning keeps the settings it shares
             kept = {}
             if parts[0] == "tuning":
