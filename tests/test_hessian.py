@@ -130,7 +130,7 @@ def test_smoothed_mass_counts_a_node_at_the_threshold_half():
 
 @pytest.fixture
 def thresholds(monkeypatch):
-    """Record every threshold the search evaluates."""
+    """Record every threshold the search evaluates (on the sharp mass, ``sigma_squared=0.0``)."""
     seen: list[float] = []
     real = hessian.spectral_mass_above
 
@@ -144,6 +144,7 @@ def thresholds(monkeypatch):
 
 PLATEAU = (torch.tensor([0.05, 0.15, 0.25, 5.0], dtype=torch.float64),
            torch.tensor([0.25, 0.1, 0.05, 0.6], dtype=torch.float64))
+SHARP = {"sigma_squared": 0.0}  # the walk rule on exact step values: r(t) = sum of weights above t
 
 
 @pytest.mark.parametrize(("kwargs", "walk"), [
@@ -154,13 +155,13 @@ PLATEAU = (torch.tensor([0.05, 0.15, 0.25, 5.0], dtype=torch.float64),
     ({"tol": 0.11}, [0.0, 0.1, 0.2, 0.3, 0.4]),  # .75 -> .65 -> .6 -> .6
 ])
 def test_search_ratio_plateau_without_halving(thresholds, kwargs, walk):
-    assert search_ratio(*PLATEAU, **kwargs) == pytest.approx(0.6)
+    assert search_ratio(*PLATEAU, **kwargs, **SHARP) == pytest.approx(0.6)
     assert thresholds == pytest.approx(walk)
 
 
 def test_search_ratio_halves_the_step_when_mass_falls_below_half(thresholds):
     nodes, weights = torch.tensor([0.04, 0.08, 3.0]), torch.tensor([0.3, 0.4, 0.3])
-    assert search_ratio(nodes, weights) == pytest.approx(1.0)
+    assert search_ratio(nodes, weights, **SHARP) == pytest.approx(1.0)
     assert thresholds == pytest.approx([
         0.0, 0.1,  # r: 1, .3 < 1/2 -> halve
         0.0, 0.05, 0.1,  # 1, .7, .3 -> halve
@@ -169,17 +170,143 @@ def test_search_ratio_halves_the_step_when_mass_falls_below_half(thresholds):
     ])
     thresholds.clear()
     # Half of r(start) is what counts: from t = .05, r = .7 and .3 < .35 still forces a halving.
-    assert search_ratio(nodes, weights, start=0.05, step=0.01) == pytest.approx(0.7)
+    assert search_ratio(nodes, weights, start=0.05, step=0.01, **SHARP) == pytest.approx(0.7)
     assert thresholds == pytest.approx([0.05, 0.06, 0.07, 0.08, 0.05, 0.055, 0.06, 0.065])
 
 
 def test_search_ratio_edge_cases():
-    assert search_ratio(torch.tensor([-1.0, 0.0]), torch.tensor([0.5, 0.5])) == 0.0  # no mass above 0
-    assert search_ratio(torch.tensor([-1.0, 10.0]), torch.tensor([0.4, 0.6])) == pytest.approx(0.6)
+    assert search_ratio(torch.tensor([-1.0, 0.0]), torch.tensor([0.5, 0.5]), **SHARP) == 0.0  # no mass above 0
+    assert search_ratio(torch.tensor([-1.0, 10.0]), torch.tensor([0.4, 0.6]), **SHARP) == pytest.approx(0.6)
     with pytest.raises(RuntimeError):
+        search_ratio(torch.tensor([0.04, 0.08, 3.0]), torch.tensor([0.3, 0.4, 0.3]), max_iters=5, **SHARP)
+    with pytest.raises(RuntimeError):  # the reference density walks too: 5 evaluations cannot settle
         search_ratio(torch.tensor([0.04, 0.08, 3.0]), torch.tensor([0.3, 0.4, 0.3]), max_iters=5)
     with pytest.raises(ValueError):
         search_ratio(torch.tensor([1.0]), torch.tensor([1.0]), step=0.0)
+    with pytest.raises(ValueError):
+        hessian.reference_density(torch.tensor([1.0, 2.0]), torch.tensor([1.0]))
+
+
+# -- the reference's density procedure (llm-eff/FedPepTAO, decoder-only-gpt2/get_ratio.py) -----
+# Ritz values and weights shaped like a MiniLM/MR prompt Hessian: a few large positive values,
+# many near zero, a couple negative.
+RITZ = np.array([-0.031, -0.004, 0.0002, 0.0011, 0.0019, 0.0035, 0.006, 0.011, 0.019, 0.042, 0.088, 0.17, 0.36, 0.95,
+                 2.4])
+RITZ_W = np.array([0.02, 0.05, 0.21, 0.14, 0.11, 0.09, 0.08, 0.07, 0.06, 0.05, 0.04, 0.03, 0.02, 0.015, 0.005])
+# A second run of the same client (n_v = 2): other extremes, so the grid is set by their means.
+RITZ_2 = np.array([-0.052, -0.002, 0.0004, 0.0015, 0.0028, 0.005, 0.008, 0.013, 0.024, 0.05, 0.11, 0.2, 0.41, 1.3,
+                   3.1])
+RITZ_W2 = np.array([0.03, 0.04, 0.2, 0.15, 0.1, 0.1, 0.08, 0.07, 0.05, 0.05, 0.04, 0.04, 0.02, 0.02, 0.01])
+
+
+def _np_gaussian(x, x0, sigma_squared):
+    return np.exp(-(x0 - x) ** 2 / (2.0 * sigma_squared)) / np.sqrt(2 * np.pi * sigma_squared)
+
+
+def np_density_generate(eigenvalues, weights, num_bins=10000, sigma_squared=1e-5, overhead=0.01):
+    """get_ratio.py lines 10-40, transcribed: eigenvalues/weights are [n_v][iter] lists."""
+    eigenvalues = np.array(eigenvalues)
+    weights = np.array(weights)
+    lambda_max = np.mean(np.max(eigenvalues, axis=1), axis=0) + overhead
+    lambda_min = np.mean(np.min(eigenvalues, axis=1), axis=0) - overhead
+    grids = np.linspace(lambda_min, lambda_max, num=num_bins)
+    sigma = sigma_squared * max(1, (lambda_max - lambda_min))
+    num_runs = eigenvalues.shape[0]
+    density_output = np.zeros((num_runs, num_bins))
+    for i in range(num_runs):
+        for j in range(num_bins):
+            density_output[i, j] = np.sum(_np_gaussian(eigenvalues[i, :], grids[j], sigma) * weights[i, :])
+    density = np.mean(density_output, axis=0)
+    density = density / (np.sum(density) * (grids[1] - grids[0]))
+    return density, grids
+
+
+def np_get_ratio(t, density, grids):
+    """get_ratio.py lines 42-57 (its _density_generate call hoisted out: the result is the same each time)."""
+    total = 0
+    for i in range(len(grids - 1) - 1):
+        if grids[i + 1] <= t:
+            total += density[i] * (grids[i + 1] - grids[i])
+    return 1 - total
+
+
+def numpy_reference_ratio(eigenvalues, weights, imc_t=0.0) -> float:
+    """get_ratio.py lines 85-103, transcribed: the threshold walk on the reference density."""
+    density, grids = np_density_generate(eigenvalues, weights)
+    inc = 0.1
+    while True:
+        t = imc_t
+        ratios = []
+        flag = False
+        while True:
+            ratio = np_get_ratio(t, density, grids)
+            ratios.append(ratio)
+            if ratio < ratios[0] / 2:
+                break
+            if len(ratios) >= 4:
+                if abs(ratios[-1] - ratios[-2]) < 0.005 and abs(ratios[-2] - ratios[-3]) < 0.005 and \
+                        abs(ratios[-3] - ratios[-4]) < 0.005:
+                    flag = True
+                    break
+            t += inc
+        if flag:
+            break
+        inc /= 2
+    return ratios[-1]
+
+
+def test_reference_density_integrates_to_one_on_its_grid():
+    density, grid = hessian.reference_density(torch.tensor(RITZ), torch.tensor(RITZ_W))
+    assert len(grid) == 10000 and grid[0] == RITZ.min() - 0.01 and grid[-1] == RITZ.max() + 0.01
+    np.testing.assert_array_equal(grid.numpy(), np.linspace(RITZ.min() - 0.01, RITZ.max() + 0.01, 10000))
+    assert float(density.sum() * (grid[1] - grid[0])) == pytest.approx(1.0, abs=1e-12)
+    assert torch.all(density >= 0)
+    expected, _ = np_density_generate([RITZ], [RITZ_W])
+    np.testing.assert_allclose(density.numpy(), expected, rtol=1e-10, atol=1e-12)
+    # Two runs: one averaged density, still of grid mass 1, on the grid of the mean extremes.
+    density, grid = hessian.reference_density([torch.tensor(RITZ), torch.tensor(RITZ_2)],
+                                              [torch.tensor(RITZ_W), torch.tensor(RITZ_W2)])
+    assert float(density.sum() * (grid[1] - grid[0])) == pytest.approx(1.0, abs=1e-12)
+    assert float(grid[0]) == pytest.approx((RITZ.min() + RITZ_2.min()) / 2 - 0.01, abs=1e-15)
+    assert float(grid[-1]) == pytest.approx((RITZ.max() + RITZ_2.max()) / 2 + 0.01, abs=1e-15)
+
+
+def test_density_mass_above_is_the_references_right_edge_sum():
+    density, grid = hessian.reference_density(torch.tensor(RITZ), torch.tensor(RITZ_W))
+    dx = grid[1] - grid[0]
+    # Bin i counts once grid[i+1] <= t; the last point's density never counts.
+    assert hessian.density_mass_above(density, grid, float(grid[0])) == 1.0
+    assert hessian.density_mass_above(density, grid, float(grid[1])) == pytest.approx(1 - float(density[0] * dx),
+                                                                                      abs=1e-15)
+    assert hessian.density_mass_above(density, grid, float(grid[-1]) + 1.0) == pytest.approx(
+        float(density[-1] * dx), abs=1e-12)
+    assert float(density[-1] * dx) > 1e-6  # the largest Ritz value's tail: not the 0 a full sum would give
+    for t in (-0.02, 0.0, 0.003, 0.1, 0.37, 2.0):
+        assert hessian.density_mass_above(density, grid, t) == pytest.approx(
+            np_get_ratio(t, density.numpy(), grid.numpy()), abs=1e-12)
+
+
+def test_ratio_matches_the_reference_density_procedure_on_fixed_ritz_values():
+    expected = numpy_reference_ratio([RITZ], [RITZ_W])
+    assert 0.0 < expected < 1.0
+    assert hessian.reference_ratio(torch.tensor(RITZ), torch.tensor(RITZ_W)) == pytest.approx(expected, abs=1e-9)
+    assert search_ratio(torch.tensor(RITZ), torch.tensor(RITZ_W)) == pytest.approx(expected, abs=1e-9)
+    # the gridded, smoothed density is not the sharp mass above t that the search used before
+    assert expected != pytest.approx(search_ratio(torch.tensor(RITZ), torch.tensor(RITZ_W), **SHARP), abs=1e-6)
+
+
+def test_ratio_matches_the_reference_with_two_probes():
+    runs = ([torch.tensor(RITZ), torch.tensor(RITZ_2)], [torch.tensor(RITZ_W), torch.tensor(RITZ_W2)])
+    expected = numpy_reference_ratio([RITZ, RITZ_2], [RITZ_W, RITZ_W2])
+    assert hessian.reference_ratio(*runs) == pytest.approx(expected, abs=1e-9)
+    assert search_ratio(torch.stack(runs[0]), torch.stack(runs[1])) == pytest.approx(expected, abs=1e-9)
+    # Pooling the runs into one Ritz set (grid over the pooled extremes) is a different density.
+    pooled = search_ratio(torch.tensor(np.concatenate([RITZ, RITZ_2])), torch.tensor(np.concatenate([RITZ_W, RITZ_W2])))
+    density_pooled, _ = hessian.reference_density(torch.tensor(np.concatenate([RITZ, RITZ_2])),
+                                                  torch.tensor(np.concatenate([RITZ_W, RITZ_W2]) / 2))
+    density_runs, _ = hessian.reference_density(*runs)
+    assert not torch.allclose(density_pooled, density_runs)
+    assert np.isfinite(pooled)
 
 
 def test_estimate_ratio_averages_clients():
@@ -190,7 +317,7 @@ def test_estimate_ratio_averages_clients():
     b = known_matrix(spectrum_b, seed=9, rotate=False)
     got = estimate_ratio([(matvec(a), 20), (matvec(b), 20)], num_iters=20)
     # the reference's density on each client's exact spectrum (distinct values, weight = share)
-    expected = [numpy_reference_ratio(values, counts / counts.sum())
+    expected = [numpy_reference_ratio([values], [counts / counts.sum()])
                 for values, counts in (np.unique(spec, return_counts=True) for spec in (spectrum_a, spectrum_b))]
     assert got == pytest.approx(sum(expected) / 2, abs=1e-6)
     assert got == pytest.approx(0.5, abs=0.01)  # the plateaus 0.75 and 0.25, up to the grid's cut-off tails
@@ -198,50 +325,14 @@ def test_estimate_ratio_averages_clients():
         estimate_ratio([])
 
 
-# -- the reference's density procedure (llm-eff/FedPepTAO, decoder-only-gpt2/get_ratio.py) -----
-# Ritz values and weights shaped like a MiniLM/MR prompt Hessian: a few large positive values,
-# many near zero, a couple negative.
-RITZ = np.array([-0.031, -0.004, 0.0002, 0.0011, 0.0019, 0.0035, 0.006, 0.011, 0.019, 0.042, 0.088, 0.17, 0.36, 0.95,
-                 2.4])
-RITZ_W = np.array([0.02, 0.05, 0.21, 0.14, 0.11, 0.09, 0.08, 0.07, 0.06, 0.05, 0.04, 0.03, 0.02, 0.015, 0.005])
-
-
-def numpy_reference_ratio(eigs: np.ndarray, weights: np.ndarray) -> float:
-    """A straight NumPy transcription of the reference: _density_generate, _get_ratio, the walk."""
-    lambda_max, lambda_min = eigs.max() + 0.01, eigs.min() - 0.01
-    grids = np.linspace(lambda_min, lambda_max, num=10000)
-    sigma = 1e-5 * max(1, lambda_max - lambda_min)
-    density = np.array([np.sum(weights * np.exp(-(x - eigs) ** 2 / (2.0 * sigma)) / np.sqrt(2 * np.pi * sigma))
-                        for x in grids])
-    density = density / (np.sum(density) * (grids[1] - grids[0]))
-
-    def ratio_at(t: float) -> float:
-        return 1.0 - np.sum(density[grids <= t]) * (grids[1] - grids[0])
-
-    step = 0.1
-    while True:
-        t, walk = 0.0, []
-        while True:
-            walk.append(ratio_at(t))
-            if walk[-1] < walk[0] / 2:
-                break
-            recent = walk[-4:]
-            if len(recent) == 4 and all(abs(a - b) < 0.005 for a, b in zip(recent, recent[1:])):
-                return walk[-1]
-            t += step
-        step /= 2
-
-
-def test_reference_density_integrates_to_one_on_its_grid():
-    density, grid = hessian.reference_density(torch.tensor(RITZ), torch.tensor(RITZ_W))
-    assert len(grid) == 10000 and grid[0] == pytest.approx(RITZ.min() - 0.01) and grid[-1] == pytest.approx(RITZ.max() + 0.01)
-    assert float(density.sum() * (grid[1] - grid[0])) == pytest.approx(1.0, abs=1e-12)
-    assert hessian.density_mass_above(density, grid, float(grid[-1])) == pytest.approx(0.0, abs=1e-12)
-
-
-def test_ratio_matches_the_reference_density_procedure_on_fixed_ritz_values():
-    expected = numpy_reference_ratio(RITZ, RITZ_W)
-    assert hessian.reference_ratio(torch.tensor(RITZ), torch.tensor(RITZ_W)) == pytest.approx(expected, abs=1e-9)
-    assert 0.0 < expected < 1.0
-    # the gridded, smoothed density is not the sharp mass above t that the search used before
-    assert expected != pytest.approx(search_ratio(torch.tensor(RITZ), torch.tensor(RITZ_W)), abs=1e-6)
+def test_estimate_ratio_with_several_probes_is_one_reference_density_per_client():
+    a = known_matrix(SPECTRUM, seed=10)
+    runs = hessian.slq_runs(matvec(a), 40, num_iters=12, num_probes=3, seed=5)
+    assert len(runs) == 3 and all(len(n) == 12 and float(w.sum()) == pytest.approx(1.0, abs=1e-12) for n, w in runs)
+    expected = numpy_reference_ratio([n.numpy() for n, _ in runs], [w.numpy() for _, w in runs])
+    got = estimate_ratio([(matvec(a), 40)], num_iters=12, seed=5, num_probes=3)
+    assert got == pytest.approx(expected, abs=1e-9)
+    # slq_density is the same runs pooled, weights / num_probes
+    nodes, weights = slq_density(matvec(a), 40, num_iters=12, num_probes=3, seed=5)
+    torch.testing.assert_close(nodes, torch.cat([n for n, _ in runs]))
+    torch.testing.assert_close(weights, torch.cat([w / 3 for _, w in runs]))

@@ -5,9 +5,12 @@ many directions still have curvature. Stochastic Lanczos quadrature (SLQ) approx
 density of ``H`` from ``m`` Hessian-vector products: Lanczos on a random unit probe ``v`` builds the
 tridiagonal ``T = V^T H V``; the eigenvalues ``theta_i`` of ``T`` (Ritz values) are the quadrature
 nodes and the squared first components ``tau_i^2`` of its eigenvectors the weights, so that
-``v^T f(H) v ~= sum_i tau_i^2 f(theta_i)``. The ratio ``r`` is the density's mass above a threshold
-found by :func:`search_ratio` on the gridded, Gaussian-smoothed density the reference code builds
-(:func:`reference_density`).
+``v^T f(H) v ~= sum_i tau_i^2 f(theta_i)``. The ratio ``r`` follows the authors' code
+(llm-eff/FedPepTAO, ``decoder-only-gpt2/get_ratio.py``, identical in the RoBERTa and LLaMA folders)
+step by step: the Ritz sets become a gridded, Gaussian-smoothed density (:func:`reference_density`,
+their ``_density_generate``), ``r(t)`` is one minus its grid mass up to ``t``
+(:func:`density_mass_above`, their ``_get_ratio``), and :func:`search_ratio` walks ``t`` up from 0
+as their ``get_ratio`` does. Several clients' ratios are averaged (:func:`estimate_ratio`).
 """
 
 from __future__ import annotations
@@ -96,35 +99,49 @@ def lanczos(hvp: Hvp, dim: int, num_iters: int, generator: torch.Generator, *,
     return torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64)
 
 
-def slq_density(hvp: Hvp, dim: int, num_iters: int = 50, num_probes: int = 1, seed: int = 0, *,
-                dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stochastic Lanczos quadrature: Ritz values (nodes) and their weights, float64 1-D tensors.
+def slq_runs(hvp: Hvp, dim: int, num_iters: int = 50, num_probes: int = 1, seed: int = 0, *,
+             dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
+             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One ``(nodes, weights)`` Ritz set per probe (float64 1-D tensors; each probe's weights sum to 1).
 
-    One Lanczos run per probe; the nodes of all probes are concatenated and each probe's weights
-    (squared first eigenvector components of its ``T``, summing to 1) are divided by
-    ``num_probes``, so the returned weights sum to 1 and describe the averaged density.
+    This is what the reference's ``hessian.density(iter, n_v)`` returns
+    (``decoder-only-gpt2/my_pyhessian/hessian.py`` lines 193-268): one list of Ritz values and one of
+    squared first eigenvector components per SLQ run. The runs are kept apart because the reference's
+    density grid is built from the *mean of the per-run* extremes (:func:`reference_density`).
     """
     if num_probes < 1:
         raise ValueError(f"num_probes must be >= 1, got {num_probes}")
     generator = torch.Generator().manual_seed(seed)
-    all_nodes, all_weights = [], []
+    runs = []
     for _ in range(num_probes):
         alphas, betas = lanczos(hvp, dim, num_iters, generator, dtype=dtype, device=device)
         tridiagonal = torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
         nodes, vectors = torch.linalg.eigh(tridiagonal)
-        all_nodes.append(nodes)
-        all_weights.append(vectors[0] ** 2 / num_probes)
-    return torch.cat(all_nodes), torch.cat(all_weights)
+        runs.append((nodes, vectors[0] ** 2))
+    return runs
+
+
+def slq_density(hvp: Hvp, dim: int, num_iters: int = 50, num_probes: int = 1, seed: int = 0, *,
+                dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stochastic Lanczos quadrature, pooled: Ritz values (nodes) and their weights, float64 1-D tensors.
+
+    The runs of :func:`slq_runs` concatenated, each probe's weights divided by ``num_probes``, so the
+    returned weights sum to 1 and describe the probe-averaged density. Handy for quadrature
+    (``sum_i w_i f(theta_i)``); the ratio itself uses the runs kept apart, as the reference does.
+    """
+    runs = slq_runs(hvp, dim, num_iters, num_probes, seed, dtype=dtype, device=device)
+    return torch.cat([n for n, _ in runs]), torch.cat([w / num_probes for _, w in runs])
 
 
 def spectral_mass_above(nodes: torch.Tensor, weights: torch.Tensor, threshold: float, *,
                         sigma_squared: float = 0.0) -> float:
-    """Mass of the density strictly above ``threshold``: ``sum_i w_i [theta_i > t]``.
+    """Mass of the quadrature density strictly above ``threshold``: ``sum_i w_i [theta_i > t]``.
 
-    With ``sigma_squared > 0`` each node is a Gaussian of that variance instead (as in the
-    reference, which smooths with variance ``1e-5 * max(1, lambda_max - lambda_min)``), so a node at
-    the threshold counts half.
+    A diagnostic (e.g. to check SLQ against a known spectrum), not what the ratio uses: the
+    reference evaluates a gridded Gaussian density (:func:`reference_density`,
+    :func:`density_mass_above`). With ``sigma_squared > 0`` each node is a Gaussian of that
+    variance instead, integrated in closed form, so a node at the threshold counts half.
     """
     nodes = torch.as_tensor(nodes, dtype=torch.float64).reshape(-1)
     weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
@@ -138,63 +155,118 @@ def spectral_mass_above(nodes: torch.Tensor, weights: torch.Tensor, threshold: f
     return float((weights * above).sum())
 
 
-GRID_POINTS = 10_000  # the reference's num_bins
-GRID_MARGIN = 0.01  # its overhead: the grid spans [min - 0.01, max + 0.01]
-BASE_VARIANCE = 1e-5  # its sigma_squared, scaled by max(1, range)
+# The constants of the reference's _density_generate (decoder-only-gpt2/get_ratio.py line 10).
+GRID_POINTS = 10_000  # num_bins
+GRID_MARGIN = 0.01  # overhead: the grid spans [mean of run minima - 0.01, mean of run maxima + 0.01]
+BASE_VARIANCE = 1e-5  # sigma_squared, scaled by max(1, lambda_max - lambda_min) (margins included)
+
+Runs = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
-def reference_density(nodes: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The eigen-density as llm-eff/FedPepTAO computes it (``decoder-only-gpt2/get_ratio.py``,
-    ``_density_generate``): a Gaussian of variance ``1e-5 * max(1, range)`` on every Ritz value,
-    weighted, evaluated on a 10,000-point grid over ``[min - 0.01, max + 0.01]`` and normalised so
-    that its Riemann sum on that grid is 1. Returns ``(density, grid)``, float64.
+def _as_runs(nodes: torch.Tensor | Sequence[torch.Tensor],
+             weights: torch.Tensor | Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``nodes``/``weights`` as a list of float64 1-D runs: a 1-D tensor is one run, a 2-D tensor or a
+    sequence of 1-D tensors one run per row / item (runs may differ in length, e.g. after an early
+    Lanczos breakdown; the reference's ``np.array`` would need them equal)."""
+    def split(x):
+        if isinstance(x, torch.Tensor) or not isinstance(x, (list, tuple)):
+            x = torch.as_tensor(x, dtype=torch.float64)
+            return [x.reshape(-1)] if x.dim() <= 1 else list(x.reshape(x.shape[0], -1))
+        return [torch.as_tensor(r, dtype=torch.float64).reshape(-1) for r in x]
+
+    node_runs, weight_runs = split(nodes), split(weights)
+    if len(node_runs) != len(weight_runs) or not node_runs or any(
+            n.shape != w.shape or n.numel() == 0 for n, w in zip(node_runs, weight_runs)):
+        raise ValueError("nodes and weights must hold the same non-empty runs of equal lengths")
+    return list(zip(node_runs, weight_runs))
+
+
+def reference_density(nodes: torch.Tensor | Sequence[torch.Tensor],
+                      weights: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eigen-density exactly as llm-eff/FedPepTAO computes it (``decoder-only-gpt2/get_ratio.py``
+    lines 10-40, ``_density_generate``); returns ``(density, grid)``, float64.
+
+    ``lambda_max`` / ``lambda_min`` are the *mean over runs* of each run's largest / smallest Ritz
+    value, plus / minus 0.01 (lines 23-24); the grid is ``np.linspace(lambda_min, lambda_max,
+    10000)`` (line 26, built here with NumPy's formula ``start + i * step``, last point = stop, so
+    threshold comparisons fall on the same side); every Ritz value carries a Gaussian of variance
+    ``1e-5 * max(1, lambda_max - lambda_min)`` (line 27) times its weight; the runs' densities are
+    averaged (line 37) and the result divided by ``sum(density) * (grid[1] - grid[0])`` (lines
+    38-39), so its Riemann sum on the grid is 1. One run (the reference's ``n_v=1``) is a 1-D pair.
+    The reference's Ritz values come from float32 ``torch.eig``; here everything is float64.
     """
-    nodes = torch.as_tensor(nodes, dtype=torch.float64).reshape(-1)
-    weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
-    if nodes.shape != weights.shape or nodes.numel() == 0:
-        raise ValueError(f"nodes {tuple(nodes.shape)} and weights {tuple(weights.shape)} must be equal, non-empty")
-    high, low = float(nodes.max()) + GRID_MARGIN, float(nodes.min()) - GRID_MARGIN
-    grid = torch.linspace(low, high, GRID_POINTS, dtype=torch.float64)
+    runs = _as_runs(nodes, weights)
+    high = sum(float(n.max()) for n, _ in runs) / len(runs) + GRID_MARGIN
+    low = sum(float(n.min()) for n, _ in runs) / len(runs) - GRID_MARGIN
+    step = (high - low) / (GRID_POINTS - 1)
+    grid = torch.arange(GRID_POINTS, dtype=torch.float64) * step + low
+    grid[-1] = high
     variance = BASE_VARIANCE * max(1.0, high - low)
-    gauss = torch.exp(-((grid[:, None] - nodes[None, :]) ** 2) / (2.0 * variance)) / math.sqrt(2 * math.pi * variance)
-    density = gauss @ weights
+    density = torch.zeros(GRID_POINTS, dtype=torch.float64)
+    for run_nodes, run_weights in runs:
+        gauss = torch.exp(-(grid[:, None] - run_nodes[None, :]) ** 2 / (2.0 * variance)) \
+            / math.sqrt(2 * math.pi * variance)
+        density += gauss @ run_weights
+    density = density / len(runs)
     density = density / (density.sum() * (grid[1] - grid[0]))
     return density, grid
 
 
 def density_mass_above(density: torch.Tensor, grid: torch.Tensor, threshold: float) -> float:
-    """The reference's ``_get_ratio``: one minus the density's grid mass at points ``<= threshold``."""
-    return float(1.0 - density[grid <= threshold].sum() * (grid[1] - grid[0]))
+    """The reference's ``_get_ratio`` (``decoder-only-gpt2/get_ratio.py`` lines 42-57): one minus the
+    grid mass up to ``threshold``, summed as the reference does, ``sum_{i < n-1, grid[i+1] <= t}
+    density[i] * (grid[i+1] - grid[i])``: a left Riemann sum whose bin ``i`` counts only once its
+    right edge ``grid[i+1]`` is ``<= t``, and the last grid point's density never counts. So the
+    ratio is exactly 1 for ``t < grid[1]`` and ``density[-1] * (grid[-1] - grid[-2])`` (not 0)
+    for ``t >= grid[-1]``.
+    """
+    inside = grid[1:] <= threshold
+    return float(1.0 - (density[:-1][inside] * torch.diff(grid)[inside]).sum())
 
 
-def reference_ratio(nodes: torch.Tensor, weights: torch.Tensor, **search: float) -> float:
-    """The ratio of SPEC 2.2 as the reference finds it: :func:`search_ratio`'s threshold walk on
-    :func:`density_mass_above` of :func:`reference_density`."""
+def reference_ratio(nodes: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tensor | Sequence[torch.Tensor],
+                    **search: float) -> float:
+    """The share ratio as the reference's ``get_ratio`` finds it (``decoder-only-gpt2/get_ratio.py``
+    lines 59-103): :func:`search_ratio`'s threshold walk on :func:`density_mass_above` of
+    :func:`reference_density` (one density per client, however many probes)."""
     density, grid = reference_density(nodes, weights)
     return search_ratio(nodes, weights, mass=lambda t: density_mass_above(density, grid, t), **search)
 
 
-def search_ratio(nodes: torch.Tensor, weights: torch.Tensor, start: float = 0.0, step: float = 0.1,
-                 tol: float = 0.005, patience: int = 4, max_iters: int = 10_000, *,
-                 sigma_squared: float = 0.0, mass: Callable[[float], float] | None = None) -> float:
-    """Step-halving threshold search of SPEC 2.2; returns the ratio ``r``.
+def search_ratio(nodes: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tensor | Sequence[torch.Tensor],
+                 start: float = 0.0, step: float = 0.1, tol: float = 0.005, patience: int = 4,
+                 max_iters: int = 10_000, *, sigma_squared: float | None = None,
+                 mass: Callable[[float], float] | None = None) -> float:
+    """The reference's step-halving threshold walk; returns the ratio ``r``.
 
-    Exact rule (the reference's ``get_ratio``): with ``r(t)`` = :func:`spectral_mass_above`, walk
-    ``t = start, start + step, start + 2 step, ...`` recording ``r(t)``. If a value falls strictly
-    below half the first value of this walk, ``r(start) / 2``, halve ``step`` and restart the walk
-    from ``start``. The search ends when the last ``patience`` values of the current walk (i.e.
-    ``patience - 1`` consecutive differences) all change by less than ``tol``; it returns the last
-    value. So ``r`` is the mass above the first plateau of the density's tail that is still at
-    least half the mass above ``start``. ``max_iters`` bounds the evaluations of ``r`` in total;
-    exceeding it raises ``RuntimeError`` rather than returning an unconverged ratio. ``mass``
-    replaces ``r(t)`` (:func:`reference_ratio` passes the reference's gridded density).
+    Exact rule (``decoder-only-gpt2/get_ratio.py`` lines 85-103, with ``imc_t = 0.0``, ``inc = 0.1``):
+    walk ``t = start, start + step, start + 2 step, ...`` recording ``r(t)``. If a value falls
+    strictly below half the first value of this walk, ``r(start) / 2``, halve ``step`` and restart
+    the walk from ``start``. Otherwise, once the walk holds at least ``patience`` (4) values and the
+    last ``patience - 1`` consecutive differences are all ``< tol`` (0.005), it returns the last
+    value. So ``r`` is the mass above the first plateau of the density's tail that is still at least
+    half the mass above ``start``. ``max_iters`` bounds the evaluations of ``r`` in total (the
+    reference has no bound); exceeding it raises ``RuntimeError`` rather than returning an
+    unconverged ratio.
+
+    ``r(t)`` is, by default (``sigma_squared=None``), the reference's gridded density
+    (:func:`reference_density`, :func:`density_mass_above`), so ``search_ratio(nodes, weights)`` is
+    the reference's ratio. ``sigma_squared=0.0`` walks the sharp quadrature mass and ``> 0`` its
+    closed-form Gaussian smoothing (:func:`spectral_mass_above`; one run only); ``mass`` replaces
+    ``r(t)`` altogether.
     """
-    if mass is None:
-        def mass(t: float) -> float:
-            return spectral_mass_above(nodes, weights, t, sigma_squared=sigma_squared)
-
     if step <= 0 or tol <= 0 or patience < 2:
         raise ValueError(f"need step > 0, tol > 0 and patience >= 2, got {step}, {tol}, {patience}")
+    if mass is None:
+        if sigma_squared is None:
+            density, grid = reference_density(nodes, weights)
+
+            def mass(t: float) -> float:
+                return density_mass_above(density, grid, t)
+        else:
+            def mass(t: float) -> float:
+                return spectral_mass_above(nodes, weights, t, sigma_squared=sigma_squared)
+
     evaluations = 0
     while True:
         t, walk = start, []
@@ -213,18 +285,25 @@ def search_ratio(nodes: torch.Tensor, weights: torch.Tensor, start: float = 0.0,
 
 
 def estimate_ratio(hvps: Sequence[tuple[Hvp, int]], num_iters: int = 50, seed: int = 0, *,
-                   num_probes: int = 1, sigma_squared: float = 0.0,
+                   num_probes: int = 1, sigma_squared: float | None = None,
                    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> float:
-    """SPEC 2.2 end to end: each client's SLQ density (the reference's, :func:`reference_density`;
-    with ``sigma_squared > 0`` the closed-form smoothed mass instead), its searched ratio, averaged
-    over clients. ``hvps`` holds one ``(hvp, dim)`` pair per client; client ``i`` draws its probes
-    from seed ``seed + i``.
+    """The share ratio end to end: per client, ``num_probes`` SLQ runs of ``num_iters`` Lanczos steps
+    (the reference's ``hessian_comp.density(iter=50, n_v=1)``, ``get_ratio.py`` line 84), one
+    reference density over those runs and its threshold walk (:func:`reference_ratio`); the clients'
+    ratios are then averaged, as the reference averages its per-client rates
+    (``decoder-only-gpt2/run_getpr_perclient.py`` lines 229-240). ``hvps`` holds one ``(hvp, dim)``
+    pair per client; client ``i`` draws its probes from seed ``seed + i``. ``sigma_squared`` (not the
+    reference) walks the sharp (``0.0``) or closed-form smoothed (``> 0``) mass of the pooled runs.
     """
     if len(hvps) == 0:
         raise ValueError("estimate_ratio needs at least one client's Hessian-vector product")
     ratios = []
     for index, (hvp, dim) in enumerate(hvps):
-        nodes, weights = slq_density(hvp, dim, num_iters, num_probes, seed + index, dtype=dtype, device=device)
-        ratios.append(search_ratio(nodes, weights, sigma_squared=sigma_squared) if sigma_squared > 0
-                      else reference_ratio(nodes, weights))
+        runs = slq_runs(hvp, dim, num_iters, num_probes, seed + index, dtype=dtype, device=device)
+        if sigma_squared is None:
+            ratios.append(reference_ratio([n for n, _ in runs], [w for _, w in runs]))
+        else:
+            nodes = torch.cat([n for n, _ in runs])
+            weights = torch.cat([w / num_probes for _, w in runs])
+            ratios.append(search_ratio(nodes, weights, sigma_squared=sigma_squared))
     return sum(ratios) / len(ratios)
