@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedpeptao.algorithms import METHODS, MethodConfig
 from fedpeptao.algorithms.fedpeptao import FedPepTAOSettings
 from fedpeptao.core.metrics import MetricName
+from fedpeptao.privacy.engine import resolve_noise_multiplier, update_noise_multiplier
+from fedpeptao.privacy.settings import PrivacySettings
 from fedpeptao.tunings import TUNINGS, TuningConfig
 from fedpeptao.tunings.deep_prompt import DeepPromptSettings
 from fedpeptao.utils.round_log import tensorboard_available
@@ -115,6 +117,7 @@ class ExperimentConfig(_Section):
     method: MethodConfig = FedPepTAOSettings()  # the federated algorithm and its settings (method.name)
     tuning: TuningConfig = DeepPromptSettings()  # what trains on the frozen backbone (tuning.name)
     checkpoint: CheckpointConfig = CheckpointConfig()
+    privacy: PrivacySettings = PrivacySettings()  # client-level differential privacy (privacy.mode)
 
     @field_validator("tensorboard")
     @classmethod
@@ -134,6 +137,38 @@ class ExperimentConfig(_Section):
             raise ValueError(f"tuning.name: {method.name} selects among per-layer groups, which {tuning.name} does not "
                              f"have (use {per_layer})")
         return self
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> "ExperimentConfig":
+        """DP settings that cannot work with the rest, refused before any work (one line each)."""
+        privacy, method, fed = self.privacy, self.method, self.federated
+        if not privacy.enabled:
+            return self
+        if method.dp_refusal:
+            raise ValueError(f"privacy.mode: {method.dp_refusal}")
+        if self.server.aggregation != "weighted_mean":
+            raise ValueError(f"server.aggregation: {self.server.aggregation} cannot run under privacy.mode="
+                             f"{privacy.mode}; the noise is calibrated to the sum of clipped updates (use weighted_mean)")
+        releases = self.private_releases()
+        if privacy.mode == "local" and releases:
+            raise ValueError(f"privacy.selection: {method.name} under privacy.mode=local needs privacy.selection=public"
+                             f" (its layer scores and Hessian ratio are not noised on the devices)")
+        z = resolve_noise_multiplier(privacy, fed.num_clients, fed.clients_per_round, fed.rounds, releases)
+        if privacy.adaptive:
+            update_noise_multiplier(z, privacy.clipped_count_stddev or fed.clients_per_round / 20)
+        return self
+
+    def private_releases(self) -> int:
+        """Selection releases the accountant counts (none unless central DP privatises them)."""
+        if self.privacy.mode == "none" or self.privacy.selection == "public":
+            return 0
+        return self.method.private_releases()
+
+    def noise_multiplier(self) -> float:
+        """The run's noise multiplier: ``privacy.noise_multiplier`` or the one solved for its target."""
+        fed = self.federated
+        return resolve_noise_multiplier(self.privacy, fed.num_clients, fed.clients_per_round, fed.rounds,
+                                        self.private_releases())
 
     def describe(self) -> str:
         """``method`` / ``tuning`` in one word each, for run names and logs."""

@@ -26,6 +26,7 @@ from fedpeptao.data.partition import partition
 from fedpeptao.data.tasks import load_splits
 from fedpeptao.models.classifier import PromptedClassifier
 from fedpeptao.models.loading import Backbone, default_head, load_backbone
+from fedpeptao.privacy.engine import ClientPrivacy
 from fedpeptao.prompts.prefix import max_text_length
 from fedpeptao.tunings import build_tuning
 
@@ -144,21 +145,52 @@ def hold_out(parts: list[np.ndarray], fraction: float, seed: int) -> tuple[list[
     return train, validation
 
 
-def server_context(cfg: ExperimentConfig, layer_groups: dict[int, list[str]], head_names: list[str]) -> ServerContext:
+def server_context(cfg: ExperimentConfig, layer_groups: dict[int, list[str]], head_names: list[str],
+                   privacy: ClientPrivacy | None = None) -> ServerContext:
+    private = privacy is not None and cfg.private_releases() > 0
     return ServerContext(num_clients=cfg.federated.num_clients, local_lr=cfg.client.lr, seed=cfg.seed,
                          rounds=cfg.federated.rounds, layer_groups=layer_groups, head_names=head_names,
-                         average=averaging(cfg.server.aggregation, cfg.server.trim_ratio))
+                         average=averaging(cfg.server.aggregation, cfg.server.trim_ratio),
+                         private_mean=privacy.private_mean if private else None)
 
 
 def make_run_algorithm(cfg: ExperimentConfig, initial: Tensors, layer_groups: dict[int, list[str]],
-                       head_names: list[str]) -> Algorithm:
-    """The configured algorithm at its start, from what the server knows (names, not the model)."""
-    return make_algorithm(cfg.method, server_context(cfg, layer_groups, head_names), initial)
+                       head_names: list[str], privacy: ClientPrivacy | None = None) -> Algorithm:
+    """The configured algorithm at its start, from what the server knows (names, not the model);
+    ``privacy`` is the run's DP mechanism, when it releases the algorithm's selection privately."""
+    return make_algorithm(cfg.method, server_context(cfg, layer_groups, head_names, privacy), initial)
 
 
-def device_algorithm(cfg: ExperimentConfig, fed: Federation) -> Algorithm:
-    """The same algorithm on a device: its client hooks, with the device's model groups."""
-    return make_run_algorithm(cfg, fed.initial, fed.model.layer_groups(), fed.model.head_names())
+def make_privacy(cfg: ExperimentConfig) -> ClientPrivacy | None:
+    """The run's client-level DP mechanism and accountant (None with ``privacy.mode=none``)."""
+    if not cfg.privacy.enabled:
+        return None
+    fed = cfg.federated
+    return ClientPrivacy(cfg.privacy, fed.num_clients, fed.clients_per_round, cfg.seed, cfg.noise_multiplier())
+
+
+def public_selection_data(cfg: ExperimentConfig, fed: Federation) -> tuple[EncodedDataset, np.ndarray] | None:
+    """``privacy.public_data``'s training split, encoded like the run's data, for selection that
+    costs no privacy (``privacy.selection=public``); None when selection reads the clients' data."""
+    privacy = cfg.privacy
+    if not privacy.enabled or privacy.selection != "public":
+        return None
+    data_cfg = cfg.data.model_copy(update={"task": privacy.public_data, "train_file": None, "eval_file": None,
+                                           "validation_file": None, "max_train_examples": privacy.public_examples,
+                                           "max_eval_examples": 1})
+    public, _, _ = load_splits(data_cfg, cfg.seed)
+    if public.label_names != fed.train_set.label_names:
+        raise ValueError(f"privacy.public_data: its labels {public.label_names} differ from the task's "
+                         f"{fed.train_set.label_names}")
+    length = max_text_length(fed.backbone.model, prompt_tokens(cfg), cfg.model.max_length)
+    encoded = encode(public, fed.backbone.tokenizer, fed.head, length, cfg.model.template)
+    return encoded, np.arange(len(public), dtype=np.int64)
+
+
+def device_algorithm(cfg: ExperimentConfig, fed: Federation, privacy: ClientPrivacy | None = None) -> Algorithm:
+    """The same algorithm on a device: its client hooks, with the device's model groups (the
+    simulator's also serves as the server, with the run's ``privacy``)."""
+    return make_run_algorithm(cfg, fed.initial, fed.model.layer_groups(), fed.model.head_names(), privacy)
 
 
 MODEL_CARD = "model.json"

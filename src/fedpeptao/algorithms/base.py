@@ -52,6 +52,12 @@ class AlgorithmSettings(BaseModel):
     robust_averaging: ClassVar[bool] = True
     #: whether the algorithm needs per-layer parameter groups in the tuning
     needs_layer_groups: ClassVar[bool] = False
+    #: why client-level DP cannot cover what this algorithm sends (None: it can)
+    dp_refusal: ClassVar[str | None] = None
+
+    def private_releases(self) -> int:
+        """How many data-dependent releases before training DP must count (FedPepTAO's selection)."""
+        return 0
 
 
 @dataclass
@@ -65,6 +71,9 @@ class ServerContext:
     layer_groups: dict[int, list[str]]  # tuning's per-layer trainable tensors (empty: none)
     head_names: list[str]
     average: Callable[[Sequence[ClientUpdate]], Tensors]  # the runtime's averaging rule
+    #: under central DP with private selection: ``(vectors, bound, count) -> privatised mean``
+    #: (:meth:`~fedpeptao.privacy.engine.ClientPrivacy.private_mean`); None without DP
+    private_mean: Callable[[Sequence[np.ndarray], float, int], np.ndarray] | None = None
 
 
 @dataclass

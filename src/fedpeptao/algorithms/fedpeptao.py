@@ -76,9 +76,23 @@ class FedPepTAOSettings(AlgorithmSettings):
             raise ValueError("method.ratio: must be in (0, 1] or 'auto'")
         return self
 
+    def private_releases(self) -> int:
+        """The layer scores, and the Hessian ratio when it is estimated."""
+        return 1 + int(self.ratio == "auto" and self.layers is None)
+
     def switch_round(self) -> int:
         """The round the selective step starts: after the warm-up when the ratio is estimated."""
         return self.warmup_rounds if self.ratio == "auto" and self.layers is None else 0
+
+
+def private_scores(scores) -> list[float]:
+    """A client's layer scores as released under DP: centred and scaled to unit L2 norm, so that
+    one client's vector is bounded (its ranking of the layers unchanged) whatever the scale of
+    the eigenvalue terms."""
+    values = torch.tensor(list(scores), dtype=torch.float64)
+    values = values - values.mean()
+    norm = float(values.norm())
+    return (values / norm if norm > 0 else values).tolist()
 
 
 @register
@@ -122,8 +136,12 @@ class FedPepTAO(Algorithm):
         scored = [(k, r) for k, r in sorted(results.items()) if "scores" in r]
         if not scored:
             raise RuntimeError("no client could score layers (each needs at least 2 training examples)")
-        combined = combine_scores([torch.tensor(list(r["scores"]), dtype=torch.float64) for _, r in scored],
-                                  [int(r["num_train"]) for _, r in scored])
+        if self.ctx.private_mean is not None:
+            combined = self.ctx.private_mean([private_scores(r["scores"]) for _, r in scored], 1.0, len(results))
+            combined = torch.tensor(combined, dtype=torch.float64)
+        else:
+            combined = combine_scores([torch.tensor(list(r["scores"]), dtype=torch.float64) for _, r in scored],
+                                      [int(r["num_train"]) for _, r in scored])
         self.scores, self.ranking = combined.tolist(), rank_layers(combined)
 
     def _layers(self, run_task: RunTask) -> tuple[float, list[int]]:
@@ -145,6 +163,9 @@ class FedPepTAO(Algorithm):
         values = [float(results[k]["ratio"]) for k in chosen if "ratio" in results.get(k, {})]
         if not values:
             raise RuntimeError("no client returned a Hessian ratio estimate")
+        if self.ctx.private_mean is not None:  # each ratio lies in [0, 1]: bound 1
+            mean = self.ctx.private_mean([[min(max(v, 0.0), 1.0)] for v in values], 1.0, len(chosen))
+            return float(min(max(mean[0], 0.0), 1.0))
         return sum(values) / len(values)
 
     def _switch(self, round_index: int, run_task: RunTask) -> None:

@@ -29,6 +29,8 @@ class ScaffoldSettings(AlgorithmSettings):
     name: Literal["scaffold"] = "scaffold"
     server_lr: float = Field(1.0, gt=0.0)  # eta_g, the global step on the averaged change
     robust_averaging = False
+    dp_refusal = ("scaffold sends per-client control-variate deltas that client-level DP does not cover; use "
+                  "fedpeptao, whose control variates come from the privatised mean, or fedavg")
 
 
 def scaffold_client_control(c_k: Tensor, c: Tensor, x: Tensor, y: Tensor, num_steps: int, local_lr: float) -> Tensor:

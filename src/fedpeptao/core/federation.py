@@ -23,7 +23,7 @@ from fedpeptao.models.classifier import PromptedClassifier
 Averaging = Literal["weighted_mean", "median", "trimmed_mean"]
 Tensors = dict[str, torch.Tensor]
 
-TRAIN_STREAM, SCORE_STREAM, HESSIAN_STREAM = 0, 1, 2
+TRAIN_STREAM, SCORE_STREAM, HESSIAN_STREAM, PRIVACY_STREAM, COUNT_STREAM = 0, 1, 2, 3, 4
 
 
 def round_seed(seed: int, round_index: int, client_id: int, stream: int = TRAIN_STREAM) -> int:

@@ -25,7 +25,7 @@ from fedpeptao.config import ExperimentConfig
 from fedpeptao.core import payload
 from fedpeptao.core.client import predict
 from fedpeptao.core.federation import ClientState, client_round, round_seed
-from fedpeptao.experiment import Federation
+from fedpeptao.experiment import Federation, make_privacy, public_selection_data
 from fedpeptao.flower import records as R
 from fedpeptao.flower.build import cached_federation, resolve_data_path
 from fedpeptao.flower.logs import route_to_flower
@@ -101,7 +101,10 @@ def task(message: Message, context: Context) -> Message:
     work_task = ClientTask(spec["kind"], None, params, int(spec["round"]), int(spec["stream"]),
                            {job.node.client_id: spec.get("options", {})})
     job.fed.model.load_trainable(params)
-    result = job.algorithm.run_task(work_task, job.work(work_task))
+    work = job.work(work_task)
+    if spec.get("public"):  # privacy.selection=public: this node computes on the public data for all
+        work.data, work.indices = public_selection_data(job.cfg, job.fed)
+    result = job.algorithm.run_task(work_task, work)
     return _reply(message, **{R.CONFIG: ConfigRecord({R.RESULT: json.dumps(result)}),
                               R.METRICS: MetricRecord({"client-id": job.node.client_id})})
 
@@ -121,6 +124,9 @@ def train(message: Message, context: Context) -> Message:
                                       job.fed.train_data, job.train_part, job.fed.local_cfg,
                                       round_seed(job.cfg.seed, round_index, job.node.client_id), extra_loss)
     sent = algo.client_reply(received, update, result.num_steps, client)
+    privacy = make_privacy(job.cfg)
+    if privacy is not None:  # local DP: noised here, before the reply leaves the node
+        sent = privacy.device_reply(sent, algo.model_part(received), job.node.client_id, round_index)
     job.store.save(StoredClient(client, round_index))
     metrics = {"client-id": job.node.client_id, "num-examples": result.num_examples, "num-steps": result.num_steps,
                "train-loss": float(result.mean_loss), "seconds": float(result.seconds),

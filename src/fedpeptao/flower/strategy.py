@@ -43,7 +43,7 @@ from fedpeptao.core import payload
 from fedpeptao.core.metrics import score
 from fedpeptao.core.server import ClientUpdate
 from fedpeptao.core.validation import ValidationPolicy, filter_model_updates
-from fedpeptao.experiment import make_run_algorithm
+from fedpeptao.experiment import make_privacy, make_run_algorithm
 from fedpeptao.flower import records as R
 from fedpeptao.report.summary import config_difference, run_summary
 from fedpeptao.utils.checkpoint import (capture_rng_state, flatten_state, list_checkpoints, load_latest_checkpoint,
@@ -75,12 +75,15 @@ class FederatedStrategy(Strategy):
         srv = cfg.server
         self.validation = ValidationPolicy(max_norm=srv.max_update_norm) if srv.validate_updates else None
         self.algorithm: Algorithm | None = None
+        self.privacy = make_privacy(cfg)  # client-level DP and its accountant (None: off)
+        self.stopped = False  # the privacy budget ended the run early
         self.run_key = uuid.uuid4().hex[:16]  # nodes keep this run's state under it (kept across restarts)
         self.history: list[dict] = []
         self.first_round = 0
         self._grid: Grid | None = None
         self._row: dict = {}
         self._sampled: dict[int, int] = {}
+        self._population = 0  # clients online when the round sampled (the accountant's N)
         self._failed_nodes: set[int] = set()
         self._started = time.perf_counter()
         self._log: RoundLog | None = None
@@ -96,6 +99,8 @@ class FederatedStrategy(Strategy):
                         ) -> Iterable[Message]:
         algo, t = self._algo(), self._round(server_round)
         self._grid = grid
+        if self.stopped or self._budget_spent(t):
+            return []
         self._discover(grid)
         algo.prepare_round(t, self._run_task)
         available = self._online(grid)
@@ -107,6 +112,7 @@ class FederatedStrategy(Strategy):
             self._sampled = {}
             return []
         size = min(self.cfg.federated.clients_per_round, len(available))
+        self._population = len(available)
         sampled = sorted(int(c) for c in self.rng.choice(np.array(available), size=size, replace=False))
         self._sampled = {cid: self.clients[cid] for cid in sampled}
         messages = []
@@ -120,6 +126,8 @@ class FederatedStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         algo, t = self._algo(), self._round(server_round)
+        if self.stopped:
+            return None, None
         updates, losses, seconds, examples = [], [], [], {}
         for message in replies:
             parsed = self._parse_train(message)
@@ -150,6 +158,9 @@ class FederatedStrategy(Strategy):
         accepted, rejected = filter_model_updates(sorted(updates, key=lambda u: u.client_id), algo.global_shared(),
                                                   self.validation, log, algo.reply_prefixes)
         self._row["rejected"] = [list(r) for r in rejected]
+        if self.privacy is not None:  # one privatised update for the round, even when none was valid
+            accepted = [self.privacy.aggregate(t, accepted, algo.global_shared(), self._population, len(self._sampled))]
+            self._row["epsilon"] = self.privacy.epsilon()
         if accepted:
             algo.aggregate(t, sorted(self._sampled), accepted)
         else:
@@ -162,7 +173,7 @@ class FederatedStrategy(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
         t = self._round(server_round)
-        if not self._eval_round(t):
+        if self.stopped or not self._eval_round(t):
             return []
         online = set(grid.get_node_ids())
         targets = {cid: node for cid, node in sorted(self.clients.items())
@@ -172,6 +183,8 @@ class FederatedStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         t = self._round(server_round)
+        if self.stopped:
+            return None
         result = self._pool_evaluations(replies) if self._eval_round(t) else None
         self._finish_row()
         return result
@@ -190,9 +203,12 @@ class FederatedStrategy(Strategy):
         if not self._setup_query(grid, nodes):
             raise RuntimeError("no SuperNode answered the setup query; see the SuperNode logs")
         groups = {int(i): names for i, names in json.loads(self.names["layer-groups"]).items()}
-        self.algorithm = make_run_algorithm(self.cfg, self.initial, groups, json.loads(self.names["head-names"]))
+        self.algorithm = make_run_algorithm(self.cfg, self.initial, groups, json.loads(self.names["head-names"]),
+                                            self.privacy)
         if resumed is not None:
             self.algorithm.load_state(resumed["algorithm"])
+            if self.privacy is not None:
+                self.privacy.load_state(resumed["privacy"])
         self._started = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
         if self.run_dir is not None:
             if self.history:
@@ -215,7 +231,8 @@ class FederatedStrategy(Strategy):
     def run_summary(self) -> dict:
         failed = int(np.sum([len(r["failed"]) for r in self.history]))
         return run_summary(self.cfg, self.metric, self.history, self._algo().summary(), runtime="flower",
-                           clients=sorted(self.clients), failed_client_rounds=failed)
+                           clients=sorted(self.clients), failed_client_rounds=failed,
+                           privacy=None if self.privacy is None else self.privacy.summary())
 
     # -- checkpoints -----------------------------------------------------------------------
     def _resume(self) -> dict | None:
@@ -235,10 +252,23 @@ class FederatedStrategy(Strategy):
 
     def _save_checkpoint(self, round_index: int) -> None:
         state = {"algorithm": self._algo().state(), "rng": capture_rng_state(self.rng), "history": self.history,
-                 "run_key": self.run_key}
+                 "run_key": self.run_key, "privacy": None if self.privacy is None else self.privacy.state()}
         tensors, skeleton = flatten_state(state)
         save_checkpoint(self.checkpoint_dir, round_index, tensors,
                         {"state": skeleton, "config": self.cfg.model_dump(mode="json")}, keep=self.cfg.checkpoint.keep)
+
+    def _budget_spent(self, t: int) -> bool:
+        """Stop before round ``t`` when it would pass ``privacy.target_epsilon``, state saved."""
+        fed = self.cfg.federated
+        after = None if self.privacy is None else self.privacy.would_exceed(fed.num_clients, fed.clients_per_round)
+        if after is None:
+            return False
+        log.warning("stopping before round %d: it would take epsilon to %.3f, past privacy.target_epsilon=%g",
+                    t + 1, after, self.cfg.privacy.target_epsilon)
+        self.stopped = True
+        if self.checkpoint_dir is not None and self.history:
+            self._save_checkpoint(self.history[-1]["round"])
+        return True
 
     # -- internals ---------------------------------------------------------------------------
     def _algo(self) -> Algorithm:
@@ -286,15 +316,20 @@ class FederatedStrategy(Strategy):
         """An algorithm phase's client computation, on the online clients it names."""
         online = self._online(self._grid)
         targets = online if task.clients is None else [k for k in task.clients if k in set(online)]
+        public = self.cfg.privacy.enabled and self.cfg.privacy.selection == "public"
+        asked = targets[:1] if public else targets  # on public data one node computes for all
         messages = []
-        for cid in targets:
+        for cid in asked:
             spec = {"kind": task.kind, "round": task.round, "stream": task.stream,
-                    "options": task.options.get(cid, {})}
+                    "options": task.options.get(cid, {}), "public": public}
             messages.append(self._message(RecordDict({R.GLOBAL: R.to_record(task.params),
                                                       R.CONFIG: self._config(**{R.TASK_SPEC: json.dumps(spec)})}),
                                           self.clients[cid], R.TASK, task.kind))
-        return {int(m.content[R.METRICS]["client-id"]): json.loads(str(m.content[R.CONFIG][R.RESULT]))
-                for m in self._exchange(self._grid, messages, task.kind)}
+        results = {int(m.content[R.METRICS]["client-id"]): json.loads(str(m.content[R.CONFIG][R.RESULT]))
+                   for m in self._exchange(self._grid, messages, task.kind)}
+        if public and results:
+            return {cid: next(iter(results.values())) for cid in targets}
+        return results
 
     def _setup_query(self, grid: Grid, nodes: list[int]) -> dict[int, MetricRecord]:
         """Ask nodes who they are; returns the metrics of the accepted ones, by client id."""

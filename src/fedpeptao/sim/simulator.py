@@ -32,7 +32,8 @@ from fedpeptao.core.federation import ClientState, client_round, round_seed
 from fedpeptao.core.metrics import score
 from fedpeptao.core.server import ClientUpdate
 from fedpeptao.core.validation import ValidationPolicy, filter_model_updates
-from fedpeptao.experiment import build_federation, device_algorithm, write_model_card
+from fedpeptao.experiment import (build_federation, device_algorithm, make_privacy, public_selection_data,
+                                  write_model_card)
 from fedpeptao.models.loading import Backbone
 from fedpeptao.report.summary import config_difference, run_summary
 from fedpeptao.utils.checkpoint import (capture_rng_state, flatten_state, load_latest_checkpoint, restore_rng_state,
@@ -53,7 +54,9 @@ class Simulation:
         self.model, self.metric = fed.model, fed.metric
         self.train_data, self.eval_data = fed.train_data, fed.eval_data
         self.train_parts, self.eval_parts = fed.train_parts, fed.eval_parts
-        self.algorithm: Algorithm = device_algorithm(cfg, fed)
+        self.privacy = make_privacy(cfg)  # client-level DP and its accountant (None: off)
+        self.public = public_selection_data(cfg, fed)  # selection on public data (privacy.selection=public)
+        self.algorithm: Algorithm = device_algorithm(cfg, fed, self.privacy)
         # A client that was never contacted holds nothing of its own: it starts from `fed.initial`.
         self.clients: dict[int, ClientState] = {}
         srv = cfg.server
@@ -73,6 +76,13 @@ class Simulation:
     def run_task(self, task: ClientTask) -> dict[int, dict]:
         """A phase's client computation, on every client asked (in client order)."""
         clients = range(self.cfg.federated.num_clients) if task.clients is None else task.clients
+        if self.public is not None:  # computed once, on public data, standing for every client asked
+            self.model.load_trainable(task.params)
+            first = int(next(iter(clients)))
+            work = ClientWork(first, self.model, self.public[0], self.public[1],
+                              round_seed(self.cfg.seed, task.round, first, task.stream), self.cfg.client.batch_size)
+            result = self.algorithm.run_task(task, work)
+            return {int(k): result for k in clients}
         results = {}
         for k in clients:
             self.model.load_trainable(task.params)
@@ -90,6 +100,8 @@ class Simulation:
                                           self.train_parts[k], self.fed.local_cfg,
                                           round_seed(self.cfg.seed, round_index, k), extra_loss)
         sent = algo.client_reply(message, update, result.num_steps, client)
+        if self.privacy is not None:  # local DP: noised before it leaves the device
+            sent = self.privacy.device_reply(sent, algo.model_part(message), k, round_index)
         algo.acknowledge(k)
         return ClientUpdate(k, sent, result.num_examples, result.num_steps), result.seconds, result.mean_loss
 
@@ -115,6 +127,9 @@ class Simulation:
         """Runtime-wide validation of the shared model tensors, then the algorithm's server step."""
         updates, self.rejected = filter_model_updates(updates, self.algorithm.global_shared(), self.validation, log,
                                                      self.algorithm.reply_prefixes)
+        if self.privacy is not None:  # one privatised update for the round, even when none was valid
+            updates = [self.privacy.aggregate(round_index, updates, self.algorithm.global_shared(),
+                                              self.cfg.federated.num_clients, len(sampled))]
         if not updates:
             log.warning("round %d: no valid update; global state unchanged", round_index)
             return
@@ -163,11 +178,18 @@ class Simulation:
                    dynamic_ncols=True, initial=first, total=fed.rounds)
         log_rows = None if self.run_dir is None else RoundLog(self.run_dir, cfg.tensorboard, first)
         for t in bar:
+            if self.budget_spent(t):
+                if log_rows is not None and self.history:
+                    self.save_checkpoint(t - 1)
+                break
             self.algorithm.prepare_round(t, self.run_task)
             row = {"round": t, **self.train_round(t)}
+            if self.privacy is not None:
+                row["epsilon"] = self.privacy.epsilon()
             if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:
                 row.update(self.evaluate())
-                bar.set_postfix(acc=f"{row['accuracy']:.3f}", loss=f"{row['train_loss']:.3f}")
+                bar.set_postfix(acc=f"{row['accuracy']:.3f}", loss=f"{row['train_loss']:.3f}",
+                                **({"eps": f"{row['epsilon']:.2f}"} if "epsilon" in row else {}))
             row["shared_tensors"] = len(self.algorithm.shared)
             close_row(row, self.history[-1] if self.history else {}, time.perf_counter() - start)
             self.history.append(row)
@@ -181,6 +203,17 @@ class Simulation:
         self.algorithm.finish(self.run_task)
         return self.history
 
+    def budget_spent(self, round_index: int) -> bool:
+        """Whether round ``round_index`` would take epsilon past ``privacy.target_epsilon`` (logged)."""
+        fed = self.cfg.federated
+        after = None if self.privacy is None else self.privacy.would_exceed(fed.num_clients, fed.clients_per_round)
+        if after is None:
+            return False
+        log.warning("stopping before round %d: it would take epsilon to %.3f, past privacy.target_epsilon=%g; "
+                    "the state of round %d is saved", round_index + 1, after, self.cfg.privacy.target_epsilon,
+                    round_index)
+        return True
+
     # -- checkpoint and resume ---------------------------------------------------------------
     def state(self) -> dict:
         """Everything needed to continue exactly: the algorithm, every contacted client, RNG, history."""
@@ -189,6 +222,7 @@ class Simulation:
             "clients": {str(k): {"params": c.params, "optimizer": c.optimizer, "rounds_trained": c.rounds_trained,
                                  "algo_state": c.algo_state} for k, c in sorted(self.clients.items())},
             "rng": capture_rng_state(self.rng), "history": self.history,
+            "privacy": None if self.privacy is None else self.privacy.state(),
         }
 
     def load_state(self, state: dict) -> None:
@@ -196,6 +230,8 @@ class Simulation:
         self.clients = {int(k): ClientState(**c) for k, c in state["clients"].items()}
         restore_rng_state(state["rng"], self.rng)
         self.history = list(state["history"])
+        if self.privacy is not None:
+            self.privacy.load_state(state["privacy"])
 
     def save_checkpoint(self, round_index: int) -> Path:
         tensors, skeleton = flatten_state(self.state())
@@ -224,7 +260,8 @@ class Simulation:
                            splits=self.fed.splits,
                            majority_rate=majority,
                            trainable_parameters=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-                           params_per_message=sum(t.numel() for t in self.algorithm.global_shared().values()))
+                           params_per_message=sum(t.numel() for t in self.algorithm.global_shared().values()),
+                           privacy=None if self.privacy is None else self.privacy.summary())
 
     def client_model(self, k: int) -> dict:
         """Client ``k``'s tensors exactly as it would use them: its own, with the global shared ones."""
