@@ -18,16 +18,20 @@ from common import TASKS, launch
 
 def per_round_table(title: str, result: dict) -> None:
     print(f"\n## {title}")
-    print(f"{'round':>5} {'accuracy':>9} {'train loss':>10} {'KB up':>8} {'KB down':>8} {'s/round':>8}")
+    print(f"{'round':>5} {'test acc':>9} {'val acc':>9} {'train loss':>10} {'KB up':>8} {'KB down':>8} {'s/round':>8}")
     prev = 0.0
     for row in result["history"]:
         acc = f"{row['accuracy']:.4f}" if "accuracy" in row else "-"
-        print(f"{row['round'] + 1:>5} {acc:>9} {row['train_loss']:>10.4f} {row['bytes_up'] / 1e3:>8.1f} "
+        val = f"{row['val_accuracy']:.4f}" if "val_accuracy" in row else "-"
+        print(f"{row['round'] + 1:>5} {acc:>9} {val:>9} {row['train_loss']:>10.4f} {row['bytes_up'] / 1e3:>8.1f} "
               f"{row['bytes_down'] / 1e3:>8.1f} {row['elapsed_s'] - prev:>8.1f}")
         prev = row["elapsed_s"]
     s = result["summary"]
-    print(f"best {s['metric']} {s['best_metric']:.4f} (round {s['best_round'] + 1}), majority rate {s['majority_rate']:.4f}, "
+    val = "-" if s["validation_metric"] is None else f"{s['validation_metric']:.4f}"
+    print(f"test {s['metric']} {s['test_metric_at_selected']:.4f} at round {s['selected_round'] + 1} (chosen on "
+          f"validation: {val}), final {s['final_metric']:.4f}, majority rate {s['majority_rate']:.4f}, "
           f"{s['total_mb']:.2f} MB total, peak memory {result['peak_mb']:.0f} MB")
+    print(f"splits: {s.get('splits')}")
 
 
 def main() -> None:

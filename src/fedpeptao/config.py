@@ -22,6 +22,7 @@ from fedpeptao.privacy.engine import resolve_noise_multiplier, update_noise_mult
 from fedpeptao.privacy.settings import PrivacySettings
 from fedpeptao.tunings import TUNINGS, TuningConfig
 from fedpeptao.tunings.deep_prompt import DeepPromptSettings
+from fedpeptao.utils.device import Precision, check_device
 from fedpeptao.utils.round_log import tensorboard_available
 
 
@@ -39,6 +40,7 @@ class ModelConfig(_Section):
     max_length: int = Field(128, ge=8, le=8192)
     label_words: list[str] | None = None
     template: str | None = None
+    gradient_checkpointing: bool = False  # recompute the backbone's activations in backward (long sequences)
 
 
 class DataConfig(_Section):
@@ -109,6 +111,8 @@ class ExperimentConfig(_Section):
     run_name: str | None = None
     progress: bool = True
     tensorboard: bool = False  # also write round metrics to RUN_DIR/tensorboard (needs the tensorboard package)
+    device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps
+    precision: Precision = "fp32"  # the frozen backbone's dtype; trainables, optimiser and server stay fp32
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     federated: FederatedConfig = FederatedConfig()
@@ -118,6 +122,11 @@ class ExperimentConfig(_Section):
     tuning: TuningConfig = DeepPromptSettings()  # what trains on the frozen backbone (tuning.name)
     checkpoint: CheckpointConfig = CheckpointConfig()
     privacy: PrivacySettings = PrivacySettings()  # client-level differential privacy (privacy.mode)
+
+    @field_validator("device")
+    @classmethod
+    def _device_present(cls, value: str) -> str:
+        return check_device(value)
 
     @field_validator("tensorboard")
     @classmethod
@@ -269,7 +278,7 @@ def _first_error(exc: ValidationError, data: dict[str, Any]) -> str:
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown key"
-    if re.match(r"^[a-z_]+\.[a-z_]+: ", message):
+    if re.match(r"^[a-z_]+\.[a-z_]+: ", message) or (key and message.startswith(f"{key}: ")):
         return message  # a validator that names its key
     return f"{key}: {message}" if key else message
 

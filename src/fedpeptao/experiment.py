@@ -29,6 +29,7 @@ from fedpeptao.models.loading import Backbone, default_head, load_backbone
 from fedpeptao.privacy.engine import ClientPrivacy
 from fedpeptao.prompts.prefix import max_text_length
 from fedpeptao.tunings import build_tuning
+from fedpeptao.utils.device import DTYPES, resolve_device
 
 Tensors = dict[str, torch.Tensor]
 
@@ -95,7 +96,27 @@ def build_classifier(cfg: ExperimentConfig, backbone: Backbone, label_names: lis
             raise ValueError(f"model.label_words: expected {len(label_names)} words, got {len(words)}")
     model = build_tuning(cfg.tuning, backbone.model, head, len(label_names),
                          label_word_ids(backbone.tokenizer, words, head) if words else None, cfg.seed)
+    place(model, cfg)
     return Classifier(model, head, words, max_text_length(backbone.model, prompt_tokens(cfg), cfg.model.max_length))
+
+
+def place(model: PromptedClassifier, cfg: ExperimentConfig) -> None:
+    """Frozen tensors in ``cfg.precision``, trainable ones in float32, all on ``cfg.device``.
+
+    The tuning is initialised before the cast, so its initial tensors (and hence the run) start
+    the same in every precision for the same seed.
+    """
+    dtype = DTYPES[cfg.precision]
+    for param in model.parameters():
+        if param.dtype.is_floating_point:
+            param.data = param.data.to(torch.float32 if param.requires_grad else dtype)
+    model.to(resolve_device(cfg.device))
+    if cfg.model.gradient_checkpointing:
+        backbone = model.model
+        if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, own_data: bool = False) -> Federation:

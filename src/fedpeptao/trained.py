@@ -86,7 +86,7 @@ class TrainedModel:
         batches = encoded.batches(np.arange(len(encoded)), batch_size)
         for batch in tqdm(batches, total=-(-len(encoded) // batch_size), disable=not progress, desc="predict"):
             batch.pop("labels", None)
-            out.append(torch.softmax(self.model(**batch).logits.float(), dim=-1).numpy())
+            out.append(torch.softmax(self.model(**batch).logits.float(), dim=-1).cpu().numpy())
         return np.concatenate(out)
 
     def predict(self, inputs: Inputs, batch_size: int = 32) -> list[str]:
@@ -163,7 +163,7 @@ def load_run(run_dir: str | Path, client: int | None = None, backbone: Backbone 
     card = read_card(run_dir)
     tensors = load_tensors(tensor_file(run_dir, card, client))
     try:
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(run_dir / "config.yaml", ["device=auto"])  # wherever it trained, use what is here
     except ConfigError as exc:
         raise RunError(f"{run_dir / 'config.yaml'}: {exc}") from None
     backbone = backbone or load_backbone(cfg.model.name, head=cfg.model.head)

@@ -26,7 +26,9 @@ class FedProx(Algorithm):
     @contextmanager
     def client_training(self, model, received, client) -> Iterator[ExtraLoss | None]:
         """The local loss gains ``mu/2 ||w - w_global||^2`` over the received tensors."""
-        mu, anchor = self.settings.mu, self.received_copy(received)
+        params = dict(model.named_parameters())
+        mu = self.settings.mu
+        anchor = {n: a.to(params[n].device) for n, a in self.received_copy(received).items()}
 
         def proximal(m: torch.nn.Module) -> Tensor:
             params = dict(m.named_parameters())

@@ -30,10 +30,10 @@ class MoonSettings(AlgorithmSettings):
 def representation(model, hidden: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
     """What the classifier reads: masked mean of ``hidden`` (linear head) or its label position."""
     if model.head_kind == "linear":
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden[rows, batch["target_pos"]]
+    return hidden[rows, batch["target_pos"].to(hidden.device)]
 
 
 @register
@@ -45,8 +45,9 @@ class Moon(Algorithm):
     def client_training(self, model: torch.nn.Module, received: Mapping[str, Tensor], client: ClientState
                         ) -> Iterator[ExtraLoss | None]:
         mu, tau = self.settings.mu, self.settings.tau
-        glob = self.received_copy(received)  # positive: the global model
-        prev = {n: client.params[n].detach().clone() for n in glob}  # negative: this device's last model
+        device = next(model.parameters()).device
+        glob = {n: t.to(device) for n, t in self.received_copy(received).items()}  # positive: the global model
+        prev = {n: client.params[n].detach().to(device, copy=True) for n in glob}  # negative: this device's last model
         seen: dict[str, object] = {}
 
         def grab_batch(_module, _args, kwargs):
@@ -69,7 +70,7 @@ class Moon(Algorithm):
                     torch.func.functional_call(m, tensors, args=(), kwargs=batch, strict=False)
                     refs.append(representation(m, seen["hidden"], batch))
             m.train(was_training)
-            logits = torch.stack([F.cosine_similarity(z, r, dim=-1) for r in refs], dim=1) / tau
+            logits = torch.stack([F.cosine_similarity(z.float(), r.float(), dim=-1) for r in refs], dim=1) / tau
             target = torch.zeros(len(z), dtype=torch.long, device=z.device)
             return mu * F.cross_entropy(logits, target)
 

@@ -99,7 +99,7 @@ class Scaffold(Algorithm):
                         ) -> Iterator[ExtraLoss | None]:
         params = dict(model.named_parameters())
         corrections = {id(params[name]): (received[CONTROL_PREFIX + name].to(work_dtype(ref))
-                                          - self._ck(client, name, ref)).to(params[name].dtype)
+                                          - self._ck(client, name, ref)).to(params[name])
                        for name, ref in self.model_part(received).items()}
 
         def after_step(optimizer, _args, _kwargs) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from fedpeptao.data.encoding import EncodedDataset
 from fedpeptao.models.classifier import PromptedClassifier
+from fedpeptao.utils.device import to_host
 
 
 @dataclass
@@ -79,7 +80,7 @@ def local_train(
             optimizer.step()
             steps += 1
             total += float(out.loss.detach())
-    state = None if cfg.reset_optimizer else optimizer.state_dict()
+    state = None if cfg.reset_optimizer else to_host(optimizer.state_dict())
     return LocalResult(steps, len(indices), total / max(steps, 1), time.perf_counter() - start, state)
 
 
@@ -91,6 +92,6 @@ def predict(model: PromptedClassifier, data: EncodedDataset, indices: np.ndarray
     preds, loss_sum = [], 0.0
     for batch in data.batches(indices, batch_size):
         out = model(**batch)
-        preds.append(out.logits.argmax(-1).numpy())
+        preds.append(out.logits.argmax(-1).cpu().numpy())
         loss_sum += float(out.loss) * len(batch["labels"])
     return (np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)), loss_sum

@@ -32,7 +32,7 @@ def client_layer_scores(model: PromptedClassifier, data: EncodedDataset, indices
     model.eval()
     batch = _first_batch(data, indices, batch_size, seed)
     outputs = model.layer_outputs(batch["input_ids"], batch["attention_mask"])
-    mask = batch["attention_mask"].unsqueeze(-1).to(outputs[0].dtype)
+    mask = batch["attention_mask"].unsqueeze(-1).to(outputs[0])
     return layer_scores([h * mask for h in outputs])
 
 

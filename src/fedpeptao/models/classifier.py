@@ -75,9 +75,15 @@ class PromptedClassifier(nn.Module):
     def trainable_names(self) -> list[str]:
         return [name for name, param in self.named_parameters() if param.requires_grad]
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """A detached copy of every trainable tensor (prompt layers and head)."""
-        return {name: param.detach().clone() for name, param in self.named_parameters() if param.requires_grad}
+        """A detached host copy of every trainable tensor (prompt layers and head): a client's
+        state lives off the accelerator between its turns."""
+        return {name: param.detach().to("cpu", copy=True) for name, param in self.named_parameters()
+                if param.requires_grad}
 
     def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
         """Overwrite trainable tensors in place; every key must be trainable and shape-compatible."""
@@ -113,25 +119,29 @@ class PromptedClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_pos: torch.Tensor,
                 labels: torch.Tensor | None = None) -> Output:
+        """Logits and loss in float32 whatever the backbone's precision; inputs move to the model."""
+        device = self.device
+        input_ids, attention_mask, target_pos = input_ids.to(device), attention_mask.to(device), target_pos.to(device)
+        labels = None if labels is None else labels.to(device)
         out = self._base_outputs(input_ids, attention_mask)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         if self.head_kind == "linear":
             mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
             pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            logits = self.head(pooled)
+            logits = self.head(pooled.to(self.head.weight.dtype))
             return Output(logits, F.cross_entropy(logits, labels) if labels is not None else None)
         if self.head_kind == "mlm":
-            vocab_logits = out.logits[rows, target_pos]
+            vocab_logits = out.logits[rows, target_pos].float()
             logits = vocab_logits[:, self.label_word_ids]
             return Output(logits, F.cross_entropy(logits, labels) if labels is not None else None)
         # lm: score only the position that predicts the label word (saves a [B, T, V] projection)
         hidden = out.last_hidden_state[rows, target_pos]
-        vocab_logits = self.model.get_output_embeddings()(hidden)
+        vocab_logits = self.model.get_output_embeddings()(hidden).float()
         logits = vocab_logits[:, self.label_word_ids]
         loss = F.cross_entropy(vocab_logits, self.label_word_ids[labels]) if labels is not None else None
         return Output(logits, loss)
 
     def layer_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """Output hidden states of every transformer layer ``[B, T, H]`` (for layer scoring)."""
-        out = self._base_outputs(input_ids, attention_mask, hidden_states=True)
+        out = self._base_outputs(input_ids.to(self.device), attention_mask.to(self.device), hidden_states=True)
         return list(out.hidden_states[1:])

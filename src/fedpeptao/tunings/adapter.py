@@ -45,7 +45,9 @@ class Adapter(nn.Module):
             self.up.bias.zero_()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.up(torch.relu(self.down(h)))
+        """Residual bottleneck in the adapter's own dtype (float32 under a bf16 backbone)."""
+        x = h.to(self.down.weight.dtype)
+        return h + self.up(torch.relu(self.down(x))).to(h.dtype)
 
 
 def ffn_outputs(model) -> dict[int, nn.Module]:

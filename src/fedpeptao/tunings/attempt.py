@@ -52,7 +52,7 @@ class ATTEMPTClassifier(InputPromptClassifier):
     def attention(self, input_ids, attention_mask, embeds) -> torch.Tensor:
         """``[B, S + 1]`` weights over the source prompts and the target prompt."""
         masked = embeds.masked_fill(~attention_mask.bool().unsqueeze(-1), torch.finfo(embeds.dtype).min)
-        x = masked.max(dim=1).values  # max-pooled input embeddings [B, H]
+        x = masked.max(dim=1).values.to(self.attn_down.weight.dtype)  # max-pooled input embeddings [B, H]
         h = self.attn_norm(self.attn_up(nn.functional.silu(self.attn_down(x))))
         prompts = torch.cat([self.source_prompts, self.target_prompt.unsqueeze(0)], dim=0)  # [S+1, P, H]
         keys = prompts.max(dim=1).values  # [S+1, H]

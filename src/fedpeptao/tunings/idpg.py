@@ -49,7 +49,7 @@ class IDPGClassifier(InputPromptClassifier):
             return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def input_prompt(self, input_ids, attention_mask, embeds):
-        r = self.sentence_vector(input_ids, attention_mask)
+        r = self.sentence_vector(input_ids, attention_mask).to(self.generator_in.weight.dtype)
         prompt = self.generator_out(torch.tanh(self.generator_in(r)))
         return prompt.view(len(r), self.num_input_tokens, -1)
 

@@ -1,0 +1,66 @@
+"""Where the frozen backbone runs and in which precision (``device``, ``precision``).
+
+The same code path runs on CPU, CUDA and MPS: the model moves its inputs to its own device, the
+trainable tensors and optimiser state stay float32 whatever the backbone's dtype, and a client's
+state between rounds lives on the host (pinned when a GPU is used), so accelerator memory holds
+one backbone and the client whose turn it is, however many clients the federation has.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+
+Precision = Literal["fp32", "bf16", "fp16"]
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+def check_device(name: str) -> str:
+    """``name`` if this machine has it; ``ValueError`` naming ``device`` otherwise."""
+    if not _DEVICE.match(name):
+        raise ValueError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {name} requested but this machine has no CUDA device "
+                             f"(torch {torch.__version__}); use device=auto or device=cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device: {name} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if name == "mps" and not _mps_available():
+        raise ValueError("device: mps requested but this machine has no MPS device; use device=auto or device=cpu")
+    return name
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA, then MPS, then CPU."""
+    check_device(name)
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if _mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def to_host(tree: Any) -> Any:
+    """A copy of ``tree`` (nested dicts / lists of tensors) with every tensor on the CPU, pinned
+    when CUDA is in use so the next client's upload overlaps; CPU tensors are returned as they are."""
+    if isinstance(tree, torch.Tensor):
+        if tree.device.type == "cpu":
+            return tree
+        host = tree.detach().to("cpu")
+        return host.pin_memory() if tree.device.type == "cuda" else host
+    if isinstance(tree, Mapping):
+        return {k: to_host(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(to_host(v) for v in tree)
+    return tree

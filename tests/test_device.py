@@ -1,0 +1,66 @@
+"""Device and precision: one line for a missing device, bf16 backbones with fp32 trainables."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedpeptao.config import ConfigError, load_config
+from fedpeptao.sim.simulator import Simulation
+from fedpeptao.utils.device import resolve_device, to_host
+
+
+def tiny(task_dir, *extra):
+    return load_config(None, ["model.name=tiny-bert", f"data.task={task_dir}", "tuning.num_prompt_tokens=3",
+                              "model.max_length=24", "federated.num_clients=4", "federated.clients_per_round=2",
+                              "federated.rounds=2", "progress=false", "client.epochs=1", *extra])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_a_missing_device_is_one_line_naming_device(device):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"device={device}"])
+    assert str(err.value).startswith("device: ") and "\n" not in str(err.value)
+
+
+def test_an_unknown_device_is_refused():
+    with pytest.raises(ConfigError, match=r"^device: expected auto"):
+        load_config(None, ["device=gpu0"])
+
+
+def test_auto_picks_an_available_device():
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+
+
+@pytest.mark.parametrize("method", ["fedpeptao", "fedavg", "scaffold"])
+def test_a_bf16_run_on_the_cpu_keeps_trainables_and_server_state_fp32(task_dir, method):
+    sim = Simulation(tiny(task_dir, "device=cpu", "precision=bf16", f"method.name={method}", "method.ratio=0.5"
+                          if method == "fedpeptao" else "seed=0"))
+    sim.run()
+    assert {t.dtype for t in sim.algorithm.params.values()} == {torch.float32}
+    assert {p.dtype for p in sim.model.parameters() if p.requires_grad} == {torch.float32}
+    frozen = {p.dtype for p in sim.model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}
+    assert all(torch.isfinite(t).all() for t in sim.algorithm.params.values())
+    assert {t.dtype for c in sim.clients.values() for t in c.params.values()} == {torch.float32}
+    # the initial tensors do not depend on the precision (the tuning is initialised before the cast)
+    fp32 = Simulation(tiny(task_dir, "device=cpu", f"method.name={method}"))
+    assert all(torch.equal(fp32.fed.initial[n], t) for n, t in sim.fed.initial.items())
+
+
+def test_gradient_checkpointing_gives_the_same_tensors(task_dir):
+    plain = Simulation(tiny(task_dir, "method.name=fedavg"))
+    plain.run()
+    checkpointed = Simulation(tiny(task_dir, "method.name=fedavg", "model.gradient_checkpointing=true"))
+    assert checkpointed.model.model.is_activation_checkpointing and not plain.model.model.is_activation_checkpointing
+    checkpointed.run()
+    for name, tensor in plain.algorithm.params.items():
+        assert torch.allclose(checkpointed.algorithm.params[name], tensor, atol=1e-6), name
+
+
+def test_client_state_lives_on_the_host():
+    state = {"a": torch.ones(3), "nested": {"b": [torch.zeros(2)]}, "step": 3}
+    host = to_host(state)
+    assert host["a"] is state["a"] and host["nested"]["b"][0].device.type == "cpu" and host["step"] == 3
