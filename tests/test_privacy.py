@@ -20,6 +20,7 @@ from fedpeptao.privacy.accountant import epsilon_of
 from fedpeptao.privacy.engine import ClientPrivacy
 from fedpeptao.privacy.mechanism import clip, gaussian_noise, l2_norm
 from fedpeptao.privacy.settings import PrivacySettings
+from fedpeptao.report.writer import write_report
 from fedpeptao.sim.simulator import Simulation, resume_experiment, run_experiment
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -166,6 +167,8 @@ def test_a_private_fedpeptao_run_reports_epsilon_every_round(task_dir, tmp_path)
     assert summary["selection_releases"] == 2
     assert eps[-1] == pytest.approx(library_epsilon(4, 2, 1.0, 3, 2, 0.1 / 4), rel=1e-9)
     assert all(torch.isfinite(t).all() for t in load_file(run_dir / "global.safetensors").values())
+    report = write_report([run_dir]).read_text()
+    assert f"{eps[-1]:.3f}" in report and "client-level DP (central)" in report
 
 
 def test_a_run_stops_before_the_round_that_would_exceed_the_target(task_dir, tmp_path):

@@ -79,7 +79,7 @@ class RunData:
         out: dict[str, Any] = {
             "best": None, "best_round": None, "final": None, "target": goal, "rounds_to_target": None,
             "seconds_to_target": None, "total_mb": last.get("total_bytes", 0) / 1e6,
-            "elapsed_s": last.get("elapsed_s"), "rounds": len(self.rows),
+            "elapsed_s": last.get("elapsed_s"), "rounds": len(self.rows), "epsilon": last.get("epsilon"),
         }
         if ev:
             best = select_round(ev)

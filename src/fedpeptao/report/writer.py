@@ -88,6 +88,7 @@ _COLUMNS: list[tuple[str, Callable[[RunData, dict[str, Any]], str]]] = [
     ("rounds to target", lambda run, h: _num(h["rounds_to_target"]) if h["target"] is not None else "—"),
     ("seconds to target", lambda run, h: _num(h["seconds_to_target"], 1) if h["target"] is not None else "—"),
     ("MB communicated", lambda run, h: _num(h["total_mb"], 2)),
+    ("epsilon (client-level DP)", lambda run, h: "no DP" if h["epsilon"] is None else _num(h["epsilon"], 3)),
     ("wall time (s)", lambda run, h: _num(h["elapsed_s"], 0)),
 ]
 
@@ -127,6 +128,12 @@ def _run_section(run: RunData, out: Path) -> list[str]:
         if scores:
             # the bar chart starts at zero; close scores are only readable as numbers
             lines.append("- layer scores: " + ", ".join(f"{i}: {s:.4g}" for i, s in enumerate(scores)))
+    privacy = (run.summary or {}).get("privacy") or run.setting("privacy")
+    if privacy and privacy.get("mode", "none") != "none":
+        spent = (run.summary or {}).get("privacy", {}).get("epsilon", run.rows[-1].get("epsilon"))
+        lines.append(f"- client-level DP ({privacy['mode']}): epsilon {_num(spent, 3)} at delta "
+                     f"{privacy.get('delta')}, noise multiplier {privacy.get('noise_multiplier')}, clip "
+                     f"{privacy.get('clip_norm')}, selection {privacy.get('selection')}")
     rejected = sum(len(r.get("rejected", []) or []) for r in run.rows)
     if rejected:
         lines.append(f"- client updates rejected by the server: {rejected}")
