@@ -247,17 +247,9 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     except yaml.YAMLError:
         value = raw
     parts = key.strip().split(".")
-    if len(parts) == 2 and parts[1] == "name" and parts[0] in ("method", "tuning"):
-        table = data.get(parts[0])
-        if isinstance(table, dict) and "name" in table and table["name"] != value:
-            # another algorithm (tuning) starts from its own defaults; a tuning keeps the settings it shares
-            kept = {}
-            if parts[0] == "tuning":
-                from fedpeptao.tunings.base import REGISTRY  # noqa: PLC0415
-
-                fields = REGISTRY[value][0].model_fields if value in REGISTRY else {}
-                kept = {k: v for k, v in table.items() if k != "name" and k in fields}
-            data[parts[0]] = kept
+    if len(parts) == 2 and parts[1] == "name" and parts[0] in SECTION_DEFAULTS:
+        # `method.mu=0.1 method.name=fedprox` names the table being filled; only an explicit other name resets
+        switch_table(data, parts[0], value, implicit_default=False)
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
@@ -265,6 +257,26 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
             raise ConfigError(f"{key}: '{part}' is not a section")
         node = child
     node[parts[-1]] = value
+
+
+SECTION_DEFAULTS = {"method": "fedpeptao", "tuning": "deep_prompt"}
+
+
+def switch_table(data: dict[str, Any], section: str, name: Any, implicit_default: bool = True) -> None:
+    """Point ``method`` or ``tuning`` at ``name``. Another algorithm starts from its own defaults;
+    another tuning keeps the settings it shares (the prompt length). ``implicit_default``: a table
+    without ``name`` is the default's (else it is taken to be ``name``'s already)."""
+    table = data.get(section) if isinstance(data.get(section), dict) else {}
+    current = table.get("name", SECTION_DEFAULTS[section] if implicit_default else name)
+    if current == name:
+        return
+    kept = {}
+    if section == "tuning":
+        from fedpeptao.tunings.base import REGISTRY  # noqa: PLC0415
+
+        fields = REGISTRY[name][0].model_fields if name in REGISTRY else {}
+        kept = {k: v for k, v in table.items() if k != "name" and k in fields}
+    data[section] = {"name": name, **kept}
 
 
 def _first_error(exc: ValidationError, data: dict[str, Any]) -> str:

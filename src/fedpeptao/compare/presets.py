@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedpeptao.config import ExperimentConfig, read_config_data, validate_config
+from fedpeptao.config import ExperimentConfig, read_config_data, switch_table, validate_config
 
 WEIGHT_LR = 5e-3  # device lr of LoRA and adapters (at the prompts' 0.02 they stall at the majority class)
 _DEEP = "L * P * 2 * kv"
@@ -91,21 +91,5 @@ def preset_config(config_path: str | Path | None, preset: Preset | str, override
     preset = get_preset(preset) if isinstance(preset, str) else preset
     data = read_config_data(config_path, overrides)
     for section, name in (("method", preset.method), ("tuning", preset.tuning)):
-        table = data.get(section) if isinstance(data.get(section), dict) else {}
-        if table.get("name", _DEFAULTS[section]) != name:
-            kept = _common_settings(section, table, name)
-            data[section] = {"name": name, **kept}
+        switch_table(data, section, name)
     return validate_config(read_config_data(None, preset.settings, data))
-
-
-_DEFAULTS = {"method": "fedpeptao", "tuning": "deep_prompt"}
-
-
-def _common_settings(section: str, table: dict, name: str) -> dict:
-    """Tuning settings the new tuning also has (the prompt length); no method settings carry over."""
-    if section != "tuning":
-        return {}
-    from fedpeptao.tunings.base import REGISTRY  # noqa: PLC0415
-
-    fields = REGISTRY[name][0].model_fields
-    return {k: v for k, v in table.items() if k != "name" and k in fields}
