@@ -64,3 +64,26 @@ def test_client_state_lives_on_the_host():
     state = {"a": torch.ones(3), "nested": {"b": [torch.zeros(2)]}, "step": 3}
     host = to_host(state)
     assert host["a"] is state["a"] and host["nested"]["b"][0].device.type == "cpu" and host["step"] == 3
+
+
+def test_an_architecture_builds_from_its_config_with_random_weights(task_dir, tmp_path):
+    from transformers import BertConfig
+
+    from fedpeptao.models.loading import architecture_config
+
+    big = architecture_config("roberta-large-config")
+    assert (big.num_hidden_layers, big.hidden_size, big.model_type) == (24, 1024, "roberta")
+    assert architecture_config("llama-7b-config").num_hidden_layers == 32
+    folder = tmp_path / "arch"
+    folder.mkdir()
+    BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=64).save_pretrained(folder)
+    cfg = load_config(None, [f"model.name={folder}", "model.random_init=true", f"data.task={task_dir}",
+                             "tuning.num_prompt_tokens=2", "model.max_length=24", "federated.num_clients=2",
+                             "federated.clients_per_round=2", "federated.rounds=1", "progress=false",
+                             "client.epochs=1", "method.ratio=0.5"])
+    sim = Simulation(cfg)
+    sim.run()
+    assert "random weights" in sim.fed.backbone.name and len(sim.model.layer_groups()) == 2
+    with pytest.raises(Exception, match="model.random_init"):
+        Simulation(cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(tmp_path)})}))

@@ -41,6 +41,7 @@ class ModelConfig(_Section):
     label_words: list[str] | None = None
     template: str | None = None
     gradient_checkpointing: bool = False  # recompute the backbone's activations in backward (long sequences)
+    random_init: bool = False  # benchmarks only: model.name is an architecture (roberta-large-config, ...) built untrained
 
 
 class DataConfig(_Section):

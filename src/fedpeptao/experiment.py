@@ -25,7 +25,7 @@ from fedpeptao.data.encoding import EncodedDataset, default_label_words, encode,
 from fedpeptao.data.partition import partition
 from fedpeptao.data.tasks import load_splits
 from fedpeptao.models.classifier import PromptedClassifier
-from fedpeptao.models.loading import Backbone, default_head, load_backbone
+from fedpeptao.models.loading import Backbone, default_head, load_backbone, load_random_backbone
 from fedpeptao.privacy.engine import ClientPrivacy
 from fedpeptao.prompts.prefix import max_text_length
 from fedpeptao.tunings import build_tuning
@@ -119,10 +119,17 @@ def place(model: PromptedClassifier, cfg: ExperimentConfig) -> None:
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def load_configured_backbone(cfg: ExperimentConfig) -> Backbone:
+    """The run's backbone: pretrained weights, or (``model.random_init``) an architecture untrained."""
+    if cfg.model.random_init:
+        return load_random_backbone(cfg.model.name, cfg.model.head, seed=cfg.seed)
+    return load_backbone(cfg.model.name, head=cfg.model.head)
+
+
 def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, own_data: bool = False) -> Federation:
     """Everything a device needs, built from its config. ``own_data``: the data set is one client's, not partitioned."""
     torch.manual_seed(cfg.seed)
-    backbone = backbone or load_backbone(cfg.model.name, head=cfg.model.head)
+    backbone = backbone or load_configured_backbone(cfg)
     train_set, val_set, eval_set = load_splits(cfg.data, cfg.seed)
     tokenizer = backbone.tokenizer
     built = build_classifier(cfg, backbone, train_set.label_names, train_set.is_pair)

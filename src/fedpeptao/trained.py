@@ -28,9 +28,9 @@ from fedpeptao.data.dataset import TextDataset
 from fedpeptao.data.encoding import encode
 from fedpeptao.data.readers import load_task_dir, read_table
 from fedpeptao.data.tasks import load_splits
-from fedpeptao.experiment import MODEL_CARD, MODEL_FORMAT, build_classifier
+from fedpeptao.experiment import MODEL_CARD, MODEL_FORMAT, build_classifier, load_configured_backbone
 from fedpeptao.models.classifier import PromptedClassifier
-from fedpeptao.models.loading import Backbone, load_backbone
+from fedpeptao.models.loading import Backbone
 
 Inputs = Sequence[str] | Sequence[tuple[str, str]]
 
@@ -166,7 +166,7 @@ def load_run(run_dir: str | Path, client: int | None = None, backbone: Backbone 
         cfg = load_config(run_dir / "config.yaml", ["device=auto"])  # wherever it trained, use what is here
     except ConfigError as exc:
         raise RunError(f"{run_dir / 'config.yaml'}: {exc}") from None
-    backbone = backbone or load_backbone(cfg.model.name, head=cfg.model.head)
+    backbone = backbone or load_configured_backbone(cfg)
     built = build_classifier(cfg, backbone, list(card["labels"]), bool(card["pair"]))
     expected = set(built.model.trainable_names())
     if set(tensors) != expected:

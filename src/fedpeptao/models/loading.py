@@ -274,6 +274,57 @@ def _load_hub(model_id: str, head: str, dtype: torch.dtype) -> Backbone:
         raise
 
 
+# Architectures at paper scale, for benchmarks with random weights (no hub needed): shapes of
+# roberta-large, gpt2-large, a 1.1B LLaMA (TinyLlama's) and LLaMA-7B.
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "roberta-large-config": ("roberta", dict(vocab_size=50265, hidden_size=1024, num_hidden_layers=24,
+                                             num_attention_heads=16, intermediate_size=4096,
+                                             max_position_embeddings=514, type_vocab_size=1, pad_token_id=1)),
+    "gpt2-large-config": ("gpt2", dict(vocab_size=50257, n_embd=1280, n_layer=36, n_head=20, n_positions=1024)),
+    "llama-1b-config": ("llama", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)),
+    "llama-7b-config": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                                      max_position_embeddings=4096)),
+}
+
+
+def architecture_config(name: str) -> PretrainedConfig:
+    """A builtin architecture's config, or a local folder's ``config.json``."""
+    if name in ARCHITECTURES:
+        model_type, values = ARCHITECTURES[name]
+        return AutoConfig.for_model(model_type, **values)
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model.random_init: '{name}' is neither a builtin architecture "
+                         f"({', '.join(ARCHITECTURES)}) nor a folder with config.json")
+    return AutoConfig.from_pretrained(str(path))
+
+
+def load_random_backbone(name: str, head: str = "auto", dtype: torch.dtype = torch.float32, seed: int = 0
+                         ) -> Backbone:
+    """Any transformers architecture built from its config with random weights, for benchmarks only.
+
+    The tokenizer is the folder's when it has one, else MiniLM's (its 30,522 ids fit every
+    builtin architecture's vocabulary): the text is real, the model's knowledge is not.
+    """
+    config = architecture_config(name)
+    kind = infer_kind(config)
+    head = default_head(kind) if head == "auto" else head
+    _check_head(kind, head, name)
+    path = Path(name).expanduser()
+    source = str(path) if path.is_dir() and any(path.glob("tokenizer*")) else str(resolve_builtin("minilm"))
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    if len(tokenizer) > config.vocab_size:
+        raise ModelError(f"model.random_init: the tokenizer's {len(tokenizer)} ids exceed '{name}''s vocabulary "
+                         f"of {config.vocab_size}")
+    torch.manual_seed(seed)
+    model = _MODEL_CLASSES[head].from_config(config, dtype=dtype, attn_implementation="eager")
+    model.eval()
+    return Backbone(model, _finish_tokenizer(tokenizer, model, kind), kind, f"{name} (random weights)")
+
+
 def _is_missing(error: ModelError) -> bool:
     """Did loading fail because the files are absent (rather than broken or unsuitable)?"""
     return isinstance(error, _NotFound)
