@@ -208,7 +208,7 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-TIMING = {"slowest_client_s", "train_time_s", "elapsed_s"}
+from fedpeptao.utils.round_log import TIMING  # noqa: E402
 
 
 def rows_without_timing(out: Path) -> list[dict]:

@@ -17,7 +17,7 @@ from fedpeptao.config import ConfigError, save_config
 from fedpeptao.sim.simulator import Simulation, resume_experiment, run_experiment
 from fedpeptao.utils.checkpoint import flatten_state
 
-TIMING = {"slowest_client_s", "train_time_s", "elapsed_s"}
+from fedpeptao.utils.round_log import TIMING  # noqa: E402
 
 
 def tiny_config(tmp_path: Path, task: Path, name: str, run: str, rounds: int = 4):

@@ -11,7 +11,7 @@ from fedpeptao.core import payload
 from fedpeptao.sim import simulator
 from fedpeptao.sim.simulator import Simulation
 
-TIMING = {"slowest_client_s", "train_time_s", "elapsed_s"}
+from fedpeptao.utils.round_log import TIMING  # noqa: E402
 
 
 def tiny(task_dir: Path, *extra: str, arch: str = "bert"):

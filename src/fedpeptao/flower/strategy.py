@@ -102,10 +102,12 @@ class FederatedStrategy(Strategy):
         if self.stopped or self._budget_spent(t):
             return []
         self._discover(grid)
+        phase_start = time.perf_counter()
         algo.prepare_round(t, self._run_task)
         available = self._online(grid)
         self._row = {"round": t, "sampled": [], "clients": [], "failed": [], "bytes_up": 0, "bytes_down": 0,
-                     "slowest_client_s": 0.0, "train_loss": float("nan"), "rejected": []}
+                     "slowest_client_s": 0.0, "train_loss": float("nan"), "rejected": [],
+                     "phase_s": time.perf_counter() - phase_start}
         self._failed_nodes = set()
         if not available:
             log.warning("round %d: no known client is online", t)

@@ -35,6 +35,8 @@ def run_summary(cfg, metric: str, history: list[dict], algorithm_summary: Mappin
         "seconds_to_target": None if reached is None else reached["train_time_s"],
         "total_mb": history[-1]["total_bytes"] / 1e6 if history else 0.0,
         "elapsed_s": history[-1]["elapsed_s"] if history else 0.0,
+        # wall time of the algorithm's phases before rounds (FedPepTAO's layer scores and Hessian ratio)
+        "phase_seconds": sum(r.get("phase_s", 0.0) for r in history),
         "shared_layers": None, **dict(algorithm_summary), **extra,
     }
 

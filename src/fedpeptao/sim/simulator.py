@@ -182,8 +182,10 @@ class Simulation:
                 if log_rows is not None and self.history:
                     self.save_checkpoint(t - 1)
                 break
+            phase_start = time.perf_counter()
             self.algorithm.prepare_round(t, self.run_task)
-            row = {"round": t, **self.train_round(t)}
+            phase_s = time.perf_counter() - phase_start
+            row = {"round": t, **self.train_round(t), "phase_s": phase_s}
             if self.privacy is not None:
                 row["epsilon"] = self.privacy.epsilon()
             if (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1:

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 #: Row keys worth a TensorBoard curve; the rest (lists, ids, counters) stay in the JSONL only.
-SCALARS = ("accuracy", "metric", "eval_loss", "train_loss", "bytes_up", "bytes_down", "total_bytes",
-           "slowest_client_s", "train_time_s", "elapsed_s")
+SCALARS = ("accuracy", "metric", "eval_loss", "val_accuracy", "val_metric", "train_loss", "bytes_up", "bytes_down",
+           "total_bytes", "slowest_client_s", "train_time_s", "elapsed_s", "phase_s", "epsilon")
+#: Row keys that measure wall time: they differ between two runs of the same experiment.
+TIMING = frozenset({"slowest_client_s", "train_time_s", "elapsed_s", "phase_s"})
 
 
 def tensorboard_available() -> bool:
@@ -77,4 +79,4 @@ class RoundLog:
             self._writer = None
 
 
-__all__ = ["SCALARS", "RoundLog", "close_row", "tensorboard_available"]
+__all__ = ["SCALARS", "TIMING", "RoundLog", "close_row", "tensorboard_available"]
