@@ -29,7 +29,8 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	OMP_NUM_THREADS=1 $(PY) benchmarks/foundation.py && OMP_NUM_THREADS=1 $(PY) benchmarks/algorithm.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/foundation.py && OMP_NUM_THREADS=1 $(PY) benchmarks/algorithm.py && \
+		OMP_NUM_THREADS=1 $(PY) benchmarks/privacy.py --out docs/results/privacy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
