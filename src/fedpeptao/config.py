@@ -165,12 +165,12 @@ class ExperimentConfig(_Section):
                              f" (its layer scores and Hessian ratio are not noised on the devices)")
         z = resolve_noise_multiplier(privacy, fed.num_clients, fed.clients_per_round, fed.rounds, releases)
         if privacy.adaptive:
-            update_noise_multiplier(z, privacy.clipped_count_stddev or fed.clients_per_round / 20)
+            update_noise_multiplier(z, privacy.resolved_count_stddev(fed.clients_per_round))
         return self
 
     def private_releases(self) -> int:
         """Selection releases the accountant counts (none unless central DP privatises them)."""
-        if self.privacy.mode == "none" or self.privacy.selection == "public":
+        if not self.privacy.enabled or self.privacy.public_selection:
             return 0
         return self.method.private_releases()
 

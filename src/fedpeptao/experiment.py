@@ -201,7 +201,7 @@ def public_selection_data(cfg: ExperimentConfig, fed: Federation) -> tuple[Encod
     """``privacy.public_data``'s training split, encoded like the run's data, for selection that
     costs no privacy (``privacy.selection=public``); None when selection reads the clients' data."""
     privacy = cfg.privacy
-    if not privacy.enabled or privacy.selection != "public":
+    if not privacy.public_selection:
         return None
     data_cfg = cfg.data.model_copy(update={"task": privacy.public_data, "train_file": None, "eval_file": None,
                                            "validation_file": None, "max_train_examples": privacy.public_examples,

@@ -11,9 +11,12 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from fedpeptao.algorithms import Algorithm
 from fedpeptao.config import ExperimentConfig
-from fedpeptao.experiment import Federation, build_federation, device_algorithm
+from fedpeptao.data.encoding import EncodedDataset
+from fedpeptao.experiment import Federation, build_federation, device_algorithm, public_selection_data
 
 
 @lru_cache(maxsize=1)
@@ -37,6 +40,14 @@ def cached_federation(experiment_json: str, model_path: str | None, data_path: s
             cfg.data = cfg.data.model_copy(update={"task": data_path, "train_file": None, "eval_file": None})
     fed = build_federation(cfg, own_data=data_path is not None)
     return fed, device_algorithm(cfg, fed)
+
+
+@lru_cache(maxsize=1)
+def cached_public_data(experiment_json: str, model_path: str | None, data_path: str | None
+                       ) -> tuple[EncodedDataset, np.ndarray] | None:
+    """``privacy.public_data`` encoded for the cached federation's model, read once per process."""
+    fed, _ = cached_federation(experiment_json, model_path, data_path)
+    return public_selection_data(fed.cfg, fed)
 
 
 def resolve_data_path(path: Path) -> str:

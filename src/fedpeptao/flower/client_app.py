@@ -25,9 +25,9 @@ from fedpeptao.config import ExperimentConfig
 from fedpeptao.core import payload
 from fedpeptao.core.client import predict
 from fedpeptao.core.federation import ClientState, client_round, round_seed
-from fedpeptao.experiment import Federation, make_privacy, public_selection_data
+from fedpeptao.experiment import Federation, make_privacy
 from fedpeptao.flower import records as R
-from fedpeptao.flower.build import cached_federation, resolve_data_path
+from fedpeptao.flower.build import cached_federation, cached_public_data, resolve_data_path
 from fedpeptao.flower.logs import route_to_flower
 from fedpeptao.flower.node_state import ClientStore, StoredClient
 from fedpeptao.flower.settings import NodeSettings
@@ -47,6 +47,7 @@ class ClientJob:
     eval_part: np.ndarray
     val_part: np.ndarray
     store: ClientStore
+    build_key: tuple[str, str | None, str | None]  # what the cached federation was built from
 
     def load(self, before: int) -> StoredClient:
         """This client's state from before round ``before``, or the fresh initialisation."""
@@ -65,14 +66,15 @@ def _job(message: Message, context: Context) -> ClientJob:
     node = NodeSettings.from_node_config(context.node_config, cfg)
     torch.set_num_threads(node.num_threads)
     data_path = resolve_data_path(node.data_path) if node.data_path is not None else None
-    fed, algorithm = cached_federation(R.experiment_json(cfg), node.model_path, data_path)
+    build_key = (R.experiment_json(cfg), node.model_path, data_path)
+    fed, algorithm = cached_federation(*build_key)
     index = 0 if node.partition is None else node.partition
     directory = None
     if node.state_dir is not None:  # per run and client, so a new run never picks up an old one's state
         directory = node.state_dir / f"run-{config[R.RUN_KEY]}" / f"client-{node.client_id}"
     keep = max(2, cfg.checkpoint.every + 1)  # back to the server's last checkpoint
     return ClientJob(cfg, fed, algorithm, node, fed.train_parts[index], fed.eval_parts[index], fed.val_parts[index],
-                     ClientStore(context.state, directory, keep))
+                     ClientStore(context.state, directory, keep), build_key)
 
 
 def _reply(message: Message, **records) -> Message:
@@ -103,7 +105,7 @@ def task(message: Message, context: Context) -> Message:
     job.fed.model.load_trainable(params)
     work = job.work(work_task)
     if spec.get("public"):  # privacy.selection=public: this node computes on the public data for all
-        work.data, work.indices = public_selection_data(job.cfg, job.fed)
+        work.data, work.indices = cached_public_data(*job.build_key)
     result = job.algorithm.run_task(work_task, work)
     return _reply(message, **{R.CONFIG: ConfigRecord({R.RESULT: json.dumps(result)}),
                               R.METRICS: MetricRecord({"client-id": job.node.client_id})})

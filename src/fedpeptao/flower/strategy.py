@@ -261,12 +261,10 @@ class FederatedStrategy(Strategy):
 
     def _budget_spent(self, t: int) -> bool:
         """Stop before round ``t`` when it would pass ``privacy.target_epsilon``, state saved."""
-        fed = self.cfg.federated
-        after = None if self.privacy is None else self.privacy.would_exceed(fed.num_clients, fed.clients_per_round)
-        if after is None:
+        reason = None if self.privacy is None else self.privacy.stop_reason(t)
+        if reason is None:
             return False
-        log.warning("stopping before round %d: it would take epsilon to %.3f, past privacy.target_epsilon=%g",
-                    t + 1, after, self.cfg.privacy.target_epsilon)
+        log.warning(reason)
         self.stopped = True
         if self.checkpoint_dir is not None and self.history:
             self._save_checkpoint(self.history[-1]["round"])
@@ -318,7 +316,7 @@ class FederatedStrategy(Strategy):
         """An algorithm phase's client computation, on the online clients it names."""
         online = self._online(self._grid)
         targets = online if task.clients is None else [k for k in task.clients if k in set(online)]
-        public = self.cfg.privacy.enabled and self.cfg.privacy.selection == "public"
+        public = self.cfg.privacy.public_selection
         asked = targets[:1] if public else targets  # on public data one node computes for all
         messages = []
         for cid in asked:

@@ -28,7 +28,7 @@ from torch import Tensor
 from fedpeptao.core.federation import COUNT_STREAM, PRIVACY_STREAM, round_seed
 from fedpeptao.core.server import ClientUpdate
 from fedpeptao.privacy.accountant import ACCOUNTANT, PrivacyAccountant, solve_noise_multiplier
-from fedpeptao.privacy.mechanism import change, clip, gaussian_noise, noisy_sum, privatise_locally
+from fedpeptao.privacy.mechanism import change, clip, noisy_sum, privatise_locally
 from fedpeptao.privacy.settings import PrivacySettings
 
 Tensors = dict[str, Tensor]
@@ -63,15 +63,20 @@ class ClientPrivacy:
         self.num_clients, self.per_round, self.seed = num_clients, per_round, seed
         self.noise_multiplier = noise_multiplier
         self.clip_norm = settings.initial_clip_norm if settings.adaptive else float(settings.clip_norm)
-        self.count_stddev = settings.clipped_count_stddev or per_round / 20
-        self.update_multiplier = (update_noise_multiplier(noise_multiplier, self.count_stddev) if settings.adaptive
-                                  else noise_multiplier)
+        self.count_stddev = settings.resolved_count_stddev(per_round)
+        self.update_multiplier = self._update_multiplier()
         self.accountant = PrivacyAccountant(settings.resolved_delta(num_clients))
         self.releases = 0
 
     @property
     def mode(self) -> str:
         return self.settings.mode
+
+    def _update_multiplier(self) -> float:
+        """The noise multiplier of the update sum (smaller under adaptive clipping, see above)."""
+        if self.settings.adaptive:
+            return update_noise_multiplier(self.noise_multiplier, self.count_stddev)
+        return self.noise_multiplier
 
     # -- budget ----------------------------------------------------------------------------
     def round_event(self, population: int, sample: int) -> tuple[str, int, int, float]:
@@ -88,6 +93,14 @@ class ClientPrivacy:
             return None
         after = self.accountant.epsilon([self.round_event(population, sample)])
         return after if after > target else None
+
+    def stop_reason(self, round_index: int) -> str | None:
+        """Why round ``round_index`` must not run (it would pass the target epsilon); None: it may."""
+        after = self.would_exceed(self.num_clients, self.per_round)
+        if after is None:
+            return None
+        return (f"stopping before round {round_index + 1}: it would take epsilon to {after:.3f}, past "
+                f"privacy.target_epsilon={self.settings.target_epsilon:g}")
 
     # -- server ----------------------------------------------------------------------------
     def aggregate(self, round_index: int, updates: Sequence[ClientUpdate], reference: Mapping[str, Tensor],
@@ -148,10 +161,7 @@ class ClientPrivacy:
     def load_state(self, state: Mapping) -> None:
         self.clip_norm, self.releases = float(state["clip_norm"]), int(state["releases"])
         self.noise_multiplier = float(state["noise_multiplier"])  # as solved for the run, not its extension
-        if self.settings.adaptive:
-            self.update_multiplier = update_noise_multiplier(self.noise_multiplier, self.count_stddev)
-        else:
-            self.update_multiplier = self.noise_multiplier
+        self.update_multiplier = self._update_multiplier()
         self.accountant.load_state(state["accountant"])
 
     def summary(self) -> dict:

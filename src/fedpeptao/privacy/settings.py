@@ -96,6 +96,15 @@ class PrivacySettings(BaseModel):
     def adaptive(self) -> bool:
         return self.clip_norm == "adaptive"
 
+    @property
+    def public_selection(self) -> bool:
+        """Selection reads ``public_data`` instead of the clients' data (and costs no budget)."""
+        return self.enabled and self.selection == "public"
+
+    def resolved_count_stddev(self, per_round: int) -> float:
+        """``clipped_count_stddev``, by default ``per_round / 20`` (Andrew et al.'s choice)."""
+        return self.clipped_count_stddev or per_round / 20
+
     def resolved_delta(self, num_clients: int) -> float:
         """``delta``, by default ``0.1 / num_clients`` (below ``1 / num_clients``, as DP asks)."""
         return self.delta if self.delta is not None else 0.1 / num_clients

@@ -178,7 +178,9 @@ class Simulation:
                    dynamic_ncols=True, initial=first, total=fed.rounds)
         log_rows = None if self.run_dir is None else RoundLog(self.run_dir, cfg.tensorboard, first)
         for t in bar:
-            if self.budget_spent(t):
+            reason = None if self.privacy is None else self.privacy.stop_reason(t)
+            if reason is not None:
+                log.warning("%s; the state of round %d is saved", reason, t)
                 if log_rows is not None and self.history:
                     self.save_checkpoint(t - 1)
                 break
@@ -204,17 +206,6 @@ class Simulation:
             log_rows.close()
         self.algorithm.finish(self.run_task)
         return self.history
-
-    def budget_spent(self, round_index: int) -> bool:
-        """Whether round ``round_index`` would take epsilon past ``privacy.target_epsilon`` (logged)."""
-        fed = self.cfg.federated
-        after = None if self.privacy is None else self.privacy.would_exceed(fed.num_clients, fed.clients_per_round)
-        if after is None:
-            return False
-        log.warning("stopping before round %d: it would take epsilon to %.3f, past privacy.target_epsilon=%g; "
-                    "the state of round %d is saved", round_index + 1, after, self.cfg.privacy.target_epsilon,
-                    round_index)
-        return True
 
     # -- checkpoint and resume ---------------------------------------------------------------
     def state(self) -> dict:
