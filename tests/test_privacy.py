@@ -24,7 +24,7 @@ from fedpeptao.report.writer import write_report
 from fedpeptao.sim.simulator import Simulation, resume_experiment, run_experiment
 
 sys.path.insert(0, str(Path(__file__).parent))
-from flower_helpers import run_in_process, tiny_experiment, write_task  # noqa: E402
+from flower_helpers import keep_process_settings, run_in_process, tiny_experiment, write_task  # noqa: E402, F401
 
 
 def tiny(task_dir: Path, *extra: str):
@@ -207,6 +207,7 @@ def test_a_nan_update_under_dp_does_not_reach_the_global_state(task_dir):
     assert sim.history[0]["rejected"]
 
 
+@pytest.mark.usefixtures("keep_process_settings")  # the in-process ClientApps set torch's thread count
 @pytest.mark.parametrize("mode", ["central", "local"])
 def test_the_simulator_and_flower_agree_under_dp(tmp_path, mode):
     task = write_task(tmp_path / "task")
