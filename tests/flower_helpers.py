@@ -365,20 +365,6 @@ def stop_process(proc: subprocess.Popen, hard: bool = False) -> None:
     _signal(victims, signal.SIGKILL)
 
 
-def running_clientapps(parent: int) -> set[tuple[int, int]]:
-    """(pid, start time) of this SuperNode's ClientApp processes now at work (one per message)."""
-    found = set()
-    for pid, start in _descendants(parent):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"flwr-clientapp" in cmd and _alive((pid, start)):
-            found.add((pid, start))
-    return found
-
-
-
 class FlowerDeployment:
     """A SuperLink with TLS and SuperNode authentication, and SuperNodes, on 127.0.0.1.
 
