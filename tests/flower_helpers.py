@@ -90,6 +90,9 @@ def tiny_experiment(task: Path, **sections: Mapping[str, Any]) -> dict[str, Any]
     """
     cfg: dict[str, Any] = {
         "seed": 7, "progress": False,
+        # A Flower node trains its one client per message; the simulator is compared in the same order
+        # (batched passes draw dropout for the pass, so they match sequential runs only with it off).
+        "execution": "sequential",
         "model": {"name": "tiny-bert", "max_length": 32},
         "data": {"task": str(task), "partition": "iid"},
         "federated": {"num_clients": 2, "clients_per_round": 2, "rounds": 2},

@@ -193,15 +193,16 @@ def test_public_selection_costs_no_privacy(task_dir, tmp_path):
 
 def test_a_nan_update_under_dp_does_not_reach_the_global_state(task_dir):
     sim = Simulation(tiny(task_dir, "method.name=fedavg", *DP))
-    real = sim.train_client
+    real = sim.train_clients
 
-    def poisoned(k, message, round_index):
-        update, seconds, loss = real(k, message, round_index)
-        if k == update.client_id and round_index == 0:
+    def poisoned(ks, messages, round_index):
+        trained = real(ks, messages, round_index)
+        if round_index == 0:  # the first client of each pass sends NaN
+            update = trained[ks[0]][0]
             update.params = {n: torch.full_like(t, float("nan")) for n, t in update.params.items()}
-        return update, seconds, loss
+        return trained
 
-    sim.train_client = poisoned
+    sim.train_clients = poisoned
     sim.run()
     assert all(torch.isfinite(t).all() for t in sim.algorithm.params.values())
     assert sim.history[0]["rejected"]

@@ -114,6 +114,10 @@ class ExperimentConfig(_Section):
     tensorboard: bool = False  # also write round metrics to RUN_DIR/tensorboard (needs the tensorboard package)
     device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps
     precision: Precision = "fp32"  # the frozen backbone's dtype; trainables, optimiser and server stay fp32
+    #: simulator: ``batched`` trains (and evaluates) up to ``clients_per_pass`` clients in the same
+    #: forward/backward passes over the one backbone; ``sequential`` one client after another
+    execution: Literal["batched", "sequential"] = "batched"
+    clients_per_pass: int = Field(10, ge=1)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     federated: FederatedConfig = FederatedConfig()

@@ -30,7 +30,7 @@ class FedProx(Algorithm):
         mu = self.settings.mu
         anchor = {n: a.to(params[n].device) for n, a in self.received_copy(received).items()}
 
-        def proximal(m: torch.nn.Module) -> Tensor:
+        def proximal(m: torch.nn.Module, _batch, _out) -> Tensor:
             params = dict(m.named_parameters())
             return 0.5 * mu * sum(((params[n] - a) ** 2).sum() for n, a in anchor.items())
 

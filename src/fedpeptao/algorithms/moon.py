@@ -27,15 +27,6 @@ class MoonSettings(AlgorithmSettings):
     tau: float = Field(0.5, gt=0.0)  # temperature
 
 
-def representation(model, hidden: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
-    """What the classifier reads: masked mean of ``hidden`` (linear head) or its label position."""
-    if model.head_kind == "linear":
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden[rows, batch["target_pos"].to(hidden.device)]
-
-
 @register
 class Moon(Algorithm):
     name = "moon"
@@ -48,34 +39,15 @@ class Moon(Algorithm):
         device = next(model.parameters()).device
         glob = {n: t.to(device) for n, t in self.received_copy(received).items()}  # positive: the global model
         prev = {n: client.params[n].detach().to(device, copy=True) for n in glob}  # negative: this device's last model
-        seen: dict[str, object] = {}
 
-        def grab_batch(_module, _args, kwargs):
-            seen["batch"] = kwargs
-
-        def grab_hidden(_module, _args, output):
-            seen["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-        handles = [model.register_forward_pre_hook(grab_batch, with_kwargs=True),
-                   model.model.base_model.register_forward_hook(grab_hidden)]
-
-        def contrastive(m) -> Tensor:
-            batch = {key: seen["batch"][key] for key in ("input_ids", "attention_mask", "target_pos")}
-            z = representation(m, seen["hidden"], batch)
-            refs = []
-            was_training = m.training
-            m.eval()
-            with torch.no_grad():
-                for tensors in (glob, prev):
-                    torch.func.functional_call(m, tensors, args=(), kwargs=batch, strict=False)
-                    refs.append(representation(m, seen["hidden"], batch))
-            m.train(was_training)
-            logits = torch.stack([F.cosine_similarity(z.float(), r.float(), dim=-1) for r in refs], dim=1) / tau
+        def contrastive(m, batch: Mapping[str, Tensor], out) -> Tensor:
+            """``out.features`` is this model's representation of ``batch``; the references' come
+            from forwards under the global and the previous tensors (eval mode, no gradient)."""
+            inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "target_pos")}
+            refs = [m.forward_with(tensors, inputs).features for tensors in (glob, prev)]
+            z = out.features.float()
+            logits = torch.stack([F.cosine_similarity(z, r.float(), dim=-1) for r in refs], dim=1) / tau
             target = torch.zeros(len(z), dtype=torch.long, device=z.device)
             return mu * F.cross_entropy(logits, target)
 
-        try:
-            yield contrastive
-        finally:
-            for h in handles:
-                h.remove()
+        yield contrastive

@@ -110,9 +110,9 @@ class Scaffold(Algorithm):
                         if corr is not None:
                             p.sub_(group["lr"] * corr)
 
-        # A global optimiser hook, registered only while this device trains (a runtime trains one
-        # client at a time); local_train builds its optimiser inside, so there is no instance to
-        # attach to beforehand.
+        # A global optimiser hook, registered while this device trains; it touches only this
+        # device's parameters (by identity), so several devices of one batched pass can each hold
+        # one. local_train builds its optimiser inside, so there is no instance to attach to beforehand.
         handle = register_optimizer_step_post_hook(after_step)
         try:
             yield None

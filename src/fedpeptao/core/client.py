@@ -8,14 +8,16 @@ backbone serve every simulated client, and the Flower client reuse the same func
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 
-from fedpeptao.data.encoding import EncodedDataset
+from fedpeptao.data.encoding import EncodedDataset, stack_batches
 from fedpeptao.models.classifier import PromptedClassifier
+from fedpeptao.models.slots import ClientView, slot_mode
 from fedpeptao.utils.device import to_host
 
 
@@ -41,7 +43,7 @@ class LocalResult:
     optimizer_state: dict | None
 
 
-def make_optimizer(model: PromptedClassifier, cfg: LocalTrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: LocalTrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -59,29 +61,104 @@ def local_train(
 ) -> LocalResult:
     """Run ``cfg.epochs`` over the client's examples; returns the optimiser state to keep.
 
-    ``extra_loss(model) -> Tensor`` lets federated optimisers add a term (FedProx's proximal
-    term, MOON's contrastive term) without a second training loop.
+    ``extra_loss(model, batch, output) -> Tensor`` lets federated optimisers add a term (FedProx's
+    proximal term, MOON's contrastive term) without a second training loop.
     """
     start = time.perf_counter()
     model.train()
-    optimizer = make_optimizer(model, cfg)
-    if optimizer_state is not None and not cfg.reset_optimizer:
-        optimizer.load_state_dict(optimizer_state)
+    optimizer = _optimizer(model, cfg, optimizer_state)
     params = [p for p in model.parameters() if p.requires_grad]
     steps, total = 0, 0.0
+    for batch in epoch_batches(data, indices, cfg, rng):
+        out = model(**batch, features=extra_loss is not None)
+        loss = out.loss if extra_loss is None else out.loss + extra_loss(model, batch, out)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _step(optimizer, params, cfg)
+        steps += 1
+        total += float(out.loss.detach())
+    return LocalResult(steps, len(indices), total / max(steps, 1), time.perf_counter() - start,
+                       _kept_state(optimizer, cfg))
+
+
+@dataclass
+class LocalJob:
+    """One client's share of a batched pass: its tensors (a :class:`ClientView`), examples, data
+    order, optimiser state and local objective's extra term."""
+
+    view: ClientView
+    indices: np.ndarray
+    rng: np.random.Generator
+    optimizer_state: dict | None = None
+    extra_loss: object | None = None
+
+
+def local_train_batched(model: PromptedClassifier, data: EncodedDataset, jobs: Sequence[LocalJob],
+                        cfg: LocalTrainConfig) -> list[LocalResult]:
+    """:func:`local_train` for several clients at once: at each step every client that still has a
+    batch contributes it to ONE forward/backward pass over the shared frozen backbone (slot mode),
+    then each client clips and steps its own optimiser on its own tensors.
+
+    Each client's loss is the mean over its own examples and the clients' tensors are disjoint, so
+    the summed loss gives each client exactly its own gradient: with dropout off the result equals
+    the sequential loop's up to float rounding. A client with fewer batches simply drops out of
+    the later passes. The seconds reported are the whole pass's (the clients ran together).
+    """
+    start = time.perf_counter()
+    model.train()
+    optimizers = [_optimizer(job.view, cfg, job.optimizer_state) for job in jobs]
+    params = [list(job.view.parameters()) for job in jobs]
+    streams = [epoch_batches(data, job.indices, cfg, job.rng) for job in jobs]
+    pending = [next(stream, None) for stream in streams]
+    steps, totals = [0] * len(jobs), [0.0] * len(jobs)
+    features = any(job.extra_loss is not None for job in jobs)
+    while any(batch is not None for batch in pending):
+        live = [i for i, batch in enumerate(pending) if batch is not None]
+        combined, rows = stack_batches([pending[i] for i in live], data.pad_id)
+        slots = ([jobs[i].view.tensors() for i in live], [r.stop - r.start for r in rows])
+        with slot_mode(model, *slots):
+            out = model(**combined, features=features)
+        losses = []  # the extra terms run their own forwards (MOON's references), outside slot mode
+        for i, own_rows in zip(live, rows):
+            own = out.rows(own_rows)
+            extra = jobs[i].extra_loss
+            losses.append(own.loss if extra is None else own.loss + extra(jobs[i].view, pending[i], own))
+            totals[i] += float(own.loss.detach())
+        for i in live:
+            optimizers[i].zero_grad(set_to_none=True)
+        with slot_mode(model, *slots):  # gradient checkpointing recomputes the pass in backward
+            torch.stack(losses).sum().backward()
+        for i in live:
+            _step(optimizers[i], params[i], cfg)
+            steps[i] += 1
+            pending[i] = next(streams[i], None)
+    seconds = time.perf_counter() - start
+    return [LocalResult(steps[i], len(job.indices), totals[i] / max(steps[i], 1), seconds,
+                        _kept_state(optimizers[i], cfg)) for i, job in enumerate(jobs)]
+
+
+def epoch_batches(data: EncodedDataset, indices: np.ndarray, cfg: LocalTrainConfig, rng: np.random.Generator
+                  ) -> Iterator[dict[str, torch.Tensor]]:
+    """Every batch of ``cfg.epochs`` shuffled passes over ``indices``, drawn from ``rng`` in order."""
     for _ in range(cfg.epochs):
-        for batch in data.batches(indices, cfg.batch_size, shuffle=True, rng=rng):
-            out = model(**batch)
-            loss = out.loss if extra_loss is None else out.loss + extra_loss(model)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            steps += 1
-            total += float(out.loss.detach())
-    state = None if cfg.reset_optimizer else to_host(optimizer.state_dict())
-    return LocalResult(steps, len(indices), total / max(steps, 1), time.perf_counter() - start, state)
+        yield from data.batches(indices, cfg.batch_size, shuffle=True, rng=rng)
+
+
+def _optimizer(model: torch.nn.Module, cfg: LocalTrainConfig, state: dict | None) -> torch.optim.Optimizer:
+    optimizer = make_optimizer(model, cfg)
+    if state is not None and not cfg.reset_optimizer:
+        optimizer.load_state_dict(state)
+    return optimizer
+
+
+def _step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], cfg: LocalTrainConfig) -> None:
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+
+
+def _kept_state(optimizer: torch.optim.Optimizer, cfg: LocalTrainConfig) -> dict | None:
+    return None if cfg.reset_optimizer else to_host(optimizer.state_dict())
 
 
 @torch.no_grad()
@@ -95,3 +172,26 @@ def predict(model: PromptedClassifier, data: EncodedDataset, indices: np.ndarray
         preds.append(out.logits.argmax(-1).cpu().numpy())
         loss_sum += float(out.loss) * len(batch["labels"])
     return (np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)), loss_sum
+
+
+@torch.no_grad()
+def predict_batched(model: PromptedClassifier, data: EncodedDataset, parts: Sequence[np.ndarray],
+                    tensors: Sequence[dict[str, torch.Tensor]], batch_size: int = 32
+                    ) -> list[tuple[np.ndarray, float]]:
+    """:func:`predict` for several clients' models at once: client ``k``'s examples ``parts[k]``
+    under its tensors ``tensors[k]``, a batch of each client per pass (slot mode)."""
+    model.eval()
+    streams = [data.batches(part, batch_size) for part in parts]
+    pending = [next(stream, None) for stream in streams]
+    preds: list[list[np.ndarray]] = [[] for _ in parts]
+    loss_sums = [0.0] * len(parts)
+    while any(batch is not None for batch in pending):
+        live = [i for i, batch in enumerate(pending) if batch is not None]
+        combined, rows = stack_batches([pending[i] for i in live], data.pad_id)
+        with slot_mode(model, [tensors[i] for i in live], [r.stop - r.start for r in rows]):
+            out = model(**combined)
+        for i, own_rows in zip(live, rows):
+            preds[i].append(out.logits[own_rows].argmax(-1).cpu().numpy())
+            loss_sums[i] += float(out.loss_of(own_rows)) * (own_rows.stop - own_rows.start)
+            pending[i] = next(streams[i], None)
+    return [(np.concatenate(p) if p else np.zeros(0, dtype=np.int64), s) for p, s in zip(preds, loss_sums)]

@@ -14,11 +14,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fedpeptao.core.client import LocalResult, LocalTrainConfig, local_train
+from fedpeptao.core.client import LocalJob, LocalResult, LocalTrainConfig, local_train, local_train_batched
 from fedpeptao.core.server import ClientUpdate, weighted_average
 from fedpeptao.core.validation import coordinate_median, trimmed_mean
 from fedpeptao.data.encoding import EncodedDataset
 from fedpeptao.models.classifier import PromptedClassifier
+from fedpeptao.models.slots import ClientView
 
 Averaging = Literal["weighted_mean", "median", "trimmed_mean"]
 Tensors = dict[str, torch.Tensor]
@@ -68,6 +69,34 @@ def client_round(
     state.optimizer = result.optimizer_state
     state.rounds_trained += 1
     return {name: state.params[name] for name in shared_names}, result
+
+
+def client_rounds_batched(
+    model: PromptedClassifier,
+    states: Sequence[ClientState],
+    views: Sequence[ClientView],
+    extra_losses: Sequence[object | None],
+    shared_names: Sequence[str],
+    data: EncodedDataset,
+    parts: Sequence[np.ndarray],
+    cfg: LocalTrainConfig,
+    seeds: Sequence[int],
+) -> list[tuple[Tensors, LocalResult]]:
+    """:func:`client_round` for several clients in shared passes (each client's tensors in its
+    :class:`~fedpeptao.models.slots.ClientView`, built from its ``start``); same data order per
+    client as the sequential loop. Dropout draws from one generator for the pass, seeded by the
+    first client's seed."""
+    torch.manual_seed(seeds[0])
+    jobs = [LocalJob(view, part, np.random.default_rng(seed), state.optimizer, extra)
+            for state, view, part, seed, extra in zip(states, views, parts, seeds, extra_losses)]
+    results = local_train_batched(model, data, jobs, cfg)
+    out = []
+    for state, view, result in zip(states, views, results):
+        state.params = view.trainable_state()
+        state.optimizer = result.optimizer_state
+        state.rounds_trained += 1
+        out.append(({name: state.params[name] for name in shared_names}, result))
+    return out
 
 
 def averaging(kind: Averaging, trim_ratio: float = 0.1) -> Callable[[Sequence[ClientUpdate]], Tensors]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -83,6 +83,25 @@ class EncodedDataset:
                 "target_pos": torch.as_tensor(self.target_pos[chunk], dtype=torch.long),
                 "labels": torch.as_tensor(self.labels[chunk], dtype=torch.long),
             }
+
+
+def stack_batches(batches: Sequence[dict[str, torch.Tensor]], pad_id: int
+                  ) -> tuple[dict[str, torch.Tensor], list[slice]]:
+    """One batch of several (right-padded to the longest) and the rows each one fills, in order."""
+    width = max(batch["input_ids"].shape[1] for batch in batches)
+    rows, start = [], 0
+    for batch in batches:
+        rows.append(slice(start, start + len(batch["labels"])))
+        start += len(batch["labels"])
+
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    combined = {"input_ids": torch.cat([pad(b["input_ids"], pad_id) for b in batches]),
+                "attention_mask": torch.cat([pad(b["attention_mask"], 0) for b in batches]),
+                "target_pos": torch.cat([b["target_pos"] for b in batches]),
+                "labels": torch.cat([b["labels"] for b in batches])}
+    return combined, rows
 
 
 def _segments(template: str) -> list[str]:

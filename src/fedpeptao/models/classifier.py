@@ -35,6 +35,20 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers?|h|blocks?|adapters)\.(\d+)(?:\.|$)")
 class Output:
     logits: torch.Tensor  # [B, C] class scores
     loss: torch.Tensor | None
+    #: the loss is ``cross_entropy(scores, targets)``: kept so a batched pass can take each client's mean
+    scores: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    features: torch.Tensor | None = None  # [B, H] what the rule reads (MOON's representation), if asked
+
+    def loss_of(self, rows: slice) -> torch.Tensor:
+        """The mean loss of ``rows`` alone (one client's examples of a batched pass)."""
+        return F.cross_entropy(self.scores[rows], self.targets[rows])
+
+    def rows(self, rows: slice) -> "Output":
+        """The output of ``rows`` alone, as if they had been their own batch."""
+        take = (lambda t: None if t is None else t[rows])
+        return Output(self.logits[rows], self.loss_of(rows) if self.scores is not None else None,
+                      take(self.scores), take(self.targets), take(self.features))
 
 
 class PromptedClassifier(nn.Module):
@@ -118,30 +132,51 @@ class PromptedClassifier(nn.Module):
                     output_hidden_states=hidden_states, return_dict=True)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_pos: torch.Tensor,
-                labels: torch.Tensor | None = None) -> Output:
-        """Logits and loss in float32 whatever the backbone's precision; inputs move to the model."""
+                labels: torch.Tensor | None = None, features: bool = False) -> Output:
+        """Logits and loss in float32 whatever the backbone's precision; inputs move to the model.
+
+        ``features=True`` also returns the representation the rule reads (the MLM rule then keeps
+        the last hidden states, which it otherwise does not need).
+        """
         device = self.device
         input_ids, attention_mask, target_pos = input_ids.to(device), attention_mask.to(device), target_pos.to(device)
         labels = None if labels is None else labels.to(device)
-        out = self._base_outputs(input_ids, attention_mask)
+        out = self._base_outputs(input_ids, attention_mask, hidden_states=features and self.head_kind == "mlm")
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         if self.head_kind == "linear":
             mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
             pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             logits = self.head(pooled.to(self.head.weight.dtype))
-            return Output(logits, F.cross_entropy(logits, labels) if labels is not None else None)
+            return _output(logits, logits, labels, pooled if features else None)
         if self.head_kind == "mlm":
             vocab_logits = out.logits[rows, target_pos].float()
             logits = vocab_logits[:, self.label_word_ids]
-            return Output(logits, F.cross_entropy(logits, labels) if labels is not None else None)
+            return _output(logits, logits, labels, out.hidden_states[-1][rows, target_pos] if features else None)
         # lm: score only the position that predicts the label word (saves a [B, T, V] projection)
         hidden = out.last_hidden_state[rows, target_pos]
         vocab_logits = self.model.get_output_embeddings()(hidden).float()
         logits = vocab_logits[:, self.label_word_ids]
-        loss = F.cross_entropy(vocab_logits, self.label_word_ids[labels]) if labels is not None else None
-        return Output(logits, loss)
+        return _output(logits, vocab_logits, None if labels is None else self.label_word_ids[labels],
+                       hidden if features else None)
+
+    @torch.no_grad()
+    def forward_with(self, tensors: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> Output:
+        """The output on ``batch`` with ``tensors`` in place of the trainable ones, in eval mode
+        (a reference model's forward, e.g. MOON's global and previous models)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return torch.func.functional_call(self, tensors, args=(), kwargs={**batch, "features": True}, strict=False)
+        finally:
+            self.train(was_training)
 
     def layer_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """Output hidden states of every transformer layer ``[B, T, H]`` (for layer scoring)."""
         out = self._base_outputs(input_ids.to(self.device), attention_mask.to(self.device), hidden_states=True)
         return list(out.hidden_states[1:])
+
+
+def _output(logits: torch.Tensor, scores: torch.Tensor, targets: torch.Tensor | None,
+            features: torch.Tensor | None) -> Output:
+    loss = F.cross_entropy(scores, targets) if targets is not None else None
+    return Output(logits, loss, scores if targets is not None else None, targets, features)

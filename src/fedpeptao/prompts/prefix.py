@@ -53,6 +53,8 @@ class DeepPrompt(nn.Module):
             }
         )
         self.dropout = nn.Dropout(dropout)
+        #: slot mode (:mod:`fedpeptao.models.slots`): each slot's layer tensors and its rows in the batch
+        self.slots: tuple[list[dict[int, torch.Tensor]], list[int]] | None = None
 
     @property
     def active_layers(self) -> list[int]:
@@ -69,10 +71,19 @@ class DeepPrompt(nn.Module):
             param.copy_(value)
 
     def key_value(self, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Prefix keys and values for one layer as ``[B, H_kv, P, d]``, or None if it has none."""
-        param = self.layers[str(index)] if str(index) in self.layers else None
-        if param is None:
+        """Prefix keys and values for one layer as ``[B, H_kv, P, d]``, or None if it has none.
+
+        In slot mode each slot's own prefix is expanded over its rows of the batch.
+        """
+        if str(index) not in self.layers:
             return None
+        if self.slots is None:
+            return self._expanded(self.layers[str(index)], batch_size)
+        tensors, sizes = self.slots
+        parts = [self._expanded(slot[index], size) for slot, size in zip(tensors, sizes)]
+        return torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])
+
+    def _expanded(self, param: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         kv = self.dropout(param)  # [P, 2, H_kv * d]
         kv = kv.view(self.num_tokens, 2, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
         key, value = kv[0], kv[1]  # [H_kv, P, d]

@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 import time
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 
@@ -27,14 +28,15 @@ from fedpeptao.algorithms import Algorithm
 from fedpeptao.algorithms.base import ClientTask, ClientWork
 from fedpeptao.config import ConfigError, ExperimentConfig, load_config, save_config
 from fedpeptao.core import payload
-from fedpeptao.core.client import predict
-from fedpeptao.core.federation import ClientState, client_round, round_seed
+from fedpeptao.core.client import predict, predict_batched
+from fedpeptao.core.federation import ClientState, client_round, client_rounds_batched, round_seed
 from fedpeptao.core.metrics import score
 from fedpeptao.core.server import ClientUpdate
 from fedpeptao.core.validation import ValidationPolicy, filter_model_updates
 from fedpeptao.experiment import (build_federation, device_algorithm, make_privacy, public_selection_data,
                                   write_model_card)
 from fedpeptao.models.loading import Backbone
+from fedpeptao.models.slots import ClientView, batch_refusal
 from fedpeptao.report.summary import config_difference, run_summary
 from fedpeptao.utils.checkpoint import (capture_rng_state, flatten_state, load_latest_checkpoint, restore_rng_state,
                                         save_checkpoint, unflatten_state)
@@ -64,6 +66,12 @@ class Simulation:
         self.rng = np.random.default_rng(cfg.seed)
         self.history: list[dict] = []
         self.rejected: list[tuple[int, str]] = []
+        self.batched = cfg.execution == "batched" and cfg.clients_per_pass > 1
+        refusal = batch_refusal(self.model) if self.batched else None
+        if refusal is not None:
+            log.info("execution=batched: %s (tuning %s) cannot give each client its own tensors in one pass, "
+                     "so clients train one at a time", refusal, cfg.tuning.name)
+            self.batched = False
 
     def client(self, k: int) -> ClientState:
         """Client ``k``'s state, created (sharing the initial tensors) on first contact."""
@@ -99,11 +107,37 @@ class Simulation:
             update, result = client_round(self.model, client, start, list(algo.model_part(message)), self.train_data,
                                           self.train_parts[k], self.fed.local_cfg,
                                           round_seed(self.cfg.seed, round_index, k), extra_loss)
-        sent = algo.client_reply(message, update, result.num_steps, client)
+        return self._reply(k, message, update, result, round_index)
+
+    def train_clients(self, ks: list[int], messages: dict[int, dict], round_index: int
+                      ) -> dict[int, tuple[ClientUpdate, float, float]]:
+        """Clients ``ks`` in shared passes over the backbone (one :meth:`train_client` if alone)."""
+        if len(ks) == 1:
+            return {ks[0]: self.train_client(ks[0], messages[ks[0]], round_index)}
+        algo, clients = self.algorithm, [self.client(k) for k in ks]
+        views = [ClientView(self.model, algo.client_start(messages[k], c)) for k, c in zip(ks, clients)]
+        with ExitStack() as stack:
+            extras = [stack.enter_context(algo.client_training(view, messages[k], c))
+                      for k, view, c in zip(ks, views, clients)]
+            trained = client_rounds_batched(self.model, clients, views, extras, list(algo.model_part(messages[ks[0]])),
+                                            self.train_data, [self.train_parts[k] for k in ks], self.fed.local_cfg,
+                                            [round_seed(self.cfg.seed, round_index, k) for k in ks])
+        return {k: self._reply(k, messages[k], update, result, round_index)
+                for k, (update, result) in zip(ks, trained)}
+
+    def _reply(self, k: int, message: dict, update: dict, result, round_index: int
+               ) -> tuple[ClientUpdate, float, float]:
+        algo = self.algorithm
+        sent = algo.client_reply(message, update, result.num_steps, self.client(k))
         if self.privacy is not None:  # local DP: noised before it leaves the device
             sent = self.privacy.device_reply(sent, algo.model_part(message), k, round_index)
         algo.acknowledge(k)
         return ClientUpdate(k, sent, result.num_examples, result.num_steps), result.seconds, result.mean_loss
+
+    def passes(self, clients: list[int]) -> list[list[int]]:
+        """``clients`` in groups that share one pass (``clients_per_pass``; one each if sequential)."""
+        size = self.cfg.clients_per_pass if self.batched else 1
+        return [clients[i:i + size] for i in range(0, len(clients), size)]
 
     # -- rounds ----------------------------------------------------------------------------
     def train_round(self, round_index: int) -> dict:
@@ -112,9 +146,12 @@ class Simulation:
                                                           replace=False))]
         messages = {k: algo.client_message(k) for k in sampled}
         down = sum(payload.num_bytes(m) for m in messages.values())
+        trained = {}
+        for group in self.passes(sampled):
+            trained.update(self.train_clients(group, messages, round_index))
         updates, slowest, up, losses = [], 0.0, 0, []
         for k in sampled:
-            update, seconds, loss = self.train_client(k, messages[k], round_index)
+            update, seconds, loss = trained[k]
             up += payload.num_bytes(update.params)
             slowest = max(slowest, seconds)
             losses.append(loss)
@@ -137,37 +174,54 @@ class Simulation:
 
     def evaluate(self) -> dict:
         """Each client with its own personal tensors plus the global shared ones, on its test and
-        validation examples; predictions pooled over clients per split."""
-        algo, fed = self.algorithm, self.fed
+        validation examples (several clients per pass when batched); predictions pooled over
+        clients per split."""
+        fed = self.fed
+        splits = [("test", fed.eval_data, self.eval_parts), ("validation", fed.val_data, fed.val_parts)]
         pooled = {"test": ([], []), "validation": ([], [])}
-        per_client, losses = [], {"test": 0.0, "validation": 0.0}
-        for k in range(self.cfg.federated.num_clients):
-            work = [("test", fed.eval_data, self.eval_parts[k]), ("validation", fed.val_data, fed.val_parts[k])]
-            work = [(name, data, part) for name, data, part in work if len(part)]
-            if not work:
-                per_client.append(None)
-                continue
-            message = algo.client_message(k)
-            client = self.clients.get(k) or ClientState(params=fed.initial)
-            self.model.load_trainable(algo.client_start(message, client))
-            if client.algo_state:  # the device kept something of this message
-                self.clients[k] = client
-            algo.acknowledge(k)
-            accuracy = None
-            for name, data, part in work:
-                p, loss = predict(self.model, data, part)
-                pooled[name][0].append(p)
-                pooled[name][1].append(data.labels[part])
-                losses[name] += loss
-                if name == "test":
-                    accuracy = score("accuracy", p, data.labels[part])
-            per_client.append(accuracy)
+        accuracy, losses = {}, {"test": 0.0, "validation": 0.0}
+        evaluated = [k for k in range(self.cfg.federated.num_clients) if any(len(parts[k]) for _, _, parts in splits)]
+        for group in self.passes(evaluated):
+            tensors = {k: self.personal_tensors(k) for k in group}
+            for name, data, parts in splits:
+                members = [k for k in group if len(parts[k])]
+                if not members:
+                    continue
+                results = self.predict(data, [parts[k] for k in members], [tensors[k] for k in members])
+                for k, (p, loss) in zip(members, results):
+                    pooled[name][0].append(p)
+                    pooled[name][1].append(data.labels[parts[k]])
+                    losses[name] += loss
+                    if name == "test":
+                        accuracy[k] = score("accuracy", p, data.labels[parts[k]])
         row = pooled_metrics(*pooled["test"], losses["test"], self.metric)
-        row["client_accuracy"] = per_client
+        row["client_accuracy"] = [accuracy.get(k) for k in range(self.cfg.federated.num_clients)]
         if pooled["validation"][0]:
             val = pooled_metrics(*pooled["validation"], losses["validation"], self.metric)
             row.update({f"val_{key.removeprefix('eval_')}": value for key, value in val.items()})
         return row
+
+    def personal_tensors(self, k: int) -> dict:
+        """The tensors client ``k`` evaluates with: what it would train from on the current message."""
+        algo = self.algorithm
+        client = self.clients.get(k) or ClientState(params=self.fed.initial)
+        tensors = algo.client_start(algo.client_message(k), client)
+        if client.algo_state:  # the device kept something of this message
+            self.clients[k] = client
+        algo.acknowledge(k)
+        return tensors
+
+    def predict(self, data, parts: list[np.ndarray], tensors: list[dict]) -> list[tuple[np.ndarray, float]]:
+        """Predictions and summed losses of several clients' models, in one pass each batch if batched."""
+        if self.batched and len(parts) > 1:
+            device = self.model.device
+            return predict_batched(self.model, data, parts,
+                                   [{n: t.to(device) for n, t in own.items()} for own in tensors])
+        results = []
+        for part, own in zip(parts, tensors):
+            self.model.load_trainable(own)
+            results.append(predict(self.model, data, part))
+        return results
 
     def run(self) -> list[dict]:
         """Run the remaining rounds (all of them, or those after a resumed checkpoint)."""

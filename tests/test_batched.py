@@ -1,0 +1,154 @@
+"""Batched clients: several clients in the same passes over the one frozen backbone give the same
+tensors and metrics as training them one after another (dropout off), for every algorithm's local
+objective; a tuning that cannot batch falls back and says so."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from fedpeptao.config import ConfigError, load_config
+from fedpeptao.models.slots import batch_refusal
+from fedpeptao.sim.simulator import Simulation
+
+# Adam turns float rounding in near-zero gradient components into visible steps; at the default
+# lr (4e-2) three rounds reach a few 1e-5 either way, so the comparison trains at lr 1e-2.
+TOLERANCE = 1e-5
+
+
+def simulation(task_dir, execution: str, *extra: str) -> Simulation:
+    cfg = load_config(None, ["model.name=tiny-bert", f"data.task={task_dir}", "model.max_length=24",
+                             "federated.num_clients=6", "federated.clients_per_round=4", "federated.rounds=3",
+                             "client.epochs=2", "client.batch_size=4", "client.lr=1e-2", "progress=false",
+                             "data.partition=paper-dirichlet", f"execution={execution}", "clients_per_pass=3",
+                             *extra])
+    sim = Simulation(cfg)
+    for module in sim.model.modules():  # dropout off: both modes then compute the same function
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return sim
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+
+METHODS = [["method.name=fedpeptao", "method.ratio=0.5"], ["method.name=fedavg"], ["method.name=fedprox"],
+           ["method.name=scaffold"], ["method.name=moon"], ["method.name=fedadam"]]
+
+
+@pytest.mark.parametrize("tuning", ["deep_prompt", "lora"])
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m[0].split("=")[1])
+def test_batched_equals_sequential(task_dir, method, tuning):
+    runs = {}
+    for execution in ("sequential", "batched"):
+        sim = simulation(task_dir, execution, *method, f"tuning.name={tuning}")
+        sim.run()
+        runs[execution] = sim
+    seq, bat = runs["sequential"], runs["batched"]
+    assert bat.batched and not seq.batched
+    assert max_diff(seq.algorithm.params, bat.algorithm.params) <= TOLERANCE
+    assert seq.clients.keys() == bat.clients.keys()
+    for k, client in seq.clients.items():
+        assert max_diff(client.params, bat.clients[k].params) <= TOLERANCE, k
+        assert client.rounds_trained == bat.clients[k].rounds_trained
+    for a, b in zip(seq.history, bat.history):
+        assert a["clients"] == b["clients"] and a["bytes_up"] == b["bytes_up"]
+        assert a["accuracy"] == b["accuracy"] and a["val_accuracy"] == b["val_accuracy"]
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-5)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+        assert a["client_accuracy"] == b["client_accuracy"]
+
+
+def test_clients_per_pass_caps_a_pass_and_keeps_the_result(task_dir):
+    """Four sampled clients in passes of 2, of 3 (3 + 1) and of 4 give the same tensors."""
+    results = []
+    for size in (2, 3, 4):
+        sim = simulation(task_dir, "batched", "method.name=fedavg", f"clients_per_pass={size}")
+        assert [len(g) for g in sim.passes([0, 1, 2, 3])] == {2: [2, 2], 3: [3, 1], 4: [4]}[size]
+        sim.run()
+        results.append(sim.algorithm.params)
+    assert max_diff(results[0], results[1]) <= TOLERANCE and max_diff(results[0], results[2]) <= TOLERANCE
+
+
+def test_a_batched_pass_really_shares_the_backbone(task_dir):
+    """The backbone runs once per step for the whole pass, not once per client: a round of four
+    clients in one pass costs as many backbone calls as its longest client has batches."""
+    sim = simulation(task_dir, "batched", "method.name=fedavg", "clients_per_pass=4")
+    calls = []
+    sim.model.model.base_model.register_forward_hook(
+        lambda _m, _args, kwargs, _out: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    row = sim.train_round(0)
+    batches = [-(-len(sim.train_parts[k]) // 4) * 2 for k in row["clients"]]  # 2 epochs of batches of 4
+    assert len(calls) == max(batches) < sum(batches)
+    assert sum(calls) == sum(2 * len(sim.train_parts[k]) for k in row["clients"])
+
+
+@pytest.mark.parametrize("tuning", ["input_prompt", "late_prompt", "attempt"])
+def test_a_tuning_that_cannot_batch_falls_back_and_says_so(task_dir, tuning, caplog):
+    with caplog.at_level(logging.INFO, logger="fedpeptao.server"):
+        sim = simulation(task_dir, "batched", "method.name=fedavg", f"tuning.name={tuning}", "federated.rounds=1")
+    assert not sim.batched
+    assert batch_refusal(sim.model) is not None
+    assert any("one at a time" in r.getMessage() and tuning in r.getMessage() for r in caplog.records)
+    sim.run()
+    seq = simulation(task_dir, "sequential", "method.name=fedavg", f"tuning.name={tuning}", "federated.rounds=1")
+    seq.run()
+    assert max_diff(seq.algorithm.params, sim.algorithm.params) == 0.0
+
+
+@pytest.mark.parametrize("tuning", ["adapter", "idpg"])
+def test_linear_only_tunings_batch_too(task_dir, tuning):
+    seq = simulation(task_dir, "sequential", "method.name=fedavg", f"tuning.name={tuning}")
+    bat = simulation(task_dir, "batched", "method.name=fedavg", f"tuning.name={tuning}")
+    assert bat.batched
+    seq.run()
+    bat.run()
+    assert max_diff(seq.algorithm.params, bat.algorithm.params) <= TOLERANCE
+
+
+def test_batched_with_dropout_is_deterministic(task_dir):
+    """Dropout on: not the sequential draws, but the same seed gives the same run."""
+    runs = []
+    for _ in range(2):
+        sim = Simulation(load_config(None, ["model.name=tiny-bert", f"data.task={task_dir}", "model.max_length=24",
+                                            "federated.num_clients=4", "federated.clients_per_round=3",
+                                            "federated.rounds=2", "progress=false", "method.name=fedavg"]))
+        assert sim.batched  # the default
+        sim.run()
+        runs.append(sim.algorithm.params)
+    assert max_diff(*runs) == 0.0
+
+
+def test_execution_and_clients_per_pass_are_validated():
+    with pytest.raises(ConfigError, match=r"^execution: "):
+        load_config(None, ["execution=parallel"])
+    with pytest.raises(ConfigError, match=r"^clients_per_pass: "):
+        load_config(None, ["clients_per_pass=0"])
+
+
+def test_slot_mode_gives_each_example_its_clients_tensors(task_dir):
+    """One pass over two clients' examples equals two passes, one per client's tensors."""
+    sim = simulation(task_dir, "batched", "method.name=fedavg", "tuning.name=lora")
+    from fedpeptao.data.encoding import stack_batches
+    from fedpeptao.models.slots import slot_mode
+
+    model, data = sim.model, sim.train_data
+    tensors = [{n: t + 0.05 * k * torch.randn_like(t) for n, t in sim.fed.initial.items()} for k in range(2)]
+    batches = [next(data.batches(sim.train_parts[k], 3)) for k in range(2)]
+    model.eval()
+    with torch.no_grad():
+        alone = []
+        for own, batch in zip(tensors, batches):
+            model.load_trainable(own)
+            alone.append(model(**batch).logits)
+        combined, rows = stack_batches(batches, data.pad_id)
+        with slot_mode(model, tensors, [r.stop - r.start for r in rows]):
+            together = model(**combined).logits
+    for own, r in zip(alone, rows):
+        assert torch.allclose(together[r], own, atol=1e-6)
+    assert not torch.allclose(alone[0], alone[1], atol=1e-4), "the clients' tensors differ, so must their logits"
