@@ -15,14 +15,14 @@ from fedpeptao.models.slots import batch_refusal
 from fedpeptao.sim.simulator import Simulation
 
 # Adam turns float rounding in near-zero gradient components into visible steps; at the default
-# lr (4e-2) three rounds reach a few 1e-5 either way, so the comparison trains at lr 1e-2.
+# lr (4e-2) three rounds reach a few 1e-5 either way, so the comparison trains at lr 5e-3.
 TOLERANCE = 1e-5
 
 
 def simulation(task_dir, execution: str, *extra: str) -> Simulation:
     cfg = load_config(None, ["model.name=tiny-bert", f"data.task={task_dir}", "model.max_length=24",
                              "federated.num_clients=6", "federated.clients_per_round=4", "federated.rounds=3",
-                             "client.epochs=2", "client.batch_size=4", "client.lr=1e-2", "progress=false",
+                             "client.epochs=2", "client.batch_size=4", "client.lr=5e-3", "progress=false",
                              "data.partition=paper-dirichlet", f"execution={execution}", "clients_per_pass=3",
                              *extra])
     sim = Simulation(cfg)
@@ -117,11 +117,28 @@ def test_batched_with_dropout_is_deterministic(task_dir):
     for _ in range(2):
         sim = Simulation(load_config(None, ["model.name=tiny-bert", f"data.task={task_dir}", "model.max_length=24",
                                             "federated.num_clients=4", "federated.clients_per_round=3",
-                                            "federated.rounds=2", "progress=false", "method.name=fedavg"]))
-        assert sim.batched  # the default
+                                            "federated.rounds=2", "progress=false", "method.name=fedavg",
+                                            "execution=batched"]))
+        assert sim.batched
         sim.run()
         runs.append(sim.algorithm.params)
     assert max_diff(*runs) == 0.0
+
+
+def test_auto_shares_passes_on_an_accelerator_only(task_dir):
+    sim = simulation(task_dir, "auto", "method.name=fedavg", "device=cpu")
+    assert not sim.batched and sim.pooled_eval  # a CPU: sequential training, pooled evaluation
+
+
+def test_pooled_evaluation_equals_one_client_at_a_time(task_dir):
+    sim = simulation(task_dir, "sequential", "method.name=fedpeptao", "method.ratio=0.5", "federated.rounds=2")
+    sim.run()
+    pooled = sim.evaluate()
+    sim.pooled_eval = False
+    alone = sim.evaluate()
+    assert pooled["client_accuracy"] == alone["client_accuracy"]
+    assert pooled["accuracy"] == alone["accuracy"] and pooled["val_accuracy"] == alone["val_accuracy"]
+    assert pooled["eval_loss"] == pytest.approx(alone["eval_loss"], abs=1e-6)
 
 
 def test_execution_and_clients_per_pass_are_validated():

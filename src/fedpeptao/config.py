@@ -90,6 +90,7 @@ class ClientConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0.0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     reset_optimizer: bool = False
+    group_by_length: bool = True  # batches of similar lengths, in a seeded order the round's clients share
 
 
 class ServerConfig(_Section):
@@ -114,9 +115,10 @@ class ExperimentConfig(_Section):
     tensorboard: bool = False  # also write round metrics to RUN_DIR/tensorboard (needs the tensorboard package)
     device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps
     precision: Precision = "fp32"  # the frozen backbone's dtype; trainables, optimiser and server stay fp32
-    #: simulator: ``batched`` trains (and evaluates) up to ``clients_per_pass`` clients in the same
-    #: forward/backward passes over the one backbone; ``sequential`` one client after another
-    execution: Literal["batched", "sequential"] = "batched"
+    #: simulator: ``batched`` trains up to ``clients_per_pass`` clients in the same forward/backward
+    #: passes over the one backbone; ``sequential`` one client after another; ``auto``: batched on
+    #: an accelerator, sequential on a CPU (whose matmul rate does not grow with the rows of a pass)
+    execution: Literal["auto", "batched", "sequential"] = "auto"
     clients_per_pass: int = Field(10, ge=1)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()

@@ -41,7 +41,8 @@ def resolve_head(cfg: ExperimentConfig, backbone: Backbone) -> str:
 def local_config(cfg: ExperimentConfig) -> LocalTrainConfig:
     c = cfg.client
     return LocalTrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
-                            max_grad_norm=c.max_grad_norm, optimizer=c.optimizer, reset_optimizer=c.reset_optimizer)
+                            max_grad_norm=c.max_grad_norm, optimizer=c.optimizer, reset_optimizer=c.reset_optimizer,
+                            group_by_length=c.group_by_length)
 
 
 def prompt_tokens(cfg: ExperimentConfig) -> int:

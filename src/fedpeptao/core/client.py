@@ -32,6 +32,7 @@ class LocalTrainConfig:
     max_grad_norm: float = 1.0
     optimizer: Literal["adamw", "sgd"] = "adamw"
     reset_optimizer: bool = False  # the paper's text resets momentum each round; the reference code keeps it
+    group_by_length: bool = True  # batches of similar lengths (less padding), in a seeded order shared by a round
 
 
 @dataclass
@@ -58,8 +59,11 @@ def local_train(
     rng: np.random.Generator,
     optimizer_state: dict | None = None,
     extra_loss=None,
+    order_seed: int = 0,
 ) -> LocalResult:
     """Run ``cfg.epochs`` over the client's examples; returns the optimiser state to keep.
+
+    ``order_seed`` is the round's (every client's) seed for the order of length-grouped batches.
 
     ``extra_loss(model, batch, output) -> Tensor`` lets federated optimisers add a term (FedProx's
     proximal term, MOON's contrastive term) without a second training loop.
@@ -69,7 +73,7 @@ def local_train(
     optimizer = _optimizer(model, cfg, optimizer_state)
     params = [p for p in model.parameters() if p.requires_grad]
     steps, total = 0, 0.0
-    for batch in epoch_batches(data, indices, cfg, rng):
+    for batch in epoch_batches(data, indices, cfg, rng, order_seed):
         out = model(**batch, features=extra_loss is not None)
         loss = out.loss if extra_loss is None else out.loss + extra_loss(model, batch, out)
         optimizer.zero_grad(set_to_none=True)
@@ -94,7 +98,7 @@ class LocalJob:
 
 
 def local_train_batched(model: PromptedClassifier, data: EncodedDataset, jobs: Sequence[LocalJob],
-                        cfg: LocalTrainConfig) -> list[LocalResult]:
+                        cfg: LocalTrainConfig, order_seed: int = 0) -> list[LocalResult]:
     """:func:`local_train` for several clients at once: at each step every client that still has a
     batch contributes it to ONE forward/backward pass over the shared frozen backbone (slot mode),
     then each client clips and steps its own optimiser on its own tensors.
@@ -108,7 +112,7 @@ def local_train_batched(model: PromptedClassifier, data: EncodedDataset, jobs: S
     model.train()
     optimizers = [_optimizer(job.view, cfg, job.optimizer_state) for job in jobs]
     params = [list(job.view.parameters()) for job in jobs]
-    streams = [epoch_batches(data, job.indices, cfg, job.rng) for job in jobs]
+    streams = [epoch_batches(data, job.indices, cfg, job.rng, order_seed) for job in jobs]
     pending = [next(stream, None) for stream in streams]
     steps, totals = [0] * len(jobs), [0.0] * len(jobs)
     features = any(job.extra_loss is not None for job in jobs)
@@ -137,11 +141,13 @@ def local_train_batched(model: PromptedClassifier, data: EncodedDataset, jobs: S
                         _kept_state(optimizers[i], cfg)) for i, job in enumerate(jobs)]
 
 
-def epoch_batches(data: EncodedDataset, indices: np.ndarray, cfg: LocalTrainConfig, rng: np.random.Generator
-                  ) -> Iterator[dict[str, torch.Tensor]]:
-    """Every batch of ``cfg.epochs`` shuffled passes over ``indices``, drawn from ``rng`` in order."""
-    for _ in range(cfg.epochs):
-        yield from data.batches(indices, cfg.batch_size, shuffle=True, rng=rng)
+def epoch_batches(data: EncodedDataset, indices: np.ndarray, cfg: LocalTrainConfig, rng: np.random.Generator,
+                  order_seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Every batch of ``cfg.epochs`` shuffled passes over ``indices``, drawn from ``rng`` in order;
+    grouped by length in the round's shared order if ``cfg.group_by_length``."""
+    for epoch in range(cfg.epochs):
+        group = int(np.random.SeedSequence([order_seed, epoch]).generate_state(1)[0]) if cfg.group_by_length else None
+        yield from data.batches(indices, cfg.batch_size, shuffle=True, rng=rng, group_seed=group)
 
 
 def _optimizer(model: torch.nn.Module, cfg: LocalTrainConfig, state: dict | None) -> torch.optim.Optimizer:
@@ -164,34 +170,44 @@ def _kept_state(optimizer: torch.optim.Optimizer, cfg: LocalTrainConfig) -> dict
 @torch.no_grad()
 def predict(model: PromptedClassifier, data: EncodedDataset, indices: np.ndarray, batch_size: int = 32
             ) -> tuple[np.ndarray, float]:
-    """Predicted classes for the given examples and the summed loss."""
-    model.eval()
-    preds, loss_sum = [], 0.0
-    for batch in data.batches(indices, batch_size):
-        out = model(**batch)
-        preds.append(out.logits.argmax(-1).cpu().numpy())
-        loss_sum += float(out.loss) * len(batch["labels"])
-    return (np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)), loss_sum
+    """Predicted classes for the given examples (in their order) and the summed loss; the
+    examples run shortest first, so batches carry little padding."""
+    return predict_batched(model, data, [indices], [None], batch_size)[0]
 
 
 @torch.no_grad()
 def predict_batched(model: PromptedClassifier, data: EncodedDataset, parts: Sequence[np.ndarray],
-                    tensors: Sequence[dict[str, torch.Tensor]], batch_size: int = 32
+                    tensors: Sequence[dict[str, torch.Tensor] | None], batch_size: int = 32
                     ) -> list[tuple[np.ndarray, float]]:
     """:func:`predict` for several clients' models at once: client ``k``'s examples ``parts[k]``
-    under its tensors ``tensors[k]``, a batch of each client per pass (slot mode)."""
+    under its tensors ``tensors[k]`` (``[None]``: one client with the model's own tensors).
+
+    The clients' examples are pooled and run shortest first in batches of ``batch_size``; in a
+    batch each client's rows are contiguous and use its own tensors (slot mode). Padding is then
+    what one sorted pass would have, and the batch size stays the one asked for.
+    """
     model.eval()
-    streams = [data.batches(part, batch_size) for part in parts]
-    pending = [next(stream, None) for stream in streams]
-    preds: list[list[np.ndarray]] = [[] for _ in parts]
+    owner = np.concatenate([np.full(len(part), i) for i, part in enumerate(parts)]).astype(np.int64)
+    position = np.concatenate([np.arange(len(part)) for part in parts]).astype(np.int64)
+    examples = np.concatenate([np.asarray(part, dtype=np.int64) for part in parts])
+    order = np.lexsort((owner, data.lengths(examples)))  # by length, then by client
+    preds = [np.zeros(len(part), dtype=np.int64) for part in parts]
     loss_sums = [0.0] * len(parts)
-    while any(batch is not None for batch in pending):
-        live = [i for i, batch in enumerate(pending) if batch is not None]
-        combined, rows = stack_batches([pending[i] for i in live], data.pad_id)
-        with slot_mode(model, [tensors[i] for i in live], [r.stop - r.start for r in rows]):
-            out = model(**combined)
-        for i, own_rows in zip(live, rows):
-            preds[i].append(out.logits[own_rows].argmax(-1).cpu().numpy())
-            loss_sums[i] += float(out.loss_of(own_rows)) * (own_rows.stop - own_rows.start)
-            pending[i] = next(streams[i], None)
-    return [(np.concatenate(p) if p else np.zeros(0, dtype=np.int64), s) for p, s in zip(preds, loss_sums)]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        chunk = chunk[np.argsort(owner[chunk], kind="stable")]  # each client's rows together
+        clients, sizes = np.unique(owner[chunk], return_counts=True)
+        batch = data.collate(examples[chunk])
+        if tensors[clients[0]] is None:
+            out = model(**batch)
+        else:
+            with slot_mode(model, [tensors[i] for i in clients], sizes.tolist()):
+                out = model(**batch)
+        predicted = out.logits.argmax(-1).cpu().numpy()
+        offset = 0
+        for i, size in zip(clients, sizes):
+            rows = slice(offset, offset + size)
+            preds[i][position[chunk[rows]]] = predicted[rows]
+            loss_sums[i] += float(out.loss_of(rows)) * size
+            offset += size
+    return list(zip(preds, loss_sums))

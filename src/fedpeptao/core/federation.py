@@ -24,7 +24,7 @@ from fedpeptao.models.slots import ClientView
 Averaging = Literal["weighted_mean", "median", "trimmed_mean"]
 Tensors = dict[str, torch.Tensor]
 
-TRAIN_STREAM, SCORE_STREAM, HESSIAN_STREAM, PRIVACY_STREAM, COUNT_STREAM = 0, 1, 2, 3, 4
+TRAIN_STREAM, SCORE_STREAM, HESSIAN_STREAM, PRIVACY_STREAM, COUNT_STREAM, ORDER_STREAM = 0, 1, 2, 3, 4, 5
 
 
 def round_seed(seed: int, round_index: int, client_id: int, stream: int = TRAIN_STREAM) -> int:
@@ -34,6 +34,12 @@ def round_seed(seed: int, round_index: int, client_id: int, stream: int = TRAIN_
     """
     entropy = [seed, round_index, client_id] + ([stream] if stream != TRAIN_STREAM else [])
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def order_seed(seed: int, round_index: int) -> int:
+    """The seed every client of round ``round_index`` orders its length-grouped batches with
+    (shared, so the clients of one batched pass see batches of similar lengths at each step)."""
+    return int(np.random.SeedSequence([seed, round_index, ORDER_STREAM]).generate_state(1)[0])
 
 
 @dataclass
@@ -57,6 +63,7 @@ def client_round(
     cfg: LocalTrainConfig,
     seed: int,
     extra_loss=None,
+    shared_seed: int = 0,
 ) -> tuple[Tensors, LocalResult]:
     """Train one client from ``start`` (its own tensors overwritten by the global shared ones).
 
@@ -64,7 +71,8 @@ def client_round(
     """
     model.load_trainable(start)
     torch.manual_seed(seed)
-    result = local_train(model, data, indices, cfg, np.random.default_rng(seed), state.optimizer, extra_loss)
+    result = local_train(model, data, indices, cfg, np.random.default_rng(seed), state.optimizer, extra_loss,
+                         shared_seed)
     state.params = model.trainable_state()
     state.optimizer = result.optimizer_state
     state.rounds_trained += 1
@@ -81,6 +89,7 @@ def client_rounds_batched(
     parts: Sequence[np.ndarray],
     cfg: LocalTrainConfig,
     seeds: Sequence[int],
+    shared_seed: int = 0,
 ) -> list[tuple[Tensors, LocalResult]]:
     """:func:`client_round` for several clients in shared passes (each client's tensors in its
     :class:`~fedpeptao.models.slots.ClientView`, built from its ``start``); same data order per
@@ -89,7 +98,7 @@ def client_rounds_batched(
     torch.manual_seed(seeds[0])
     jobs = [LocalJob(view, part, np.random.default_rng(seed), state.optimizer, extra)
             for state, view, part, seed, extra in zip(states, views, parts, seeds, extra_losses)]
-    results = local_train_batched(model, data, jobs, cfg)
+    results = local_train_batched(model, data, jobs, cfg, shared_seed)
     out = []
     for state, view, result in zip(states, views, results):
         state.params = view.trainable_state()

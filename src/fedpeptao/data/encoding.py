@@ -62,27 +62,47 @@ class EncodedDataset:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def lengths(self, indices: np.ndarray) -> np.ndarray:
+        return np.fromiter((len(self.input_ids[i]) for i in indices), dtype=np.int64, count=len(indices))
+
     def batches(self, indices: np.ndarray, batch_size: int, shuffle: bool = False,
-                rng: np.random.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Right-padded batches, padded only to the longest example in the batch."""
+                rng: np.random.Generator | None = None, group_seed: int | None = None
+                ) -> Iterator[dict[str, torch.Tensor]]:
+        """Right-padded batches, padded only to the longest example in the batch.
+
+        ``group_seed`` (training): after the seeded shuffle, examples are grouped by length (a
+        stable sort, so equal lengths stay in shuffled order) and the ``j``-th batch is the one whose
+        length rank is the rank of ``u_j`` among ``u_0..u_{n-1}``, uniforms drawn from
+        ``group_seed``. Every client of a round draws the same ``u``, so at each step all clients
+        of a batched pass take batches at about the same length quantile and padding stays small in
+        both execution modes, while the order of lengths is still random.
+        """
         order = np.asarray(indices)
         if shuffle:
             order = order[(rng or np.random.default_rng()).permutation(len(order))]
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            width = max(len(self.input_ids[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                seq = self.input_ids[i]
-                ids[row, :len(seq)] = torch.tensor(seq)
-                mask[row, :len(seq)] = 1
-            yield {
-                "input_ids": ids,
-                "attention_mask": mask,
-                "target_pos": torch.as_tensor(self.target_pos[chunk], dtype=torch.long),
-                "labels": torch.as_tensor(self.labels[chunk], dtype=torch.long),
-            }
+        if group_seed is not None:
+            order = order[np.argsort(self.lengths(order), kind="stable")]
+        chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        if group_seed is not None and chunks:
+            ranks = np.argsort(np.argsort(np.random.default_rng(group_seed).random(len(chunks)), kind="stable"))
+            chunks = [chunks[r] for r in ranks]
+        for chunk in chunks:
+            yield self.collate(chunk)
+
+    def collate(self, chunk: np.ndarray) -> dict[str, torch.Tensor]:
+        width = max(len(self.input_ids[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            seq = self.input_ids[i]
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "target_pos": torch.as_tensor(self.target_pos[chunk], dtype=torch.long),
+            "labels": torch.as_tensor(self.labels[chunk], dtype=torch.long),
+        }
 
 
 def stack_batches(batches: Sequence[dict[str, torch.Tensor]], pad_id: int

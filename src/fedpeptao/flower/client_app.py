@@ -24,7 +24,7 @@ from fedpeptao.algorithms.base import ClientTask, ClientWork
 from fedpeptao.config import ExperimentConfig
 from fedpeptao.core import payload
 from fedpeptao.core.client import predict
-from fedpeptao.core.federation import ClientState, client_round, round_seed
+from fedpeptao.core.federation import ClientState, client_round, order_seed, round_seed
 from fedpeptao.experiment import Federation, make_privacy
 from fedpeptao.flower import records as R
 from fedpeptao.flower.build import cached_federation, cached_public_data, resolve_data_path
@@ -124,7 +124,8 @@ def train(message: Message, context: Context) -> Message:
     with algo.client_training(job.fed.model, received, client) as extra_loss:
         update, result = client_round(job.fed.model, client, start, list(algo.model_part(received)),
                                       job.fed.train_data, job.train_part, job.fed.local_cfg,
-                                      round_seed(job.cfg.seed, round_index, job.node.client_id), extra_loss)
+                                      round_seed(job.cfg.seed, round_index, job.node.client_id), extra_loss,
+                                      order_seed(job.cfg.seed, round_index))
     sent = algo.client_reply(received, update, result.num_steps, client)
     privacy = make_privacy(job.cfg)
     if privacy is not None:  # local DP: noised here, before the reply leaves the node

@@ -29,7 +29,7 @@ from fedpeptao.algorithms.base import ClientTask, ClientWork
 from fedpeptao.config import ConfigError, ExperimentConfig, load_config, save_config
 from fedpeptao.core import payload
 from fedpeptao.core.client import predict, predict_batched
-from fedpeptao.core.federation import ClientState, client_round, client_rounds_batched, round_seed
+from fedpeptao.core.federation import ClientState, client_round, client_rounds_batched, order_seed, round_seed
 from fedpeptao.core.metrics import score
 from fedpeptao.core.server import ClientUpdate
 from fedpeptao.core.validation import ValidationPolicy, filter_model_updates
@@ -66,12 +66,15 @@ class Simulation:
         self.rng = np.random.default_rng(cfg.seed)
         self.history: list[dict] = []
         self.rejected: list[tuple[int, str]] = []
-        self.batched = cfg.execution == "batched" and cfg.clients_per_pass > 1
-        refusal = batch_refusal(self.model) if self.batched else None
-        if refusal is not None:
-            log.info("execution=batched: %s (tuning %s) cannot give each client its own tensors in one pass, "
-                     "so clients train one at a time", refusal, cfg.tuning.name)
-            self.batched = False
+        # Evaluation pools the clients of a pass whenever the tuning can give each example its
+        # client's tensors (no order to keep there); training shares passes as `execution` says.
+        refusal = batch_refusal(self.model)
+        self.pooled_eval = refusal is None and cfg.clients_per_pass > 1
+        wanted = cfg.execution == "batched" or (cfg.execution == "auto" and self.model.device.type != "cpu")
+        self.batched = wanted and self.pooled_eval
+        if wanted and refusal is not None:
+            log.info("execution=%s: %s (tuning %s) cannot give each client its own tensors in one pass, "
+                     "so clients train one at a time", cfg.execution, refusal, cfg.tuning.name)
 
     def client(self, k: int) -> ClientState:
         """Client ``k``'s state, created (sharing the initial tensors) on first contact."""
@@ -106,7 +109,8 @@ class Simulation:
         with algo.client_training(self.model, message, client) as extra_loss:
             update, result = client_round(self.model, client, start, list(algo.model_part(message)), self.train_data,
                                           self.train_parts[k], self.fed.local_cfg,
-                                          round_seed(self.cfg.seed, round_index, k), extra_loss)
+                                          round_seed(self.cfg.seed, round_index, k), extra_loss,
+                                          order_seed(self.cfg.seed, round_index))
         return self._reply(k, message, update, result, round_index)
 
     def train_clients(self, ks: list[int], messages: dict[int, dict], round_index: int
@@ -121,7 +125,8 @@ class Simulation:
                       for k, view, c in zip(ks, views, clients)]
             trained = client_rounds_batched(self.model, clients, views, extras, list(algo.model_part(messages[ks[0]])),
                                             self.train_data, [self.train_parts[k] for k in ks], self.fed.local_cfg,
-                                            [round_seed(self.cfg.seed, round_index, k) for k in ks])
+                                            [round_seed(self.cfg.seed, round_index, k) for k in ks],
+                                            order_seed(self.cfg.seed, round_index))
         return {k: self._reply(k, messages[k], update, result, round_index)
                 for k, (update, result) in zip(ks, trained)}
 
@@ -134,9 +139,10 @@ class Simulation:
         algo.acknowledge(k)
         return ClientUpdate(k, sent, result.num_examples, result.num_steps), result.seconds, result.mean_loss
 
-    def passes(self, clients: list[int]) -> list[list[int]]:
-        """``clients`` in groups that share one pass (``clients_per_pass``; one each if sequential)."""
-        size = self.cfg.clients_per_pass if self.batched else 1
+    def passes(self, clients: list[int], shared: bool | None = None) -> list[list[int]]:
+        """``clients`` in groups that share passes (``clients_per_pass``; one each unless ``shared``,
+        by default whether training is batched)."""
+        size = self.cfg.clients_per_pass if (self.batched if shared is None else shared) else 1
         return [clients[i:i + size] for i in range(0, len(clients), size)]
 
     # -- rounds ----------------------------------------------------------------------------
@@ -181,7 +187,7 @@ class Simulation:
         pooled = {"test": ([], []), "validation": ([], [])}
         accuracy, losses = {}, {"test": 0.0, "validation": 0.0}
         evaluated = [k for k in range(self.cfg.federated.num_clients) if any(len(parts[k]) for _, _, parts in splits)]
-        for group in self.passes(evaluated):
+        for group in self.passes(evaluated, self.pooled_eval):
             tensors = {k: self.personal_tensors(k) for k in group}
             for name, data, parts in splits:
                 members = [k for k in group if len(parts[k])]
@@ -212,8 +218,9 @@ class Simulation:
         return tensors
 
     def predict(self, data, parts: list[np.ndarray], tensors: list[dict]) -> list[tuple[np.ndarray, float]]:
-        """Predictions and summed losses of several clients' models, in one pass each batch if batched."""
-        if self.batched and len(parts) > 1:
+        """Predictions and summed losses of several clients' models (pooled in shared batches if the
+        tuning allows)."""
+        if self.pooled_eval and len(parts) > 1:
             device = self.model.device
             return predict_batched(self.model, data, parts,
                                    [{n: t.to(device) for n, t in own.items()} for own in tensors])
