@@ -1,0 +1,110 @@
+"""Scale benchmark: memory against the number of clients, a round's useful FLOP/s against the
+machine's matmul rate, and batched against sequential rounds, all on the default config
+(MiniLM, rotten_tomatoes, FedPepTAO with deep prompts).
+
+1. peak resident memory with 10, 100 and 1,000 clients of which 10 train per round (2 rounds,
+   each run in its own process);
+2. one round, sequential and batched side by side in this process: training and evaluation
+   seconds, real and padded tokens, and useful FLOP/s (real tokens only: forward 2N per token,
+   backward 2N for the activation gradients through the frozen backbone, N its matmul
+   parameters) as a share of the fp32 matmul rate measured here at the same thread count.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import launch
+
+DEFAULT = ["seed=0", "model.name=minilm", "model.max_length=64", "data.task=rotten_tomatoes",
+           "data.max_train_examples=2000", "data.max_eval_examples=1000", "client.lr=0.02",
+           "method.name=fedpeptao", "method.ratio=0.5", "tuning.name=deep_prompt", "tuning.num_prompt_tokens=10",
+           "checkpoint.every=0"]
+
+
+def matmul_rate(size: int = 1024, repeats: int = 20) -> float:
+    """fp32 FLOP/s of a square matmul on this machine and thread count."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def matmul_params(model) -> int:
+    """Parameters of the backbone's transformer matmuls (not embeddings, norms or biases)."""
+    return sum(m.weight.numel() for name, m in model.model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not any(part in name for part in ("embeddings", "cls", "pooler")))
+
+
+def one_round(execution: str, quick: bool) -> dict:
+    from fedpeptao.config import load_config
+    from fedpeptao.sim.simulator import Simulation
+
+    cfg = load_config(None, DEFAULT + [f"execution={execution}", "progress=false", "federated.num_clients=20",
+                                       f"federated.clients_per_round={3 if quick else 5}"])
+    sim = Simulation(cfg)
+    tokens = {"real": 0, "padded": 0}
+
+    def count(_module, _args, kwargs):
+        mask = kwargs["attention_mask"]
+        tokens["real"] += int(mask.sum())
+        tokens["padded"] += mask.numel()
+
+    sim.model.model.base_model.register_forward_pre_hook(count, with_kwargs=True)
+    sim.algorithm.prepare_round(0, sim.run_task)  # selection phases are not part of this measure
+    tokens.update(real=0, padded=0)
+    start = time.perf_counter()
+    sim.train_round(0)
+    train_s = time.perf_counter() - start
+    train_tokens = dict(tokens)
+    tokens.update(real=0, padded=0)
+    start = time.perf_counter()
+    sim.evaluate()
+    eval_s = time.perf_counter() - start
+    n = matmul_params(sim.model)
+    useful = 4 * n * train_tokens["real"] + 2 * n * tokens["real"]
+    return {"execution": execution, "batched": sim.batched, "train_s": train_s, "eval_s": eval_s,
+            "train_fill": train_tokens["real"] / train_tokens["padded"], "eval_fill": tokens["real"] / tokens["padded"],
+            "flops": useful / (train_s + eval_s)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
+    args = parser.parse_args()
+    print(f"torch threads: {torch.get_num_threads()}")
+
+    print("\n## Peak memory, one shared backbone (10 clients train per round, 2 rounds)")
+    print(f"{'clients':>8} {'peak MB':>8}")
+    peaks = {}
+    for clients in (10, 100) if args.quick else (10, 100, 1000):
+        result = launch(DEFAULT + [f"federated.num_clients={clients}", "federated.clients_per_round=10",
+                                   "federated.rounds=2", "data.max_train_examples=" + ("400" if args.quick else "3000")])
+        peaks[clients] = result["peak_mb"]
+        print(f"{clients:>8} {peaks[clients]:>8.0f}")
+    largest = max(peaks)
+    print(f"ratio {largest}/10 clients: {peaks[largest] / peaks[10]:.3f} (target <= 1.5)")
+
+    rate = matmul_rate()
+    print(f"\n## One default round, side by side (fp32 matmul rate here: {rate / 1e9:.1f} GFLOP/s)")
+    print(f"{'execution':>10} {'batched':>7} {'train s':>8} {'eval s':>7} {'round s':>8} {'train fill':>10} "
+          f"{'eval fill':>9} {'useful GFLOP/s':>14} {'share':>6}")
+    rows = [one_round(execution, args.quick) for execution in ("sequential", "batched")]
+    for r in rows:
+        print(f"{r['execution']:>10} {str(r['batched']):>7} {r['train_s']:>8.1f} {r['eval_s']:>7.1f} "
+              f"{r['train_s'] + r['eval_s']:>8.1f} {r['train_fill']:>10.2f} {r['eval_fill']:>9.2f} "
+              f"{r['flops'] / 1e9:>14.1f} {r['flops'] / rate:>6.2f}")
+    seq, bat = rows
+    print(f"batched / sequential round time: {(bat['train_s'] + bat['eval_s']) / (seq['train_s'] + seq['eval_s']):.2f}"
+          " (fill: real tokens / padded tokens)")
+
+
+if __name__ == "__main__":
+    main()
