@@ -1,0 +1,76 @@
+"""GPU benchmark (<= 5 minutes on one GPU): a 10-client round of a RoBERTa-large-size and a
+LLaMA-architecture (1.1B) model with random weights, batched and sequential, in bf16.
+
+Prints examples/s of each mode, their ratio, peak GPU memory and useful TFLOP/s (real tokens
+only: forward 2N and backward 2N per token through the frozen backbone's matmuls). The weights
+are random (``model.random_init``: no hub here), which does not change the cost of a pass.
+``--tiny`` runs the same script on the CPU with tiny models, to test it anywhere.
+
+    .venv/bin/python benchmarks/gpu.py [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+MODELS = {"roberta-large (355M)": ["model.name=roberta-large-config", "model.random_init=true", "model.head=mlm"],
+          "llama-1b (1.1B)": ["model.name=llama-1b-config", "model.random_init=true", "model.head=lm"]}
+TINY = {"tiny-roberta": ["model.name=tiny-roberta", "model.head=mlm"],
+        "tiny-llama": ["model.name=tiny-llama", "model.head=lm"]}
+
+
+def round_of(name: str, overrides: list[str], execution: str, tiny: bool) -> dict:
+    from fedpeptao.config import load_config
+    from fedpeptao.sim.simulator import Simulation
+
+    device = "cpu" if tiny else "cuda"
+    cfg = load_config(None, overrides + [
+        f"device={device}", "precision=bf16", f"execution={execution}", "clients_per_pass=10", "progress=false",
+        "data.task=rotten_tomatoes", "data.max_train_examples=" + ("200" if tiny else "2000"),
+        "data.max_eval_examples=100", "model.max_length=64", "federated.num_clients=10",
+        "federated.clients_per_round=10", "federated.rounds=1", "client.epochs=1", "client.batch_size=8",
+        "method.name=fedavg", "tuning.name=deep_prompt", "tuning.num_prompt_tokens=16", "checkpoint.every=0"])
+    sim = Simulation(cfg)
+    tokens = [0]
+    sim.model.model.base_model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: tokens.__setitem__(0, tokens[0] + int(kwargs["attention_mask"].sum())), with_kwargs=True)
+    if not tiny:
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    sim.train_round(0)
+    if not tiny:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    n = sum(m.weight.numel() for mname, m in sim.model.model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "embed" not in mname and "lm_head" not in mname)
+    examples = sum(len(sim.train_parts[k]) for k in range(10))
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if not tiny else float("nan")
+    return {"model": name, "execution": execution, "batched": sim.batched, "seconds": seconds,
+            "examples_s": examples / seconds, "tflops": 4 * n * tokens[0] / seconds / 1e12, "peak_gib": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (tests the script)")
+    args = parser.parse_args()
+    if not args.tiny and not torch.cuda.is_available():
+        sys.exit("benchmarks/gpu.py needs a CUDA GPU (none found); run with --tiny to test it on the CPU")
+    device = "CPU (tiny models)" if args.tiny else torch.cuda.get_device_name(0)
+    print(f"device: {device}; bf16 backbone, fp32 trainables; random weights (model.random_init)")
+    print(f"{'model':>22} {'execution':>10} {'batched':>7} {'s/round':>8} {'examples/s':>10} {'TFLOP/s':>8} "
+          f"{'peak GiB':>8}")
+    for name, overrides in (TINY if args.tiny else MODELS).items():
+        rows = [round_of(name, overrides, execution, args.tiny) for execution in ("sequential", "batched")]
+        for r in rows:
+            print(f"{r['model']:>22} {r['execution']:>10} {str(r['batched']):>7} {r['seconds']:>8.1f} "
+                  f"{r['examples_s']:>10.1f} {r['tflops']:>8.3f} {r['peak_gib']:>8.2f}")
+        print(f"{name}: batched / sequential examples/s = {rows[1]['examples_s'] / rows[0]['examples_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
