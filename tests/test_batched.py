@@ -169,3 +169,28 @@ def test_slot_mode_gives_each_example_its_clients_tensors(task_dir):
     for own, r in zip(alone, rows):
         assert torch.allclose(together[r], own, atol=1e-6)
     assert not torch.allclose(alone[0], alone[1], atol=1e-4), "the clients' tensors differ, so must their logits"
+
+
+def test_pooled_layer_scoring_equals_one_client_at_a_time(task_dir):
+    """FedPepTAO's round-0 layer scores from one shared pass (batched) match scoring each client
+    on its own, and so does the ranking that decides what travels."""
+    from fedpeptao.algorithms.fedpeptao import SCORE_TASK
+    from fedpeptao.algorithms.base import ClientTask
+    from fedpeptao.core.federation import SCORE_STREAM
+
+    scores = {}
+    for execution in ("sequential", "batched"):
+        sim = simulation(task_dir, execution, "method.name=fedpeptao", "method.ratio=0.5")
+        task = ClientTask(SCORE_TASK, None, dict(sim.algorithm.params), 0, SCORE_STREAM)
+        scores[execution] = sim.run_task(task)
+    seq, bat = scores["sequential"], scores["batched"]
+    assert seq.keys() == bat.keys() and len(seq) == 6
+    for k in seq:
+        assert seq[k].keys() == bat[k].keys()
+        if "scores" in seq[k]:
+            assert seq[k]["num_train"] == bat[k]["num_train"]
+            assert bat[k]["scores"] == pytest.approx(seq[k]["scores"], rel=1e-6, abs=1e-6), k
+    sim.algorithm.prepare_round(0, sim.run_task)
+    reference = simulation(task_dir, "sequential", "method.name=fedpeptao", "method.ratio=0.5")
+    reference.algorithm.prepare_round(0, reference.run_task)
+    assert sim.algorithm.ranking == reference.algorithm.ranking

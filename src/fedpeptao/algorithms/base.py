@@ -18,6 +18,8 @@ device side (pure functions of what the device received and what it keeps, a :cl
                                     term (FedProx, MOON) and hooking the step (SCAFFOLD)
     ``client_reply(received, update, steps, client)``  what travels back up
     ``run_task(task, work)``        a client-side computation a phase asked for
+    ``run_tasks(task, works)``      the same for several clients at once (one shared pass where the
+                                    algorithm can pool them; by default one ``run_task`` each)
 
 Update validation and robust averaging are runtime-wide: the runtime validates every update
 against ``shared_names()`` before ``aggregate``; averaging algorithms call ``ctx.average``, which
@@ -186,6 +188,11 @@ class Algorithm:
 
     def run_task(self, task: ClientTask, work: ClientWork) -> dict[str, Any]:
         raise ValueError(f"{self.name} asks clients for no task, got {task.kind!r}")
+
+    def run_tasks(self, task: ClientTask, works: Sequence[ClientWork]) -> list[dict[str, Any]]:
+        """:meth:`run_task` on several clients whose model holds ``task.params``; an algorithm may
+        pool them in shared passes (the simulator asks on an accelerator, where that pays)."""
+        return [self.run_task(task, work) for work in works]
 
 
 REGISTRY: dict[str, type[Algorithm]] = {}

@@ -37,7 +37,7 @@ from fedpeptao.algorithms.base import (Algorithm, AlgorithmSettings, ClientTask,
 from fedpeptao.core.federation import HESSIAN_STREAM, SCORE_STREAM, ClientState
 from fedpeptao.core.hessian import estimate_ratio
 from fedpeptao.core.scoring import combine_scores, rank_layers, select_layers
-from fedpeptao.core.selection import client_hvp, client_layer_scores
+from fedpeptao.core.selection import client_hvp, client_layer_scores, pooled_layer_scores
 from fedpeptao.core.server import ClientUpdate, ServerState, ServerStepConfig, fedpeptao_step, weighted_average
 
 log = logging.getLogger("fedpeptao.server")
@@ -250,3 +250,15 @@ class FedPepTAO(Algorithm):
                                    num_probes=self.settings.hessian_probes)
             return {"ratio": float(ratio)}
         return super().run_task(task, work)
+
+    def run_tasks(self, task: ClientTask, works: Sequence[ClientWork]) -> list[dict[str, Any]]:
+        """Layer scoring of several clients in one forward pass (every client scores the same
+        tensors, ``task.params``); the Hessian ratio stays one client at a time."""
+        scorable = [w for w in works if len(w.indices) >= 2]
+        if task.kind != SCORE_TASK or len(scorable) < 2:
+            return super().run_tasks(task, works)
+        first = scorable[0]
+        scores = iter(pooled_layer_scores(first.model, first.data, [w.indices for w in scorable],
+                                          self.settings.score_batch_size, [w.seed for w in scorable]))
+        return [{"scores": next(scores).tolist(), "num_train": len(w.indices)} if len(w.indices) >= 2 else {}
+                for w in works]

@@ -36,7 +36,7 @@ def round_seed(seed: int, round_index: int, client_id: int, stream: int = TRAIN_
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
-def order_seed(seed: int, round_index: int) -> int:
+def batch_order_seed(seed: int, round_index: int) -> int:
     """The seed every client of round ``round_index`` orders its length-grouped batches with
     (shared, so the clients of one batched pass see batches of similar lengths at each step)."""
     return int(np.random.SeedSequence([seed, round_index, ORDER_STREAM]).generate_state(1)[0])
@@ -63,7 +63,7 @@ def client_round(
     cfg: LocalTrainConfig,
     seed: int,
     extra_loss=None,
-    shared_seed: int = 0,
+    order_seed: int = 0,
 ) -> tuple[Tensors, LocalResult]:
     """Train one client from ``start`` (its own tensors overwritten by the global shared ones).
 
@@ -72,11 +72,8 @@ def client_round(
     model.load_trainable(start)
     torch.manual_seed(seed)
     result = local_train(model, data, indices, cfg, np.random.default_rng(seed), state.optimizer, extra_loss,
-                         shared_seed)
-    state.params = model.trainable_state()
-    state.optimizer = result.optimizer_state
-    state.rounds_trained += 1
-    return {name: state.params[name] for name in shared_names}, result
+                         order_seed)
+    return _keep(state, model.trainable_state(), result, shared_names)
 
 
 def client_rounds_batched(
@@ -89,7 +86,7 @@ def client_rounds_batched(
     parts: Sequence[np.ndarray],
     cfg: LocalTrainConfig,
     seeds: Sequence[int],
-    shared_seed: int = 0,
+    order_seed: int = 0,
 ) -> list[tuple[Tensors, LocalResult]]:
     """:func:`client_round` for several clients in shared passes (each client's tensors in its
     :class:`~fedpeptao.models.slots.ClientView`, built from its ``start``); same data order per
@@ -98,14 +95,18 @@ def client_rounds_batched(
     torch.manual_seed(seeds[0])
     jobs = [LocalJob(view, part, np.random.default_rng(seed), state.optimizer, extra)
             for state, view, part, seed, extra in zip(states, views, parts, seeds, extra_losses)]
-    results = local_train_batched(model, data, jobs, cfg, shared_seed)
-    out = []
-    for state, view, result in zip(states, views, results):
-        state.params = view.trainable_state()
-        state.optimizer = result.optimizer_state
-        state.rounds_trained += 1
-        out.append(({name: state.params[name] for name in shared_names}, result))
-    return out
+    results = local_train_batched(model, data, jobs, cfg, order_seed)
+    return [_keep(state, view.trainable_state(), result, shared_names)
+            for state, view, result in zip(states, views, results)]
+
+
+def _keep(state: ClientState, params: Tensors, result: LocalResult, shared_names: Sequence[str]
+          ) -> tuple[Tensors, LocalResult]:
+    """Store a finished client round in ``state``; the ``shared_names`` tensors are what travels."""
+    state.params = params
+    state.optimizer = result.optimizer_state
+    state.rounds_trained += 1
+    return {name: params[name] for name in shared_names}, result
 
 
 def averaging(kind: Averaging, trim_ratio: float = 0.1) -> Callable[[Sequence[ClientUpdate]], Tensors]:

@@ -40,7 +40,10 @@ def layer_scores(layer_outputs: Sequence[torch.Tensor], attention_mask: torch.Te
     for index, hidden in enumerate(layer_outputs):
         if hidden.dim() < 2 or hidden.shape[0] != batch:
             raise ValueError(f"layer {index}: expected shape [{batch}, ...], got {tuple(hidden.shape)}")
-        x = hidden.detach().to(torch.float64)
+        x = hidden.detach()
+        if x.device.type == "mps":  # no float64 there
+            x = x.cpu()
+        x = x.to(torch.float64)
         if attention_mask is not None:
             if hidden.dim() < 3 or tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
                 raise ValueError(f"layer {index}: attention_mask {tuple(attention_mask.shape)} does not match "

@@ -6,7 +6,7 @@ only feeds them a client's batch through the prompted model.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fedpeptao.core.hessian import hvp_fn
 from fedpeptao.core.scoring import layer_scores
-from fedpeptao.data.encoding import EncodedDataset
+from fedpeptao.data.encoding import EncodedDataset, stack_batches
 from fedpeptao.models.classifier import PromptedClassifier
 
 
@@ -34,6 +34,27 @@ def client_layer_scores(model: PromptedClassifier, data: EncodedDataset, indices
     outputs = model.layer_outputs(batch["input_ids"], batch["attention_mask"])
     mask = batch["attention_mask"].unsqueeze(-1).to(outputs[0])
     return layer_scores([h * mask for h in outputs])
+
+
+@torch.no_grad()
+def pooled_layer_scores(model: PromptedClassifier, data: EncodedDataset, parts: Sequence[np.ndarray],
+                        batch_size: int, seeds: Sequence[int]) -> list[torch.Tensor]:
+    """:func:`client_layer_scores` of several clients (each with >= 2 examples) from ONE forward
+    pass of their batches stacked together, all under the model's current tensors.
+
+    Each client's rows are scored on their own. The extra right padding a shared pass adds is
+    masked like any other padding (zero rows add nothing to a flattened example's direction), so
+    the scores equal the one-client-at-a-time ones up to float rounding.
+    """
+    if any(len(indices) < 2 for indices in parts):
+        raise ValueError("layer scoring needs at least 2 examples on every client")
+    model.eval()
+    combined, rows = stack_batches([_first_batch(data, indices, batch_size, seed)
+                                    for indices, seed in zip(parts, seeds)], data.pad_id)
+    outputs = model.layer_outputs(combined["input_ids"], combined["attention_mask"])
+    mask = combined["attention_mask"].unsqueeze(-1).to(outputs[0])
+    masked = [h * mask for h in outputs]
+    return [layer_scores([h[own] for h in masked]) for own in rows]
 
 
 def client_hvp(model: PromptedClassifier, data: EncodedDataset, indices: np.ndarray, batch_size: int,

@@ -24,7 +24,7 @@ from fedpeptao.algorithms.base import ClientTask, ClientWork
 from fedpeptao.config import ExperimentConfig
 from fedpeptao.core import payload
 from fedpeptao.core.client import predict
-from fedpeptao.core.federation import ClientState, client_round, order_seed, round_seed
+from fedpeptao.core.federation import ClientState, batch_order_seed, client_round, round_seed
 from fedpeptao.experiment import Federation, make_privacy
 from fedpeptao.flower import records as R
 from fedpeptao.flower.build import cached_federation, cached_public_data, resolve_data_path
@@ -125,7 +125,7 @@ def train(message: Message, context: Context) -> Message:
         update, result = client_round(job.fed.model, client, start, list(algo.model_part(received)),
                                       job.fed.train_data, job.train_part, job.fed.local_cfg,
                                       round_seed(job.cfg.seed, round_index, job.node.client_id), extra_loss,
-                                      order_seed(job.cfg.seed, round_index))
+                                      batch_order_seed(job.cfg.seed, round_index))
     sent = algo.client_reply(received, update, result.num_steps, client)
     privacy = make_privacy(job.cfg)
     if privacy is not None:  # local DP: noised here, before the reply leaves the node

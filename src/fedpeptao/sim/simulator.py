@@ -29,7 +29,8 @@ from fedpeptao.algorithms.base import ClientTask, ClientWork
 from fedpeptao.config import ConfigError, ExperimentConfig, load_config, save_config
 from fedpeptao.core import payload
 from fedpeptao.core.client import predict, predict_batched
-from fedpeptao.core.federation import ClientState, client_round, client_rounds_batched, order_seed, round_seed
+from fedpeptao.core.federation import (ClientState, batch_order_seed, client_round, client_rounds_batched,
+                                       round_seed)
 from fedpeptao.core.metrics import score
 from fedpeptao.core.server import ClientUpdate
 from fedpeptao.core.validation import ValidationPolicy, filter_model_updates
@@ -85,7 +86,8 @@ class Simulation:
 
     # -- client work ------------------------------------------------------------------------
     def run_task(self, task: ClientTask) -> dict[int, dict]:
-        """A phase's client computation, on every client asked (in client order)."""
+        """A phase's client computation, on every client asked (in client order; a pass's clients
+        together when training is batched)."""
         clients = range(self.cfg.federated.num_clients) if task.clients is None else task.clients
         if self.public is not None:  # computed once, on public data, standing for every client asked
             self.model.load_trainable(task.params)
@@ -95,11 +97,12 @@ class Simulation:
             result = self.algorithm.run_task(task, work)
             return {int(k): result for k in clients}
         results = {}
-        for k in clients:
+        for group in self.passes([int(k) for k in clients]):
             self.model.load_trainable(task.params)
-            work = ClientWork(int(k), self.model, self.train_data, self.train_parts[k],
-                              round_seed(self.cfg.seed, task.round, int(k), task.stream), self.cfg.client.batch_size)
-            results[int(k)] = self.algorithm.run_task(task, work)
+            works = [ClientWork(k, self.model, self.train_data, self.train_parts[k],
+                                round_seed(self.cfg.seed, task.round, k, task.stream), self.cfg.client.batch_size)
+                     for k in group]
+            results.update(zip(group, self.algorithm.run_tasks(task, works)))
         return results
 
     def train_client(self, k: int, message: dict, round_index: int) -> tuple[ClientUpdate, float, float]:
@@ -110,7 +113,7 @@ class Simulation:
             update, result = client_round(self.model, client, start, list(algo.model_part(message)), self.train_data,
                                           self.train_parts[k], self.fed.local_cfg,
                                           round_seed(self.cfg.seed, round_index, k), extra_loss,
-                                          order_seed(self.cfg.seed, round_index))
+                                          batch_order_seed(self.cfg.seed, round_index))
         return self._reply(k, message, update, result, round_index)
 
     def train_clients(self, ks: list[int], messages: dict[int, dict], round_index: int
@@ -126,7 +129,7 @@ class Simulation:
             trained = client_rounds_batched(self.model, clients, views, extras, list(algo.model_part(messages[ks[0]])),
                                             self.train_data, [self.train_parts[k] for k in ks], self.fed.local_cfg,
                                             [round_seed(self.cfg.seed, round_index, k) for k in ks],
-                                            order_seed(self.cfg.seed, round_index))
+                                            batch_order_seed(self.cfg.seed, round_index))
         return {k: self._reply(k, messages[k], update, result, round_index)
                 for k, (update, result) in zip(ks, trained)}
 
