@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,29 +69,17 @@ def local_train(
     ``extra_loss(model, batch, output) -> Tensor`` lets federated optimisers add a term (FedProx's
     proximal term, MOON's contrastive term) without a second training loop.
     """
-    start = time.perf_counter()
-    model.train()
-    optimizer = _optimizer(model, cfg, optimizer_state)
-    params = [p for p in model.parameters() if p.requires_grad]
-    steps, total = 0, 0.0
-    for batch in epoch_batches(data, indices, cfg, rng, order_seed):
-        out = model(**batch, features=extra_loss is not None)
-        loss = out.loss if extra_loss is None else out.loss + extra_loss(model, batch, out)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        _step(optimizer, params, cfg)
-        steps += 1
-        total += float(out.loss.detach())
-    return LocalResult(steps, len(indices), total / max(steps, 1), time.perf_counter() - start,
-                       _kept_state(optimizer, cfg))
+    return local_train_batched(model, data, [LocalJob(model, indices, rng, optimizer_state, extra_loss)], cfg,
+                               order_seed)[0]
 
 
 @dataclass
 class LocalJob:
-    """One client's share of a batched pass: its tensors (a :class:`ClientView`), examples, data
-    order, optimiser state and local objective's extra term."""
+    """One client's share of a pass: its tensors (a :class:`ClientView` in a shared pass, or the
+    model itself when it trains alone), examples, data order, optimiser state and local
+    objective's extra term."""
 
-    view: ClientView
+    view: ClientView | PromptedClassifier
     indices: np.ndarray
     rng: np.random.Generator
     optimizer_state: dict | None = None
@@ -106,32 +95,34 @@ def local_train_batched(model: PromptedClassifier, data: EncodedDataset, jobs: S
     Each client's loss is the mean over its own examples and the clients' tensors are disjoint, so
     the summed loss gives each client exactly its own gradient: with dropout off the result equals
     the sequential loop's up to float rounding. A client with fewer batches simply drops out of
-    the later passes. The seconds reported are the whole pass's (the clients ran together).
+    the later passes. The seconds reported are the whole pass's (the clients ran together). One
+    job whose view is ``model`` itself is the plain one-client loop (no slots).
     """
     start = time.perf_counter()
     model.train()
     optimizers = [_optimizer(job.view, cfg, job.optimizer_state) for job in jobs]
-    params = [list(job.view.parameters()) for job in jobs]
+    params = [[p for p in job.view.parameters() if p.requires_grad] for job in jobs]
     streams = [epoch_batches(data, job.indices, cfg, job.rng, order_seed) for job in jobs]
     pending = [next(stream, None) for stream in streams]
     steps, totals = [0] * len(jobs), [0.0] * len(jobs)
     features = any(job.extra_loss is not None for job in jobs)
+    alone = len(jobs) == 1 and jobs[0].view is model
     while any(batch is not None for batch in pending):
         live = [i for i, batch in enumerate(pending) if batch is not None]
         combined, rows = stack_batches([pending[i] for i in live], data.pad_id)
-        slots = ([jobs[i].view.tensors() for i in live], [r.stop - r.start for r in rows])
-        with slot_mode(model, *slots):
+        slots = None if alone else ([jobs[i].view.tensors() for i in live], [r.stop - r.start for r in rows])
+        with _slots(model, slots):
             out = model(**combined, features=features)
         losses = []  # the extra terms run their own forwards (MOON's references), outside slot mode
         for i, own_rows in zip(live, rows):
-            own = out.rows(own_rows)
+            own = out if alone else out.rows(own_rows)
             extra = jobs[i].extra_loss
             losses.append(own.loss if extra is None else own.loss + extra(jobs[i].view, pending[i], own))
             totals[i] += float(own.loss.detach())
         for i in live:
             optimizers[i].zero_grad(set_to_none=True)
-        with slot_mode(model, *slots):  # gradient checkpointing recomputes the pass in backward
-            torch.stack(losses).sum().backward()
+        with _slots(model, slots):  # gradient checkpointing recomputes the pass in backward
+            (losses[0] if alone else torch.stack(losses).sum()).backward()
         for i in live:
             _step(optimizers[i], params[i], cfg)
             steps[i] += 1
@@ -139,6 +130,10 @@ def local_train_batched(model: PromptedClassifier, data: EncodedDataset, jobs: S
     seconds = time.perf_counter() - start
     return [LocalResult(steps[i], len(job.indices), totals[i] / max(steps[i], 1), seconds,
                         _kept_state(optimizers[i], cfg)) for i, job in enumerate(jobs)]
+
+
+def _slots(model: PromptedClassifier, slots: tuple | None):
+    return nullcontext() if slots is None else slot_mode(model, *slots)
 
 
 def epoch_batches(data: EncodedDataset, indices: np.ndarray, cfg: LocalTrainConfig, rng: np.random.Generator,

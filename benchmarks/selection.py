@@ -1,0 +1,139 @@
+"""Does FedPepTAO's selection pay for itself? Its cost against FedAvg's on the default config, and
+which Hessian-vector product is fastest for the Hessian ratio.
+
+1. ``configs/default.toml`` run with FedPepTAO and with FedAvg side by side (two processes, one
+   thread each, one per core, so both see the same machine): wall time of each run, the
+   selection's wall time (``phase_seconds``: layer scoring, and the Hessian ratio when
+   ``method.ratio=auto``) and its share, the ratio of the two runs, and the accuracy each reports;
+2. the HVP of one client's batch loss w.r.t. every deep-prompt layer (what the Hessian ratio's
+   Lanczos iterations call 50 times per client) by double backward through a kept graph (what
+   :func:`fedpeptao.core.selection.client_hvp` does) and by forward-over-reverse with
+   ``torch.func.jvp(torch.func.grad(...))``: milliseconds per product and their difference.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/selection.py [--rounds N] [--repeats K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_child(method: str, rounds: int | None) -> None:
+    """One run of the default config (in its own process); prints its RESULT line."""
+    from fedpeptao.config import load_config
+    from fedpeptao.sim.simulator import Simulation
+
+    overrides = [f"method.name={method}", "progress=false", "checkpoint.every=0"]
+    if rounds:
+        overrides.append(f"federated.rounds={rounds}")
+    cfg = load_config(ROOT / "configs" / "default.toml", overrides)
+    start = time.perf_counter()
+    sim = Simulation(cfg)
+    history = sim.run()
+    summary = sim.summary()
+    print("RESULT " + json.dumps({"wall_s": time.perf_counter() - start, "run_s": history[-1]["elapsed_s"],
+                                  "phase_s": summary["phase_seconds"], "final": history[-1]["accuracy"],
+                                  "best": summary.get("best_round"), "bytes": history[-1]["total_bytes"]}))
+
+
+def side_by_side(rounds: int | None) -> dict[str, dict]:
+    """FedPepTAO and FedAvg at the same time, one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    extra = ["--rounds", str(rounds)] if rounds else []
+    procs = {m: subprocess.Popen([sys.executable, __file__, "--child", m, *extra], env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for m in ("fedpeptao", "fedavg")}
+    results = {}
+    for method, proc in procs.items():
+        out, err = proc.communicate()
+        lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+        if not lines:
+            raise RuntimeError(f"{method} run failed:\n{err[-3000:]}")
+        results[method] = json.loads(lines[-1][len("RESULT "):])
+    return results
+
+
+def hvp_table(repeats: int = 10) -> list[tuple[str, float, float]]:
+    """(method, ms per HVP, max abs difference to double backward) on one default-config client batch."""
+    from torch.func import functional_call, grad, jvp
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fedpeptao.config import load_config
+    from fedpeptao.core.selection import _first_batch, client_hvp
+    from fedpeptao.sim.simulator import Simulation
+
+    sim = Simulation(load_config(ROOT / "configs" / "default.toml", ["progress=false"]))
+    model, part = sim.model, sim.train_parts[0]
+    names = [f"prompt.layers.{i}" for i in model.prompt.active_layers]
+    start = time.perf_counter()
+    double_backward, dim = client_hvp(model, sim.train_data, part, sim.cfg.client.batch_size, 0, names)
+    build_ms = (time.perf_counter() - start) * 1000
+
+    named = dict(model.named_parameters())
+    primals = tuple(named[n].detach() for n in names)
+    sizes = [p.numel() for p in primals]
+    batch = {k: v.to(model.device) for k, v in _first_batch(sim.train_data, part, sim.cfg.client.batch_size, 0).items()}
+
+    def loss(*tensors):
+        return functional_call(model, dict(zip(names, tensors)), args=(), kwargs=batch, strict=False).loss
+
+    gradient = grad(loss, argnums=tuple(range(len(primals))))
+
+    def forward_over_reverse(v: torch.Tensor) -> torch.Tensor:
+        tangents = tuple(c.view_as(p) for c, p in zip(v.split(sizes), primals))
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.cat([t.reshape(-1) for t in jvp(gradient, primals, tangents)[1]])
+
+    generator = torch.Generator().manual_seed(0)
+    vectors = [torch.randn(dim, generator=generator) for _ in range(repeats)]
+    timings, products = {}, {}
+    for name, fn in (("double backward (kept graph)", double_backward),
+                     ("forward-over-reverse (torch.func)", forward_over_reverse)):
+        with torch.no_grad():
+            fn(vectors[0])
+        start = time.perf_counter()
+        products[name] = [fn(v).detach() for v in vectors]
+        timings[name] = (time.perf_counter() - start) * 1000 / repeats
+    reference = products["double backward (kept graph)"]
+    print(f"HVP dimension {dim} (every deep-prompt layer); double backward builds its graph once in {build_ms:.0f} ms")
+    return [(name, timings[name], max(float((a - b).abs().max()) for a, b in zip(products[name], reference)))
+            for name in timings]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default: the config's 10)")
+    parser.add_argument("--repeats", type=int, default=1, help="side-by-side pairs to run (noise)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run_child(args.child, args.rounds)
+        return
+    print(f"torch threads: 1 per run (two runs side by side); HVP table: {torch.get_num_threads()}")
+    print("\n## configs/default.toml, FedPepTAO vs FedAvg side by side")
+    print(f"{'pair':>4} {'method':>10} {'run s':>7} {'selection s':>11} {'share':>6} {'final acc':>9} {'MB':>6}")
+    ratios = []
+    for pair in range(args.repeats):
+        results = side_by_side(args.rounds)
+        for method, r in results.items():
+            print(f"{pair:>4} {method:>10} {r['run_s']:7.1f} {r['phase_s']:11.2f} {r['phase_s'] / r['run_s']:6.3f} "
+                  f"{r['final']:9.4f} {r['bytes'] / 1e6:6.2f}")
+        ratios.append(results["fedpeptao"]["run_s"] / results["fedavg"]["run_s"])
+    print("FedPepTAO / FedAvg run time: " + ", ".join(f"{r:.3f}" for r in ratios) + " (target <= 1.1)")
+    print("\n## Hessian-vector products, one client batch")
+    print(f"{'method':>34} {'ms / HVP':>9} {'max diff':>9}")
+    for name, ms, diff in hvp_table():
+        print(f"{name:>34} {ms:9.1f} {diff:9.2e}")
+
+
+if __name__ == "__main__":
+    main()
