@@ -15,6 +15,7 @@ machine's matmul rate, and batched against sequential rounds, all on the default
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -78,32 +79,47 @@ def one_round(execution: str, quick: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating sequential/batched round pairs")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory table")
     args = parser.parse_args()
     print(f"torch threads: {torch.get_num_threads()}")
+    if not args.no_memory:
+        memory_table(args.quick)
+    round_table(args.quick, args.repeats)
 
+
+def memory_table(quick: bool) -> None:
     print("\n## Peak memory, one shared backbone (10 clients train per round, 2 rounds)")
     print(f"{'clients':>8} {'peak MB':>8}")
     peaks = {}
-    for clients in (10, 100) if args.quick else (10, 100, 1000):
+    for clients in (10, 100) if quick else (10, 100, 1000):
         result = launch(DEFAULT + [f"federated.num_clients={clients}", "federated.clients_per_round=10",
-                                   "federated.rounds=2", "data.max_train_examples=" + ("400" if args.quick else "3000")])
+                                   "federated.rounds=2", "data.max_train_examples=" + ("400" if quick else "3000")])
         peaks[clients] = result["peak_mb"]
         print(f"{clients:>8} {peaks[clients]:>8.0f}")
     largest = max(peaks)
     print(f"ratio {largest}/10 clients: {peaks[largest] / peaks[10]:.3f} (target <= 1.5)")
 
+
+def round_table(quick: bool, repeats: int) -> None:
+    """Round 0 of the default config, sequential and batched alternately ``repeats`` times (so that
+    a slow spell of the machine hits both), each row one try; the ratio of the medians."""
     rate = matmul_rate()
-    print(f"\n## One default round, side by side (fp32 matmul rate here: {rate / 1e9:.1f} GFLOP/s)")
+    print(f"\n## One default round, alternating (fp32 matmul rate here: {rate / 1e9:.1f} GFLOP/s)")
     print(f"{'execution':>10} {'batched':>7} {'train s':>8} {'eval s':>7} {'round s':>8} {'train fill':>10} "
           f"{'eval fill':>9} {'useful GFLOP/s':>14} {'share':>6}")
-    rows = [one_round(execution, args.quick) for execution in ("sequential", "batched")]
+    rows = [one_round(execution, quick) for _ in range(repeats) for execution in ("sequential", "batched")]
     for r in rows:
         print(f"{r['execution']:>10} {str(r['batched']):>7} {r['train_s']:>8.1f} {r['eval_s']:>7.1f} "
               f"{r['train_s'] + r['eval_s']:>8.1f} {r['train_fill']:>10.2f} {r['eval_fill']:>9.2f} "
               f"{r['flops'] / 1e9:>14.1f} {r['flops'] / rate:>6.2f}")
-    seq, bat = rows
-    print(f"batched / sequential round time: {(bat['train_s'] + bat['eval_s']) / (seq['train_s'] + seq['eval_s']):.2f}"
-          " (fill: real tokens / padded tokens)")
+    median = {e: statistics.median(r["train_s"] + r["eval_s"] for r in rows if r["execution"] == e)
+              for e in ("sequential", "batched")}
+    spread = {e: max(r["train_s"] + r["eval_s"] for r in rows if r["execution"] == e) /
+              min(r["train_s"] + r["eval_s"] for r in rows if r["execution"] == e) - 1 for e in median}
+    print(f"batched / sequential round time (medians of {repeats}): {median['batched'] / median['sequential']:.3f} "
+          f"(max/min - 1 within a mode: sequential {spread['sequential']:.1%}, batched {spread['batched']:.1%}); "
+          "fill: real tokens / padded tokens")
 
 
 if __name__ == "__main__":

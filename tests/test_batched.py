@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fedpeptao.config import ConfigError, load_config
+from fedpeptao.core.client import PASS_COST_TOKENS, pass_groups
 from fedpeptao.models.slots import batch_refusal
 from fedpeptao.sim.simulator import Simulation
 
@@ -75,9 +76,11 @@ def test_clients_per_pass_caps_a_pass_and_keeps_the_result(task_dir):
     assert max_diff(results[0], results[1]) <= TOLERANCE and max_diff(results[0], results[2]) <= TOLERANCE
 
 
-def test_a_batched_pass_really_shares_the_backbone(task_dir):
+def test_a_batched_pass_really_shares_the_backbone(task_dir, monkeypatch):
     """The backbone runs once per step for the whole pass, not once per client: a round of four
-    clients in one pass costs as many backbone calls as its longest client has batches."""
+    clients in one pass costs as many backbone calls as its longest client has batches (with a
+    pass as dear as on an accelerator, so that no step splits by width)."""
+    monkeypatch.setitem(PASS_COST_TOKENS, "cpu", PASS_COST_TOKENS["accelerator"])
     sim = simulation(task_dir, "batched", "method.name=fedavg", "clients_per_pass=4")
     calls = []
     sim.model.model.base_model.register_forward_hook(
@@ -86,6 +89,38 @@ def test_a_batched_pass_really_shares_the_backbone(task_dir):
     batches = [-(-len(sim.train_parts[k]) // 4) * 2 for k in row["clients"]]  # 2 epochs of batches of 4
     assert len(calls) == max(batches) < sum(batches)
     assert sum(calls) == sum(2 * len(sim.train_parts[k]) for k in row["clients"])
+
+
+def test_pass_groups_split_a_step_by_width_only_where_padding_costs_more_than_a_pass():
+    shapes = [(8, 22), (8, 60), (8, 20), (8, 58)]
+    assert pass_groups(shapes, 64) == [[0, 2], [1, 3]]  # 16 padded tokens < one pass < 8 * 38
+    assert pass_groups(shapes, 4096) == [[0, 1, 2, 3]]  # a pass is dearer than any padding
+    assert pass_groups(shapes, 0) == [[0], [1], [2], [3]]
+    assert pass_groups([(8, 30)] * 3, 64) == [[0, 1, 2]]
+    assert pass_groups([], 64) == []
+
+
+@pytest.mark.parametrize("method", [METHODS[0], ["method.name=moon"], ["method.name=scaffold"]],
+                         ids=lambda m: m[0].split("=")[1])
+def test_a_step_split_into_several_passes_still_equals_sequential(task_dir, method, monkeypatch):
+    """Every step's batches in passes of their own width (a free pass): the same tensors."""
+    monkeypatch.setitem(PASS_COST_TOKENS, "cpu", 0)
+    seq = simulation(task_dir, "sequential", *method)
+    bat = simulation(task_dir, "batched", *method)
+    passes = {}
+    for name, sim in (("sequential", seq), ("batched", bat)):
+        count = passes[name] = {"training": False, "passes": 0}
+        sim.model.model.base_model.register_forward_hook(
+            lambda *_, count=count: count.update(passes=count["passes"] + count["training"]))
+        for k in range(sim.cfg.federated.rounds):  # the training passes only (FedPepTAO's scoring pools)
+            sim.algorithm.prepare_round(k, sim.run_task)
+            count["training"] = True
+            sim.train_round(k)
+            count["training"] = False
+    assert max_diff(seq.algorithm.params, bat.algorithm.params) <= TOLERANCE
+    for k, client in seq.clients.items():
+        assert max_diff(client.params, bat.clients[k].params) <= TOLERANCE, k
+    assert passes["batched"]["passes"] == passes["sequential"]["passes"] > 0  # each batch in a pass of its own
 
 
 @pytest.mark.parametrize("tuning", ["input_prompt", "late_prompt", "attempt"])
@@ -194,3 +229,23 @@ def test_pooled_layer_scoring_equals_one_client_at_a_time(task_dir):
     reference = simulation(task_dir, "sequential", "method.name=fedpeptao", "method.ratio=0.5")
     reference.algorithm.prepare_round(0, reference.run_task)
     assert sim.algorithm.ranking == reference.algorithm.ranking
+
+
+def test_hessian_ratio_of_a_pass_equals_one_client_at_a_time(task_dir):
+    """FedPepTAO's Hessian clients in one double-backward pass per Lanczos step: the same ratios
+    (to float rounding) and so the same layers as one client after another."""
+    settings = ["method.name=fedpeptao", "method.ratio=auto", "method.warmup_rounds=1", "method.lanczos_iters=8",
+                "method.hessian_clients=3", "method.hessian_probes=2", "federated.rounds=2"]
+    runs = {}
+    for execution in ("sequential", "batched"):
+        sim = simulation(task_dir, execution, *settings)
+        ratios = []
+        original = sim.algorithm.run_tasks
+        sim.algorithm.run_tasks = lambda task, works: ratios.append(len(works)) or original(task, works)
+        sim.run()
+        runs[execution] = (sim, ratios)
+    (seq, seq_calls), (bat, bat_calls) = runs["sequential"], runs["batched"]
+    assert max(bat_calls) == 3 and max(seq_calls) == 1  # the three Hessian clients shared a pass
+    assert bat.algorithm.selection["ratio"] == pytest.approx(seq.algorithm.selection["ratio"], abs=1e-6)
+    assert bat.algorithm.selection["layers"] == seq.algorithm.selection["layers"]
+    assert max_diff(seq.algorithm.params, bat.algorithm.params) <= TOLERANCE

@@ -35,9 +35,10 @@ from torch import Tensor
 from fedpeptao.algorithms.base import (Algorithm, AlgorithmSettings, ClientTask, ClientWork, RunTask, ServerContext,
                                        register)
 from fedpeptao.core.federation import HESSIAN_STREAM, SCORE_STREAM, ClientState
-from fedpeptao.core.hessian import estimate_ratio
+from fedpeptao.core.hessian import ratio_of_runs, slq_runs, slq_runs_many
 from fedpeptao.core.scoring import combine_scores, rank_layers, select_layers
-from fedpeptao.core.selection import client_hvp, client_layer_scores, pooled_layer_scores
+from fedpeptao.core.selection import (client_hvp, client_layer_scores, lanczos_device, pooled_client_hvp,
+                                      pooled_layer_scores)
 from fedpeptao.core.server import ClientUpdate, ServerState, ServerStepConfig, fedpeptao_step, weighted_average
 
 log = logging.getLogger("fedpeptao.server")
@@ -242,23 +243,43 @@ class FedPepTAO(Algorithm):
                                          work.seed)
             return {"scores": scores.tolist(), "num_train": len(work.indices)}
         if task.kind == HESSIAN_TASK:
-            names = [n for i in sorted(self.ctx.layer_groups) for n in self.ctx.layer_groups[i]]
-            hvp = client_hvp(work.model, work.data, work.indices, self.settings.hessian_batch_size or work.batch_size,
-                             work.seed, names)
-            probe_seed = int(task.options.get(work.client_id, {}).get("probe_seed", self.ctx.seed))
-            ratio = estimate_ratio([hvp], num_iters=self.settings.lanczos_iters, seed=probe_seed,
-                                   num_probes=self.settings.hessian_probes)
-            return {"ratio": float(ratio)}
+            hvp, dim = client_hvp(work.model, work.data, work.indices, self._hessian_batch(work), work.seed,
+                                  self._hessian_names())
+            s = self.settings
+            runs = slq_runs(hvp, dim, s.lanczos_iters, s.hessian_probes, self._probe_seed(task, work),
+                            device=lanczos_device(work.model))
+            return {"ratio": float(ratio_of_runs(runs))}
         return super().run_task(task, work)
 
     def run_tasks(self, task: ClientTask, works: Sequence[ClientWork]) -> list[dict[str, Any]]:
-        """Layer scoring of several clients in one forward pass (every client scores the same
-        tensors, ``task.params``); the Hessian ratio stays one client at a time."""
+        """Several clients at once, all on the same tensors (``task.params``): layer scoring in one
+        forward pass, and the Hessian ratio with every Lanczos iteration's products in one
+        double-backward pass (each client's Hessian is its own block of one batched loss)."""
+        if len(works) < 2:
+            return super().run_tasks(task, works)
+        first = works[0]
+        if task.kind == HESSIAN_TASK:
+            s = self.settings
+            hvp_many, dim = pooled_client_hvp(first.model, first.data, [w.indices for w in works],
+                                              self._hessian_batch(first), [w.seed for w in works],
+                                              self._hessian_names())
+            runs = slq_runs_many(hvp_many, dim, s.lanczos_iters, s.hessian_probes,
+                                 [self._probe_seed(task, w) for w in works], device=lanczos_device(first.model))
+            return [{"ratio": float(ratio_of_runs(own))} for own in runs]
         scorable = [w for w in works if len(w.indices) >= 2]
         if task.kind != SCORE_TASK or len(scorable) < 2:
             return super().run_tasks(task, works)
-        first = scorable[0]
         scores = iter(pooled_layer_scores(first.model, first.data, [w.indices for w in scorable],
                                           self.settings.score_batch_size, [w.seed for w in scorable]))
         return [{"scores": next(scores).tolist(), "num_train": len(w.indices)} if len(w.indices) >= 2 else {}
                 for w in works]
+
+    def _hessian_names(self) -> list[str]:
+        """The tensors the Hessian is taken over: every per-layer group of the tuning."""
+        return [n for i in sorted(self.ctx.layer_groups) for n in self.ctx.layer_groups[i]]
+
+    def _hessian_batch(self, work: ClientWork) -> int:
+        return self.settings.hessian_batch_size or work.batch_size
+
+    def _probe_seed(self, task: ClientTask, work: ClientWork) -> int:
+        return int(task.options.get(work.client_id, {}).get("probe_seed", self.ctx.seed))

@@ -89,14 +89,16 @@ class LocalJob:
 def local_train_batched(model: PromptedClassifier, data: EncodedDataset, jobs: Sequence[LocalJob],
                         cfg: LocalTrainConfig, order_seed: int = 0) -> list[LocalResult]:
     """:func:`local_train` for several clients at once: at each step every client that still has a
-    batch contributes it to ONE forward/backward pass over the shared frozen backbone (slot mode),
+    batch contributes it to a forward/backward pass over the shared frozen backbone (slot mode),
     then each client clips and steps its own optimiser on its own tensors.
 
     Each client's loss is the mean over its own examples and the clients' tensors are disjoint, so
     the summed loss gives each client exactly its own gradient: with dropout off the result equals
     the sequential loop's up to float rounding. A client with fewer batches simply drops out of
-    the later passes. The seconds reported are the whole pass's (the clients ran together). One
-    job whose view is ``model`` itself is the plain one-client loop (no slots).
+    the later passes. A step's batches share one pass unless their widths differ so much that the
+    padding would cost more than another pass (:func:`pass_groups`). The seconds reported are the
+    whole pass's (the clients ran together). One job whose view is ``model`` itself is the plain
+    one-client loop (no slots).
     """
     start = time.perf_counter()
     model.train()
@@ -107,22 +109,16 @@ def local_train_batched(model: PromptedClassifier, data: EncodedDataset, jobs: S
     steps, totals = [0] * len(jobs), [0.0] * len(jobs)
     features = any(job.extra_loss is not None for job in jobs)
     alone = len(jobs) == 1 and jobs[0].view is model
+    pass_cost = PASS_COST_TOKENS.get(model.device.type, PASS_COST_TOKENS["accelerator"])
     while any(batch is not None for batch in pending):
         live = [i for i, batch in enumerate(pending) if batch is not None]
-        combined, rows = stack_batches([pending[i] for i in live], data.pad_id)
-        slots = None if alone else ([jobs[i].view.tensors() for i in live], [r.stop - r.start for r in rows])
-        with _slots(model, slots):
-            out = model(**combined, features=features)
-        losses = []  # the extra terms run their own forwards (MOON's references), outside slot mode
-        for i, own_rows in zip(live, rows):
-            own = out if alone else out.rows(own_rows)
-            extra = jobs[i].extra_loss
-            losses.append(own.loss if extra is None else own.loss + extra(jobs[i].view, pending[i], own))
-            totals[i] += float(own.loss.detach())
         for i in live:
             optimizers[i].zero_grad(set_to_none=True)
-        with _slots(model, slots):  # gradient checkpointing recomputes the pass in backward
-            (losses[0] if alone else torch.stack(losses).sum()).backward()
+        for group in pass_groups([pending[i]["attention_mask"].shape for i in live], pass_cost):
+            members = [live[j] for j in group]
+            for i, loss in zip(members, _forward_backward(model, data, [jobs[i] for i in members],
+                                                          [pending[i] for i in members], features, alone)):
+                totals[i] += loss
         for i in live:
             _step(optimizers[i], params[i], cfg)
             steps[i] += 1
@@ -130,6 +126,53 @@ def local_train_batched(model: PromptedClassifier, data: EncodedDataset, jobs: S
     seconds = time.perf_counter() - start
     return [LocalResult(steps[i], len(job.indices), totals[i] / max(steps[i], 1), seconds,
                         _kept_state(optimizers[i], cfg)) for i, job in enumerate(jobs)]
+
+
+#: What one more forward/backward pass costs, in padded tokens: a pass's fixed cost (kernel
+#: launches, Python) against the per-token cost of its matmuls. On a CPU a pass costs about its
+#: tokens, so batches of very different widths run apart; on an accelerator a pass of a few
+#: thousand tokens costs about as much as a pass of one, so a step's batches share one pass.
+PASS_COST_TOKENS = {"cpu": 64, "accelerator": 4096}
+
+
+def pass_groups(shapes: Sequence[tuple[int, int]], pass_cost: float) -> list[list[int]]:
+    """Split one step's batches (``(rows, width)`` each) into passes that cost the fewest padded
+    tokens plus ``pass_cost`` per pass: batches of similar widths share a pass. Exact (dynamic
+    programming over the batches sorted by width; a best split is always contiguous there), and
+    deterministic; returns lists of positions into ``shapes``, each sorted ascending."""
+    order = sorted(range(len(shapes)), key=lambda j: (shapes[j][1], j))
+    best = [0.0] + [float("inf")] * len(order)  # best[n]: cost of the n narrowest batches
+    cut = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        rows = 0
+        for begin in range(end - 1, -1, -1):
+            rows += shapes[order[begin]][0]
+            cost = best[begin] + rows * shapes[order[end - 1]][1] + pass_cost
+            if cost < best[end]:
+                best[end], cut[end] = cost, begin
+    groups, end = [], len(order)
+    while end > 0:
+        groups.append(sorted(order[cut[end]:end]))
+        end = cut[end]
+    return sorted(groups)
+
+
+def _forward_backward(model: PromptedClassifier, data: EncodedDataset, jobs: Sequence[LocalJob],
+                      batches: Sequence[dict[str, torch.Tensor]], features: bool, alone: bool) -> list[float]:
+    """One shared pass of several clients' batches: forward, each client's loss (with its local
+    objective's extra term), one backward of their sum. Returns each client's task loss."""
+    combined, rows = stack_batches(batches, data.pad_id)
+    slots = None if alone else ([job.view.tensors() for job in jobs], [r.stop - r.start for r in rows])
+    with _slots(model, slots):
+        out = model(**combined, features=features)
+    losses, task_losses = [], []  # the extra terms run their own forwards (MOON's references), outside slot mode
+    for job, batch, own_rows in zip(jobs, batches, rows):
+        own = out if alone else out.rows(own_rows)
+        losses.append(own.loss if job.extra_loss is None else own.loss + job.extra_loss(job.view, batch, own))
+        task_losses.append(float(own.loss.detach()))
+    with _slots(model, slots):  # gradient checkpointing recomputes the pass in backward
+        (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
+    return task_losses
 
 
 def _slots(model: PromptedClassifier, slots: tuple | None):

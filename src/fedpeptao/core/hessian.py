@@ -68,35 +68,75 @@ def lanczos(hvp: Hvp, dim: int, num_iters: int, generator: torch.Generator, *,
     (float64 on the CPU by default: ``num_iters * dim`` numbers); the returned tensors are float64
     on the CPU.
     """
-    if dim < 1 or num_iters < 1:
-        raise ValueError(f"need dim >= 1 and num_iters >= 1, got dim={dim}, num_iters={num_iters}")
-    steps = min(num_iters, dim)
-    probe = torch.randint(0, 2, (dim,), generator=generator, device=generator.device)
-    v = (2 * probe - 1).to(device=device, dtype=dtype)
-    v = v / v.norm()
-    basis = torch.empty(steps, dim, dtype=dtype, device=v.device)
-    alphas: list[float] = []
-    betas: list[float] = []
-    tol = math.sqrt(torch.finfo(dtype).eps)
-    for j in range(steps):
-        basis[j] = v
-        w = hvp(v).to(dtype=dtype, device=v.device)
+    return lanczos_many(lambda vectors: [hvp(v) for v in vectors], dim, num_iters, [generator],
+                        dtype=dtype, device=device)[0]
+
+
+#: Hessian-vector products of several clients at once: ``vectors[k]`` is client ``k``'s vector, or
+#: None when nothing is asked of it; returns the products in the same places.
+HvpMany = Callable[[Sequence[torch.Tensor | None]], Sequence[torch.Tensor | None]]
+
+
+def lanczos_many(hvp_many: HvpMany, dim: int, num_iters: int, generators: Sequence[torch.Generator], *,
+                 dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`lanczos` for several clients in lockstep, client ``k`` from ``generators[k]``: each
+    iteration asks ``hvp_many`` for every unfinished client's product at once (one shared pass
+    over the backbone where the clients' Hessians come from one batched loss), and each client's
+    run is exactly what :func:`lanczos` alone would compute from the same products."""
+    runs = [_LanczosRun(dim, num_iters, generator, dtype, device) for generator in generators]
+    while any(not run.done for run in runs):
+        products = hvp_many([None if run.done else run.vector for run in runs])
+        for run, product in zip(runs, products):
+            if not run.done:
+                run.advance(product)
+    return [run.result() for run in runs]
+
+
+class _LanczosRun:
+    """One probe's Lanczos iteration, advanced one Hessian-vector product at a time."""
+
+    def __init__(self, dim: int, num_iters: int, generator: torch.Generator, dtype: torch.dtype,
+                 device: torch.device | str | None) -> None:
+        if dim < 1 or num_iters < 1:
+            raise ValueError(f"need dim >= 1 and num_iters >= 1, got dim={dim}, num_iters={num_iters}")
+        self.steps = min(num_iters, dim)
+        probe = torch.randint(0, 2, (dim,), generator=generator, device=generator.device)
+        vector = (2 * probe - 1).to(device=device, dtype=dtype)
+        self.vector = vector / vector.norm()
+        self.basis = torch.empty(self.steps, dim, dtype=dtype, device=self.vector.device)
+        self.alphas: list[float] = []
+        self.betas: list[float] = []
+        self.tol = math.sqrt(torch.finfo(dtype).eps)
+        self.tiny = torch.finfo(dtype).tiny
+        self.done = False
+
+    def advance(self, product: torch.Tensor) -> None:
+        """Take ``H v`` for the current vector ``v``: one more diagonal entry, and the next vector
+        unless the run is complete or has broken down."""
+        j, v = len(self.alphas), self.vector
+        self.basis[j] = v
+        w = product.to(dtype=v.dtype, device=v.device)
         alpha = torch.dot(w, v)
         w = w - alpha * v
         if j > 0:
-            w = w - betas[-1] * basis[j - 1]
+            w = w - self.betas[-1] * self.basis[j - 1]
         for _ in range(2):  # full reorthogonalisation, "twice is enough"
-            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
-        alphas.append(float(alpha))
-        if j == steps - 1:
-            break
+            w = w - self.basis[: j + 1].T @ (self.basis[: j + 1] @ w)
+        self.alphas.append(float(alpha))
+        if j == self.steps - 1:
+            self.done = True
+            return
         beta = float(w.norm())
-        scale = max(abs(a) for a in alphas) + max(betas, default=0.0)
-        if beta <= tol * max(scale, torch.finfo(dtype).tiny):
-            break
-        betas.append(beta)
-        v = w / beta
-    return torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64)
+        scale = max(abs(a) for a in self.alphas) + max(self.betas, default=0.0)
+        if beta <= self.tol * max(scale, self.tiny):
+            self.done = True
+            return
+        self.betas.append(beta)
+        self.vector = w / beta
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(self.alphas, dtype=torch.float64), torch.tensor(self.betas, dtype=torch.float64)
 
 
 def slq_runs(hvp: Hvp, dim: int, num_iters: int = 50, num_probes: int = 1, seed: int = 0, *,
@@ -109,15 +149,25 @@ def slq_runs(hvp: Hvp, dim: int, num_iters: int = 50, num_probes: int = 1, seed:
     squared first eigenvector components per SLQ run. The runs are kept apart because the reference's
     density grid is built from the *mean of the per-run* extremes (:func:`reference_density`).
     """
+    return slq_runs_many(lambda vectors: [hvp(v) for v in vectors], dim, num_iters, num_probes, [seed],
+                         dtype=dtype, device=device)[0]
+
+
+def slq_runs_many(hvp_many: HvpMany, dim: int, num_iters: int, num_probes: int, seeds: Sequence[int], *,
+                  dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
+                  ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """:func:`slq_runs` of several clients (client ``k`` draws its probes from ``seeds[k]``), their
+    Lanczos iterations in lockstep (:func:`lanczos_many`)."""
     if num_probes < 1:
         raise ValueError(f"num_probes must be >= 1, got {num_probes}")
-    generator = torch.Generator().manual_seed(seed)
-    runs = []
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    runs: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in seeds]
     for _ in range(num_probes):
-        alphas, betas = lanczos(hvp, dim, num_iters, generator, dtype=dtype, device=device)
-        tridiagonal = torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
-        nodes, vectors = torch.linalg.eigh(tridiagonal)
-        runs.append((nodes, vectors[0] ** 2))
+        for own, (alphas, betas) in zip(runs, lanczos_many(hvp_many, dim, num_iters, generators,
+                                                           dtype=dtype, device=device)):
+            tridiagonal = torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
+            nodes, vectors = torch.linalg.eigh(tridiagonal)
+            own.append((nodes, vectors[0] ** 2))
     return runs
 
 
@@ -289,7 +339,7 @@ def estimate_ratio(hvps: Sequence[tuple[Hvp, int]], num_iters: int = 50, seed: i
                    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> float:
     """The share ratio end to end: per client, ``num_probes`` SLQ runs of ``num_iters`` Lanczos steps
     (the reference's ``hessian_comp.density(iter=50, n_v=1)``, ``get_ratio.py`` line 84), one
-    reference density over those runs and its threshold walk (:func:`reference_ratio`); the clients'
+    reference density over those runs and its threshold walk (:func:`ratio_of_runs`); the clients'
     ratios are then averaged, as the reference averages its per-client rates
     (``decoder-only-gpt2/run_getpr_perclient.py`` lines 229-240). ``hvps`` holds one ``(hvp, dim)``
     pair per client; client ``i`` draws its probes from seed ``seed + i``. ``sigma_squared`` (not the
@@ -297,13 +347,17 @@ def estimate_ratio(hvps: Sequence[tuple[Hvp, int]], num_iters: int = 50, seed: i
     """
     if len(hvps) == 0:
         raise ValueError("estimate_ratio needs at least one client's Hessian-vector product")
-    ratios = []
-    for index, (hvp, dim) in enumerate(hvps):
-        runs = slq_runs(hvp, dim, num_iters, num_probes, seed + index, dtype=dtype, device=device)
-        if sigma_squared is None:
-            ratios.append(reference_ratio([n for n, _ in runs], [w for _, w in runs]))
-        else:
-            nodes = torch.cat([n for n, _ in runs])
-            weights = torch.cat([w / num_probes for _, w in runs])
-            ratios.append(search_ratio(nodes, weights, sigma_squared=sigma_squared))
+    ratios = [ratio_of_runs(slq_runs(hvp, dim, num_iters, num_probes, seed + index, dtype=dtype, device=device),
+                            sigma_squared)
+              for index, (hvp, dim) in enumerate(hvps)]
     return sum(ratios) / len(ratios)
+
+
+def ratio_of_runs(runs: Runs, sigma_squared: float | None = None) -> float:
+    """One client's ratio from its SLQ runs (:func:`slq_runs`): the reference density over the runs
+    and its threshold walk, or (``sigma_squared`` set) the walk on the pooled runs' mass."""
+    if sigma_squared is None:
+        return reference_ratio([n for n, _ in runs], [w for _, w in runs])
+    nodes = torch.cat([n for n, _ in runs])
+    weights = torch.cat([w / len(runs) for _, w in runs])
+    return search_ratio(nodes, weights, sigma_squared=sigma_squared)

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fedpeptao.core.hessian import hvp_fn
+from fedpeptao.core.hessian import HvpMany, hvp_fn
 from fedpeptao.core.scoring import layer_scores
 from fedpeptao.data.encoding import EncodedDataset, stack_batches
 from fedpeptao.models.classifier import PromptedClassifier
+from fedpeptao.models.slots import ClientView, slot_mode
 
 
 def _first_batch(data: EncodedDataset, indices: np.ndarray, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
@@ -75,3 +76,44 @@ def client_hvp(model: PromptedClassifier, data: EncodedDataset, indices: np.ndar
     dim = sum(p.numel() for p in params)
     with sdpa_kernel(SDPBackend.MATH):
         return hvp_fn(lambda: model(**batch).loss, params), dim
+
+
+def pooled_client_hvp(model: PromptedClassifier, data: EncodedDataset, parts: Sequence[np.ndarray], batch_size: int,
+                      seeds: Sequence[int], names: list[str]) -> tuple[HvpMany, int]:
+    """:func:`client_hvp` of several clients from ONE forward pass of their batches stacked
+    together, all at the model's current tensors; returns ``(hvp_many, dim)`` for
+    :func:`~fedpeptao.core.hessian.lanczos_many`.
+
+    Each client gets its own copy of the tensors (a :class:`ClientView` in slot mode) and the loss
+    is the sum of the clients' own mean losses, so the Hessian w.r.t. all copies is block diagonal
+    with client ``k``'s Hessian as block ``k``: one double-backward pass gives every client's
+    product, each equal to its one-client product up to float rounding.
+    """
+    model.eval()
+    combined, rows = stack_batches([_first_batch(data, indices, batch_size, seed)
+                                    for indices, seed in zip(parts, seeds)], data.pad_id)
+    current = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    views = [ClientView(model, current) for _ in parts]
+    params = [view.tensors()[n] for view in views for n in names]
+    dim = sum(current[n].numel() for n in names)
+
+    def loss() -> torch.Tensor:
+        with slot_mode(model, [view.tensors() for view in views], [r.stop - r.start for r in rows]):
+            out = model(**combined)
+        return torch.stack([out.rows(own).loss for own in rows]).sum()
+
+    with sdpa_kernel(SDPBackend.MATH):
+        joint = hvp_fn(loss, params)
+
+    def hvp_many(vectors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        template = next(v for v in vectors if v is not None)
+        products = joint(torch.cat([torch.zeros_like(template) if v is None else v for v in vectors])).split(dim)
+        return [None if v is None else h for v, h in zip(vectors, products)]
+
+    return hvp_many, dim
+
+
+def lanczos_device(model: PromptedClassifier) -> torch.device | None:
+    """Where the float64 Lanczos vectors live: beside the model on CUDA, on the host otherwise
+    (MPS has no float64; on a CPU the host is the device)."""
+    return model.device if model.device.type == "cuda" else None
