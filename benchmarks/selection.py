@@ -8,9 +8,12 @@ which Hessian-vector product is fastest for the Hessian ratio.
 2. the HVP of one client's batch loss w.r.t. every deep-prompt layer (what the Hessian ratio's
    Lanczos iterations call 50 times per client) by double backward through a kept graph (what
    :func:`fedpeptao.core.selection.client_hvp` does) and by forward-over-reverse with
-   ``torch.func.jvp(torch.func.grad(...))``: milliseconds per product and their difference.
+   ``torch.func.jvp(torch.func.grad(...))``: milliseconds per product and their difference;
+3. FedPepTAO's Hessian-ratio task for 3 clients one at a time and with every Lanczos step's
+   products from one shared double-backward pass (what ``execution=batched`` does): seconds and
+   the ratios, which must agree.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/selection.py [--rounds N] [--repeats K]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/selection.py [--rounds N] [--repeats K] [--no-runs]
 """
 
 from __future__ import annotations
@@ -109,30 +112,68 @@ def hvp_table(repeats: int = 10) -> list[tuple[str, float, float]]:
             for name in timings]
 
 
+def hessian_table(clients: int = 3) -> list[tuple[str, float, list[float]]]:
+    """FedPepTAO's Hessian-ratio task for ``clients`` clients at the default config's tensors, one
+    client at a time and in one shared pass per Lanczos step: (mode, seconds, ratios)."""
+    from fedpeptao.algorithms.base import ClientTask, ClientWork
+    from fedpeptao.algorithms.fedpeptao import HESSIAN_TASK
+    from fedpeptao.config import load_config
+    from fedpeptao.core.federation import HESSIAN_STREAM, round_seed
+    from fedpeptao.sim.simulator import Simulation
+
+    sim = Simulation(load_config(ROOT / "configs" / "default.toml", ["progress=false"]))
+    chosen = list(range(clients))
+    task = ClientTask(HESSIAN_TASK, chosen, sim.model.trainable_state(), 0, HESSIAN_STREAM,
+                      {k: {"probe_seed": k} for k in chosen})
+    works = [ClientWork(k, sim.model, sim.train_data, sim.train_parts[k], round_seed(0, 0, k, HESSIAN_STREAM),
+                        sim.cfg.client.batch_size) for k in chosen]
+    rows = []
+    for mode, run in (("one client at a time", lambda: [sim.algorithm.run_task(task, w) for w in works]),
+                      ("one pass per Lanczos step", lambda: sim.algorithm.run_tasks(task, works))):
+        sim.model.load_trainable(task.params)
+        start = time.perf_counter()
+        results = run()
+        rows.append((mode, time.perf_counter() - start, [r["ratio"] for r in results]))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default: the config's 10)")
     parser.add_argument("--repeats", type=int, default=1, help="side-by-side pairs to run (noise)")
+    parser.add_argument("--no-runs", action="store_true", help="skip the side-by-side runs (Hessian tables only)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         run_child(args.child, args.rounds)
         return
-    print(f"torch threads: 1 per run (two runs side by side); HVP table: {torch.get_num_threads()}")
+    print(f"torch threads: 1 per run (two runs side by side); Hessian tables: {torch.get_num_threads()}")
+    if not args.no_runs:
+        run_table(args.rounds, args.repeats)
+    print("\n## Hessian-vector products, one client batch")
+    print(f"{'method':>34} {'ms / HVP':>9} {'max diff':>9}")
+    for name, ms, diff in hvp_table():
+        print(f"{name:>34} {ms:9.1f} {diff:9.2e}")
+    print("\n## Hessian ratio of 3 clients (50 Lanczos steps each, every deep-prompt layer)")
+    print(f"{'mode':>26} {'seconds':>8}  ratios")
+    rows = hessian_table()
+    for mode, seconds, ratios in rows:
+        print(f"{mode:>26} {seconds:8.1f}  " + ", ".join(f"{r:.6f}" for r in ratios))
+    print(f"max ratio difference {max(abs(a - b) for a, b in zip(rows[0][2], rows[1][2])):.2e}; "
+          f"pooled / one at a time: {rows[1][1] / rows[0][1]:.2f}")
+
+
+def run_table(rounds: int | None, repeats: int) -> None:
     print("\n## configs/default.toml, FedPepTAO vs FedAvg side by side")
     print(f"{'pair':>4} {'method':>10} {'run s':>7} {'selection s':>11} {'share':>6} {'final acc':>9} {'MB':>6}")
     ratios = []
-    for pair in range(args.repeats):
-        results = side_by_side(args.rounds)
+    for pair in range(repeats):
+        results = side_by_side(rounds)
         for method, r in results.items():
             print(f"{pair:>4} {method:>10} {r['run_s']:7.1f} {r['phase_s']:11.2f} {r['phase_s'] / r['run_s']:6.3f} "
                   f"{r['final']:9.4f} {r['bytes'] / 1e6:6.2f}")
         ratios.append(results["fedpeptao"]["run_s"] / results["fedavg"]["run_s"])
     print("FedPepTAO / FedAvg run time: " + ", ".join(f"{r:.3f}" for r in ratios) + " (target <= 1.1)")
-    print("\n## Hessian-vector products, one client batch")
-    print(f"{'method':>34} {'ms / HVP':>9} {'max diff':>9}")
-    for name, ms, diff in hvp_table():
-        print(f"{name:>34} {ms:9.1f} {diff:9.2e}")
 
 
 if __name__ == "__main__":
