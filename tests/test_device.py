@@ -87,3 +87,22 @@ def test_an_architecture_builds_from_its_config_with_random_weights(task_dir, tm
     assert "random weights" in sim.fed.backbone.name and len(sim.model.layer_groups()) == 2
     with pytest.raises(Exception, match="model.random_init"):
         Simulation(cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(tmp_path)})}))
+
+
+@pytest.mark.parametrize("tuning", ["deep_prompt", "lora"])
+def test_a_bf16_batched_run_with_pooled_selection_keeps_fp32_and_finite(task_dir, tuning):
+    """Shared passes over a bf16 backbone (training, evaluation, layer scores and the Hessian
+    clients' pooled products): trainables, optimiser state and the ratio stay fp32 and finite."""
+    sim = Simulation(load_config(None, [
+        "model.name=tiny-bert", f"data.task={task_dir}", f"tuning.name={tuning}", "model.max_length=24",
+        "federated.num_clients=4", "federated.clients_per_round=2", "federated.rounds=2", "progress=false",
+        "client.epochs=1", "device=cpu", "precision=bf16", "execution=batched", "method.name=fedpeptao",
+        "method.ratio=auto", "method.warmup_rounds=1", "method.lanczos_iters=5", "method.hessian_clients=2"]))
+    assert sim.batched
+    sim.run()
+    assert 0.0 <= sim.algorithm.selection["ratio"] <= 1.0
+    assert {t.dtype for t in sim.algorithm.params.values()} == {torch.float32}
+    assert all(torch.isfinite(t).all() for t in sim.algorithm.params.values())
+    states = [c.optimizer["state"] for c in sim.clients.values() if c.optimizer]
+    assert states and {t.dtype for s in states for v in s.values() for t in v.values()
+                       if torch.is_tensor(t) and t.dim() > 0} == {torch.float32}
