@@ -1,5 +1,6 @@
-"""GPU benchmark (<= 5 minutes on one GPU): a 10-client round (timed after one warm-up round) of a RoBERTa-large-size and a
-LLaMA-architecture (1.1B) model with random weights, batched and sequential, in bf16.
+"""GPU benchmark (<= 5 minutes on one GPU): a 10-client round (timed after one warm-up round) of a
+RoBERTa-large-size and a LLaMA-architecture (1.1B) model with random weights, batched and
+sequential, in bf16.
 
 Prints examples/s of each mode, their ratio, peak GPU memory and useful TFLOP/s (real tokens
 only: forward 2N and backward 2N per token through the frozen backbone's matmuls). The weights
