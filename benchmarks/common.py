@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -23,12 +24,29 @@ def child(overrides: list[str]) -> None:
                                   "selection": summary.get("selection")}))
 
 
+def start(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    """A Python child (``args`` after the interpreter) whose ``RESULT`` line :func:`collect` reads;
+    ``env`` is added to this process's environment (``ONE_THREAD`` for runs side by side)."""
+    return subprocess.Popen([sys.executable, *args], env={**os.environ, **(env or {})}, cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+#: one torch thread per child, so that two children side by side each have a core
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def collect(proc: subprocess.Popen, what: str = "benchmark run") -> dict:
+    """The JSON of a finished child's ``RESULT`` line; its stderr's tail if it failed."""
+    stdout, stderr = proc.communicate()
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{what} failed:\n{stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def launch(overrides: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *overrides], capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"benchmark run failed:\n{proc.stderr[-3000:]}")
+    """One experiment in its own process (:func:`child`), waited for."""
+    return collect(start([__file__, *overrides]))
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from common import ONE_THREAD, collect, start
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
@@ -36,18 +36,12 @@ print("RESULT " + json.dumps({"code": code, "wall_s": time.perf_counter() - star
 
 
 def start_run(source: Path, config: Path, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(source / "src")}
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(config), str(out)], env=env, text=True, cwd=source,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {**ONE_THREAD, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(source / "src")}
+    return start(["-c", CHILD, str(config), str(out)], env, cwd=source)
 
 
 def finish(proc: subprocess.Popen, out: Path, label: str) -> dict:
-    stdout, stderr = proc.communicate()
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{label} run failed:\n{stderr[-3000:]}")
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = collect(proc, f"{label} run")
     summary = json.loads((out / "run" / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     return {**result, "final": rows[-1]["accuracy"], "selected_round": summary["selected_round"],

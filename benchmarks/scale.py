@@ -113,10 +113,9 @@ def round_table(quick: bool, repeats: int) -> None:
         print(f"{r['execution']:>10} {str(r['batched']):>7} {r['train_s']:>8.1f} {r['eval_s']:>7.1f} "
               f"{r['train_s'] + r['eval_s']:>8.1f} {r['train_fill']:>10.2f} {r['eval_fill']:>9.2f} "
               f"{r['flops'] / 1e9:>14.1f} {r['flops'] / rate:>6.2f}")
-    median = {e: statistics.median(r["train_s"] + r["eval_s"] for r in rows if r["execution"] == e)
-              for e in ("sequential", "batched")}
-    spread = {e: max(r["train_s"] + r["eval_s"] for r in rows if r["execution"] == e) /
-              min(r["train_s"] + r["eval_s"] for r in rows if r["execution"] == e) - 1 for e in median}
+    times = {e: [r["train_s"] + r["eval_s"] for r in rows if r["execution"] == e] for e in ("sequential", "batched")}
+    median = {e: statistics.median(t) for e, t in times.items()}
+    spread = {e: max(t) / min(t) - 1 for e, t in times.items()}
     print(f"batched / sequential round time (medians of {repeats}): {median['batched'] / median['sequential']:.3f} "
           f"(max/min - 1 within a mode: sequential {spread['sequential']:.1%}, batched {spread['batched']:.1%}); "
           "fill: real tokens / padded tokens")

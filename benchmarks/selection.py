@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+from common import ONE_THREAD, collect, start
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,18 +50,9 @@ def run_child(method: str, rounds: int | None) -> None:
 
 def side_by_side(rounds: int | None) -> dict[str, dict]:
     """FedPepTAO and FedAvg at the same time, one thread each."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     extra = ["--rounds", str(rounds)] if rounds else []
-    procs = {m: subprocess.Popen([sys.executable, __file__, "--child", m, *extra], env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for m in ("fedpeptao", "fedavg")}
-    results = {}
-    for method, proc in procs.items():
-        out, err = proc.communicate()
-        lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
-        if not lines:
-            raise RuntimeError(f"{method} run failed:\n{err[-3000:]}")
-        results[method] = json.loads(lines[-1][len("RESULT "):])
-    return results
+    procs = {m: start([__file__, "--child", m, *extra], ONE_THREAD) for m in ("fedpeptao", "fedavg")}
+    return {method: collect(proc, f"{method} run") for method, proc in procs.items()}
 
 
 def hvp_table(repeats: int = 10) -> list[tuple[str, float, float]]:

@@ -239,11 +239,11 @@ def test_hessian_ratio_of_a_pass_equals_one_client_at_a_time(task_dir):
     runs = {}
     for execution in ("sequential", "batched"):
         sim = simulation(task_dir, execution, *settings)
-        ratios = []
+        pass_sizes = []  # clients per run_tasks call
         original = sim.algorithm.run_tasks
-        sim.algorithm.run_tasks = lambda task, works: ratios.append(len(works)) or original(task, works)
+        sim.algorithm.run_tasks = lambda task, works: pass_sizes.append(len(works)) or original(task, works)
         sim.run()
-        runs[execution] = (sim, ratios)
+        runs[execution] = (sim, pass_sizes)
     (seq, seq_calls), (bat, bat_calls) = runs["sequential"], runs["batched"]
     assert max(bat_calls) == 3 and max(seq_calls) == 1  # the three Hessian clients shared a pass
     assert bat.algorithm.selection["ratio"] == pytest.approx(seq.algorithm.selection["ratio"], abs=1e-6)

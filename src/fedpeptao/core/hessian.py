@@ -68,13 +68,17 @@ def lanczos(hvp: Hvp, dim: int, num_iters: int, generator: torch.Generator, *,
     (float64 on the CPU by default: ``num_iters * dim`` numbers); the returned tensors are float64
     on the CPU.
     """
-    return lanczos_many(lambda vectors: [hvp(v) for v in vectors], dim, num_iters, [generator],
-                        dtype=dtype, device=device)[0]
+    return lanczos_many(_one_client(hvp), dim, num_iters, [generator], dtype=dtype, device=device)[0]
 
 
 #: Hessian-vector products of several clients at once: ``vectors[k]`` is client ``k``'s vector, or
 #: None when nothing is asked of it; returns the products in the same places.
 HvpMany = Callable[[Sequence[torch.Tensor | None]], Sequence[torch.Tensor | None]]
+
+
+def _one_client(hvp: Hvp) -> HvpMany:
+    """One client's products as the several-client form the lockstep functions call."""
+    return lambda vectors: [None if v is None else hvp(v) for v in vectors]
 
 
 def lanczos_many(hvp_many: HvpMany, dim: int, num_iters: int, generators: Sequence[torch.Generator], *,
@@ -149,8 +153,7 @@ def slq_runs(hvp: Hvp, dim: int, num_iters: int = 50, num_probes: int = 1, seed:
     squared first eigenvector components per SLQ run. The runs are kept apart because the reference's
     density grid is built from the *mean of the per-run* extremes (:func:`reference_density`).
     """
-    return slq_runs_many(lambda vectors: [hvp(v) for v in vectors], dim, num_iters, num_probes, [seed],
-                         dtype=dtype, device=device)[0]
+    return slq_runs_many(_one_client(hvp), dim, num_iters, num_probes, [seed], dtype=dtype, device=device)[0]
 
 
 def slq_runs_many(hvp_many: HvpMany, dim: int, num_iters: int, num_probes: int, seeds: Sequence[int], *,
