@@ -7,14 +7,22 @@ only: forward 2N and backward 2N per token through the frozen backbone's matmuls
 are random (``model.random_init``: no hub here), which does not change the cost of a pass.
 ``--tiny`` runs the same script on the CPU with tiny models, to test it anywhere.
 
-    .venv/bin/python benchmarks/gpu.py [--tiny]
+On a machine where the bundled MiniLM (the tokenizer of the builtin architectures) or the
+bundled data is not installed, ``--tokenizer DIR`` builds each architecture from a folder holding
+its ``config.json`` and that tokenizer (``model.name`` as a local config folder), and trailing
+``key=value`` overrides (``data.task=FOLDER``) apply to every run.
+
+    .venv/bin/python benchmarks/gpu.py [--tiny] [--tokenizer DIR] [key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,17 +32,33 @@ TINY = {"tiny-roberta": ["model.name=tiny-roberta", "model.head=mlm"],
         "tiny-llama": ["model.name=tiny-llama", "model.head=lm"]}
 
 
+def config_folders(models: dict[str, list[str]], tokenizer: Path, root: Path) -> dict[str, list[str]]:
+    """Each builtin architecture as a local folder (its config.json and the given tokenizer)."""
+    from fedpeptao.models.loading import architecture_config
+
+    out = {}
+    for label, overrides in models.items():
+        name = next(o.split("=", 1)[1] for o in overrides if o.startswith("model.name="))
+        folder = root / name
+        architecture_config(name).save_pretrained(folder)
+        for file in tokenizer.iterdir():
+            if file.is_file() and (file.name.startswith(("tokenizer", "special_tokens")) or file.suffix == ".txt"):
+                shutil.copy(file, folder / file.name)
+        out[label] = [f"model.name={folder}" if o.startswith("model.name=") else o for o in overrides]
+    return out
+
+
 def round_of(name: str, overrides: list[str], execution: str, tiny: bool) -> dict:
     from fedpeptao.config import load_config
     from fedpeptao.sim.simulator import Simulation
 
     device = "cpu" if tiny else "cuda"
-    cfg = load_config(None, overrides + [
+    cfg = load_config(None, [
         f"device={device}", "precision=bf16", f"execution={execution}", "clients_per_pass=10", "progress=false",
         "data.task=rotten_tomatoes", "data.max_train_examples=" + ("200" if tiny else "2000"),
         "data.max_eval_examples=100", "model.max_length=64", "federated.num_clients=10",
         "federated.clients_per_round=10", "federated.rounds=2", "client.epochs=1", "client.batch_size=8",
-        "method.name=fedavg", "tuning.name=deep_prompt", "tuning.num_prompt_tokens=16", "checkpoint.every=0"])
+        "method.name=fedavg", "tuning.name=deep_prompt", "tuning.num_prompt_tokens=16", "checkpoint.every=0", *overrides])
     sim = Simulation(cfg)
     tokens = [0]
     sim.model.model.base_model.register_forward_pre_hook(
@@ -60,6 +84,8 @@ def round_of(name: str, overrides: list[str], execution: str, tiny: bool) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (tests the script)")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer folder, where the bundled MiniLM is absent")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = parser.parse_args()
     if not args.tiny and not torch.cuda.is_available():
         sys.exit("benchmarks/gpu.py needs a CUDA GPU (none found); run with --tiny to test it on the CPU")
@@ -67,8 +93,12 @@ def main() -> None:
     print(f"device: {device}; bf16 backbone, fp32 trainables; random weights (model.random_init)")
     print(f"{'model':>22} {'execution':>10} {'batched':>7} {'s/round':>8} {'examples/s':>10} {'TFLOP/s':>8} "
           f"{'peak GiB':>8}")
-    for name, overrides in (TINY if args.tiny else MODELS).items():
-        rows = [round_of(name, overrides, execution, args.tiny) for execution in ("sequential", "batched")]
+    models = TINY if args.tiny else MODELS
+    if args.tokenizer and not args.tiny:
+        models = config_folders(models, args.tokenizer, Path(tempfile.mkdtemp(prefix="fedpeptao-gpu-")))
+    for name, overrides in models.items():
+        rows = [round_of(name, overrides + args.overrides, execution, args.tiny)
+                for execution in ("sequential", "batched")]
         for r in rows:
             print(f"{r['model']:>22} {r['execution']:>10} {str(r['batched']):>7} {r['seconds']:>8.1f} "
                   f"{r['examples_s']:>10.1f} {r['tflops']:>8.3f} {r['peak_gib']:>8.2f}")
