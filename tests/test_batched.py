@@ -104,7 +104,8 @@ def test_pass_groups_split_a_step_by_width_only_where_padding_costs_more_than_a_
                          ids=lambda m: m[0].split("=")[1])
 def test_a_step_split_into_several_passes_still_equals_sequential(task_dir, method, monkeypatch):
     """Every step's batches in passes of their own width (a free pass): the same tensors."""
-    monkeypatch.setitem(PASS_COST_TOKENS, "cpu", 0)
+    for kind in PASS_COST_TOKENS:  # on whichever device the run picks
+        monkeypatch.setitem(PASS_COST_TOKENS, kind, 0)
     seq = simulation(task_dir, "sequential", *method)
     bat = simulation(task_dir, "batched", *method)
     passes = {}
@@ -190,7 +191,8 @@ def test_slot_mode_gives_each_example_its_clients_tensors(task_dir):
     from fedpeptao.models.slots import slot_mode
 
     model, data = sim.model, sim.train_data
-    tensors = [{n: t + 0.05 * k * torch.randn_like(t) for n, t in sim.fed.initial.items()} for k in range(2)]
+    tensors = [{n: (t + 0.05 * k * torch.randn_like(t)).to(model.device) for n, t in sim.fed.initial.items()}
+               for k in range(2)]
     batches = [next(data.batches(sim.train_parts[k], 3)) for k in range(2)]
     model.eval()
     with torch.no_grad():
