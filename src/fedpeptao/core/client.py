@@ -106,7 +106,8 @@ def local_train_batched(model: PromptedClassifier, data: EncodedDataset, jobs: S
     params = [[p for p in job.view.parameters() if p.requires_grad] for job in jobs]
     streams = [epoch_batches(data, job.indices, cfg, job.rng, order_seed) for job in jobs]
     pending = [next(stream, None) for stream in streams]
-    steps, totals = [0] * len(jobs), [0.0] * len(jobs)
+    steps = [0] * len(jobs)
+    totals: list[torch.Tensor | float] = [0.0] * len(jobs)  # summed on the device: no sync per step
     features = any(job.extra_loss is not None for job in jobs)
     alone = len(jobs) == 1 and jobs[0].view is model
     pass_cost = PASS_COST_TOKENS.get(model.device.type, PASS_COST_TOKENS["accelerator"])
@@ -124,7 +125,7 @@ def local_train_batched(model: PromptedClassifier, data: EncodedDataset, jobs: S
             steps[i] += 1
             pending[i] = next(streams[i], None)
     seconds = time.perf_counter() - start
-    return [LocalResult(steps[i], len(job.indices), totals[i] / max(steps[i], 1), seconds,
+    return [LocalResult(steps[i], len(job.indices), float(totals[i]) / max(steps[i], 1), seconds,
                         _kept_state(optimizers[i], cfg)) for i, job in enumerate(jobs)]
 
 
@@ -158,9 +159,10 @@ def pass_groups(shapes: Sequence[tuple[int, int]], pass_cost: float) -> list[lis
 
 
 def _forward_backward(model: PromptedClassifier, data: EncodedDataset, jobs: Sequence[LocalJob],
-                      batches: Sequence[dict[str, torch.Tensor]], features: bool, alone: bool) -> list[float]:
+                      batches: Sequence[dict[str, torch.Tensor]], features: bool, alone: bool) -> list[torch.Tensor]:
     """One shared pass of several clients' batches: forward, each client's loss (with its local
-    objective's extra term), one backward of their sum. Returns each client's task loss."""
+    objective's extra term), one backward of their sum. Returns each client's task loss, detached
+    and on the device (reading it here would make the host wait for the forward every step)."""
     combined, rows = stack_batches(batches, data.pad_id)
     slots = None if alone else ([job.view.tensors() for job in jobs], [r.stop - r.start for r in rows])
     with _slots(model, slots):
@@ -169,7 +171,7 @@ def _forward_backward(model: PromptedClassifier, data: EncodedDataset, jobs: Seq
     for job, batch, own_rows in zip(jobs, batches, rows):
         own = out if alone else out.rows(own_rows)
         losses.append(own.loss if job.extra_loss is None else own.loss + job.extra_loss(job.view, batch, own))
-        task_losses.append(float(own.loss.detach()))
+        task_losses.append(own.loss.detach())
     with _slots(model, slots):  # gradient checkpointing recomputes the pass in backward
         (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
     return task_losses

@@ -84,6 +84,7 @@ class PromptedClassifier(nn.Module):
                 self.head.weight.normal_(0.0, 0.02, generator=generator)
                 self.head.bias.zero_()
         self.register_buffer("label_word_ids", torch.tensor(label_word_ids or [], dtype=torch.long), persistent=False)
+        object.__setattr__(self, "_mlm_head", _masked_lm_head(model) if head == "mlm" else None)  # not a submodule
 
     # -- trainable state: what clients own and what the server may aggregate ----------------
     def trainable_names(self) -> list[str]:
@@ -125,10 +126,19 @@ class PromptedClassifier(nn.Module):
         return [n for n in self.trainable_names() if n.startswith(HEAD_PREFIX)]
 
     # -- forward ------------------------------------------------------------------------------
+    @property
+    def _whole_mlm(self) -> bool:
+        """A masked-LM head we cannot call on its own: the whole model runs, over ``[B, T, V]``."""
+        return self.head_kind == "mlm" and self._mlm_head is None
+
+    def _base_module(self) -> nn.Module:
+        """What a forward runs: the backbone without its head, which the rule then applies (or the
+        whole masked-LM model where its head cannot be called on its own)."""
+        return self.model if self._whole_mlm else self.model.base_model
+
     def _base_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_states: bool = False):
         positions = position_ids(self.model, attention_mask, self.prompt.num_tokens)
-        base = self.model.base_model if self.head_kind != "mlm" else self.model
-        return base(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+        return self._base_module()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                     output_hidden_states=hidden_states, return_dict=True)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_pos: torch.Tensor,
@@ -138,16 +148,19 @@ class PromptedClassifier(nn.Module):
         ``features=True`` also returns the representation the rule reads (the MLM rule then keeps
         the last hidden states, which it otherwise does not need).
         """
-        device = self.device
-        input_ids, attention_mask, target_pos = input_ids.to(device), attention_mask.to(device), target_pos.to(device)
-        labels = None if labels is None else labels.to(device)
-        out = self._base_outputs(input_ids, attention_mask, hidden_states=features and self.head_kind == "mlm")
+        input_ids, attention_mask, target_pos, labels = to_device((input_ids, attention_mask, target_pos, labels),
+                                                                  self.device)
+        out = self._base_outputs(input_ids, attention_mask, hidden_states=features and self._whole_mlm)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         if self.head_kind == "linear":
             mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
             pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             logits = self.head(pooled.to(self.head.weight.dtype))
             return _output(logits, logits, labels, pooled if features else None)
+        if self.head_kind == "mlm" and not self._whole_mlm:  # the head at the mask only, not over [B, T, V]
+            hidden = out.last_hidden_state[rows, target_pos]
+            logits = self._mlm_head(hidden).float()[:, self.label_word_ids]
+            return _output(logits, logits, labels, hidden if features else None)
         if self.head_kind == "mlm":
             vocab_logits = out.logits[rows, target_pos].float()
             logits = vocab_logits[:, self.label_word_ids]
@@ -172,8 +185,30 @@ class PromptedClassifier(nn.Module):
 
     def layer_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """Output hidden states of every transformer layer ``[B, T, H]`` (for layer scoring)."""
-        out = self._base_outputs(input_ids.to(self.device), attention_mask.to(self.device), hidden_states=True)
+        input_ids, attention_mask = to_device((input_ids, attention_mask), self.device)
+        out = self._base_outputs(input_ids, attention_mask, hidden_states=True)
         return list(out.hidden_states[1:])
+
+
+def to_device(tensors: tuple, device: torch.device) -> tuple:
+    """Host batches onto the model's device without waiting for the device's queued work (a
+    blocking copy would synchronise the stream every step); ``None`` stays ``None``."""
+    return tuple(None if t is None else t.to(device, non_blocking=True) for t in tensors)
+
+
+#: the attribute under which transformers' masked-LM classes keep a head that maps hidden states
+#: to vocabulary logits on its own (BERT's ``cls``, RoBERTa's ``lm_head``)
+_MLM_HEAD_NAMES = ("cls", "lm_head")
+
+
+def _masked_lm_head(model: nn.Module) -> nn.Module | None:
+    """The masked-LM head as one module callable on hidden states, or None where the model
+    spreads it over several (DistilBERT, ELECTRA): those run whole and read the mask's row."""
+    others = [(name, child) for name, child in model.named_children()
+              if child is not getattr(model, "base_model", None)]
+    if len(others) == 1 and others[0][0] in _MLM_HEAD_NAMES:
+        return others[0][1]
+    return None
 
 
 def _output(logits: torch.Tensor, scores: torch.Tensor, targets: torch.Tensor | None,

@@ -72,8 +72,10 @@ def slot_mode(model: nn.Module, slots: Sequence[Mapping[str, Tensor]], sizes: li
     linears = _slot_linears(model)
     try:
         for prefix, prompt in prompts:
+            device = next(iter(prompt.layers.values())).device if len(prompt.layers) else torch.device("cpu")
+            owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
             prompt.slots = ([{int(i): slot.get(f"{prefix}layers.{i}", p) for i, p in prompt.layers.items()}
-                             for slot in slots], list(sizes))
+                             for slot in slots], owner.to(device, non_blocking=True))
         for prefix, module in linears.items():
             module.forward = _slot_linear_forward(module, prefix, slots, list(sizes))
         yield

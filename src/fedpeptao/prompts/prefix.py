@@ -53,8 +53,8 @@ class DeepPrompt(nn.Module):
             }
         )
         self.dropout = nn.Dropout(dropout)
-        #: slot mode (:mod:`fedpeptao.models.slots`): each slot's layer tensors and its rows in the batch
-        self.slots: tuple[list[dict[int, torch.Tensor]], list[int]] | None = None
+        #: slot mode (:mod:`fedpeptao.models.slots`): each slot's layer tensors, and each batch row's slot
+        self.slots: tuple[list[dict[int, torch.Tensor]], torch.Tensor] | None = None
 
     @property
     def active_layers(self) -> list[int]:
@@ -78,16 +78,17 @@ class DeepPrompt(nn.Module):
         if str(index) not in self.layers:
             return None
         if self.slots is None:
-            return self._expanded(self.layers[str(index)], batch_size)
-        tensors, sizes = self.slots
-        parts = [self._expanded(slot[index], size) for slot, size in zip(tensors, sizes)]
-        return torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])
+            kv = self._split(self.dropout(self.layers[str(index)]).unsqueeze(0))  # [2, 1, H_kv, P, d]
+            return kv[0].expand(batch_size, -1, -1, -1), kv[1].expand(batch_size, -1, -1, -1)
+        tensors, owner = self.slots
+        # every slot's prefix in one stack, one dropout and one gather of each row's own slot: a
+        # few operations per layer however many clients share the pass
+        kv = self._split(self.dropout(torch.stack([slot[index] for slot in tensors])))[:, owner]
+        return kv[0], kv[1]
 
-    def _expanded(self, param: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = self.dropout(param)  # [P, 2, H_kv * d]
-        kv = kv.view(self.num_tokens, 2, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
-        key, value = kv[0], kv[1]  # [H_kv, P, d]
-        return key.expand(batch_size, -1, -1, -1), value.expand(batch_size, -1, -1, -1)
+    def _split(self, stacked: torch.Tensor) -> torch.Tensor:
+        """``[S, P, 2, H_kv * d]`` prefixes as ``[2 (key, value), S, H_kv, P, d]``."""
+        return stacked.view(-1, self.num_tokens, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
 
 def _prefix_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key_len: int, num_prefix: int,

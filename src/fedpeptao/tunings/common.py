@@ -50,9 +50,6 @@ class NoDeepPrompt(PromptedClassifier):
     def __init__(self, model, head, num_labels, label_word_ids=None, seed: int = 0):
         super().__init__(model, head, num_labels, 0, label_word_ids, prompt_dropout=0.0, prompt_layers=[], seed=seed)
 
-    def _base_module(self):
-        return self.model.base_model if self.head_kind != "mlm" else self.model
-
 
 class InputPromptClassifier(NoDeepPrompt):
     """Prepends a (possibly per-example) ``[B, P, H]`` prompt to the input embeddings."""
