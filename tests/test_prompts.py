@@ -94,3 +94,29 @@ def test_prefix_equals_key_value_cache_route(arch):
                    use_cache=True, **{name: cache}).last_hidden_state  # the model numbers positions itself
     valid = mask.bool()
     assert torch.allclose(ours[valid], ref[valid], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_the_masked_lm_head_runs_at_the_mask_only_with_the_same_logits(arch, monkeypatch):
+    """The head is applied to the mask's hidden state alone (not over ``[B, T, V]``) and gives what
+    the whole masked-LM model gives at the mask, features and gradients included."""
+    model, data = build(arch, head="mlm")
+    assert model._mlm_head is not None and model._base_module() is model.model.base_model
+    batch = next(data.batches(np.arange(len(data)), 6))
+    vocab_rows = []
+    head = model._mlm_head
+    head.register_forward_hook(lambda _m, args, _out: vocab_rows.append(args[0].shape[0]))
+    model.eval()
+    at_mask = model(**batch, features=True)
+    at_mask.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert vocab_rows == [6]  # one row per example, not 6 x T
+    model.zero_grad()
+    monkeypatch.setattr(model, "_mlm_head", None)  # the whole model, as for a head that cannot run alone
+    whole = model(**batch, features=True)
+    whole.loss.backward()
+    assert torch.allclose(at_mask.logits, whole.logits, atol=1e-6)
+    assert torch.allclose(at_mask.features, whole.features, atol=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[n], p.grad, atol=1e-6), n
