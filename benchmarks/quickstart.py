@@ -8,7 +8,10 @@ wall time of each run (model load and data included, as `make run` has them), th
 run's accuracy: the final round's test accuracy, and the test accuracy at the round chosen on
 validation.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quickstart.py [--before REV] [--repeats K]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quickstart.py [--before REV] [--repeats K] [--alone]
+
+``--alone`` runs the two one after the other instead, each with every core (torch's default
+threads), which is how `make run` runs; side by side is the fairer comparison on a noisy machine.
 
 ``--before`` defaults to 6e0b430, the last commit before the scale work (issue 11), whose
 `make run` took about 7 minutes after install.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -35,8 +39,8 @@ print("RESULT " + json.dumps({"code": code, "wall_s": time.perf_counter() - star
 """
 
 
-def start_run(source: Path, config: Path, out: Path) -> subprocess.Popen:
-    env = {**ONE_THREAD, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(source / "src")}
+def start_run(source: Path, config: Path, out: Path, alone: bool = False) -> subprocess.Popen:
+    env = {**({} if alone else ONE_THREAD), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(source / "src")}
     return start(["-c", CHILD, str(config), str(out)], env, cwd=source)
 
 
@@ -52,9 +56,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="6e0b430", help="the earlier revision (default: before issue 11)")
     parser.add_argument("--repeats", type=int, default=1, help="side-by-side pairs (noise)")
+    parser.add_argument("--alone", action="store_true", help="one run after the other, each with every core")
     args = parser.parse_args()
     config = ROOT / "configs" / "default.toml"
-    print("torch threads: 1 per run (two runs side by side, one per core); config: configs/default.toml")
+    threads = (f"torch's default ({os.cpu_count()} cores), one run after the other" if args.alone
+               else "1 per run (two runs side by side, one per core)")
+    print(f"torch threads: {threads}; config: configs/default.toml")
     print(f"{'pair':>4} {'code':>12} {'wall s':>7} {'final test acc':>14} {'selected round':>14} {'test there':>10}")
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,9 +71,13 @@ def main() -> None:
         try:
             for pair in range(args.repeats):
                 outs = {label: Path(tmp) / f"out-{label}-{pair}" for label in ("before", "now")}
-                procs = {"before": start_run(before, config, outs["before"]),
-                         "now": start_run(ROOT, config, outs["now"])}
-                results = {label: finish(proc, outs[label], label) for label, proc in procs.items()}
+                sources = {"before": before, "now": ROOT}
+                if args.alone:
+                    results = {label: finish(start_run(source, config, outs[label], alone=True), outs[label], label)
+                               for label, source in sources.items()}
+                else:
+                    procs = {label: start_run(source, config, outs[label]) for label, source in sources.items()}
+                    results = {label: finish(proc, outs[label], label) for label, proc in procs.items()}
                 for label, r in results.items():
                     if not Path(r["source"]).is_relative_to(before if label == "before" else ROOT):
                         raise RuntimeError(f"{label} imported {r['source']}")
