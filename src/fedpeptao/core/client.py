@@ -231,8 +231,7 @@ def predict_batched(model: PromptedClassifier, data: EncodedDataset, parts: Sequ
     position = np.concatenate([np.arange(len(part)) for part in parts]).astype(np.int64)
     examples = np.concatenate([np.asarray(part, dtype=np.int64) for part in parts])
     order = np.lexsort((owner, data.lengths(examples)))  # by length, then by client
-    preds = [np.zeros(len(part), dtype=np.int64) for part in parts]
-    loss_sums = [0.0] * len(parts)
+    chunks, predicted, row_losses = [], [], []  # kept on the device and read once: no sync per batch
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         chunk = chunk[np.argsort(owner[chunk], kind="stable")]  # each client's rows together
@@ -243,11 +242,15 @@ def predict_batched(model: PromptedClassifier, data: EncodedDataset, parts: Sequ
         else:
             with slot_mode(model, [tensors[i] for i in clients], sizes.tolist()):
                 out = model(**batch)
-        predicted = out.logits.argmax(-1).cpu().numpy()
-        offset = 0
-        for i, size in zip(clients, sizes):
-            rows = slice(offset, offset + size)
-            preds[i][position[chunk[rows]]] = predicted[rows]
-            loss_sums[i] += float(out.loss_of(rows)) * size
-            offset += size
-    return list(zip(preds, loss_sums))
+        chunks.append(chunk)
+        predicted.append(out.logits.argmax(-1))
+        row_losses.append(out.row_losses())
+    ran = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+    labels = torch.cat(predicted).cpu().numpy() if predicted else np.zeros(0, dtype=np.int64)
+    losses = torch.cat(row_losses).double().cpu().numpy() if row_losses else np.zeros(0)
+    preds = [np.zeros(len(part), dtype=np.int64) for part in parts]
+    for i in range(len(parts)):
+        mine = owner[ran] == i
+        preds[i][position[ran[mine]]] = labels[mine]
+    loss_sums = np.bincount(owner[ran], weights=losses, minlength=len(parts))
+    return [(pred, float(total)) for pred, total in zip(preds, loss_sums)]

@@ -44,6 +44,10 @@ class Output:
         """The mean loss of ``rows`` alone (one client's examples of a batched pass)."""
         return F.cross_entropy(self.scores[rows], self.targets[rows])
 
+    def row_losses(self) -> torch.Tensor:
+        """Each row's own loss ``[B]`` (what :meth:`loss_of` averages)."""
+        return F.cross_entropy(self.scores, self.targets, reduction="none")
+
     def rows(self, rows: slice) -> "Output":
         """The output of ``rows`` alone, as if they had been their own batch."""
         take = (lambda t: None if t is None else t[rows])
