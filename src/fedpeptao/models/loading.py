@@ -139,17 +139,22 @@ def _finish_tokenizer(tokenizer, model, kind: ModelKind):
 _MODEL_CLASSES = {"linear": AutoModel, "mlm": AutoModelForMaskedLM, "lm": AutoModelForCausalLM}
 
 
+def _sdpa_or_eager(build):
+    """``build(attn_implementation)`` with PyTorch's fused attention, or eager attention for an
+    architecture that has no sdpa implementation."""
+    try:
+        return build("sdpa")
+    except ValueError as error:
+        if "sdpa" not in str(error).lower():
+            raise
+        return build("eager")
+
+
 def _from_pretrained(cls, source: str, name: str, head: str, dtype: torch.dtype, **kwargs):
     """``cls.from_pretrained`` with sdpa, float32, and a ModelError for random (missing) weights."""
     with _quiet_transformers():
-        try:
-            model, info = cls.from_pretrained(source, dtype=dtype, attn_implementation="sdpa",
-                                              output_loading_info=True, **kwargs)
-        except ValueError as error:
-            if "sdpa" not in str(error).lower():
-                raise
-            model, info = cls.from_pretrained(source, dtype=dtype, attn_implementation="eager",
-                                              output_loading_info=True, **kwargs)
+        model, info = _sdpa_or_eager(lambda attention: cls.from_pretrained(
+            source, dtype=dtype, attn_implementation=attention, output_loading_info=True, **kwargs))
     missing = sorted(k for k in (info.get("missing_keys") or ()) if not k.startswith("pooler."))
     if missing:
         what = {"mlm": "masked-LM head", "lm": "language-model head"}.get(head, "weights")
@@ -320,7 +325,8 @@ def load_random_backbone(name: str, head: str = "auto", dtype: torch.dtype = tor
         raise ModelError(f"model.random_init: the tokenizer's {len(tokenizer)} ids exceed '{name}''s vocabulary "
                          f"of {config.vocab_size}")
     torch.manual_seed(seed)
-    model = _MODEL_CLASSES[head].from_config(config, dtype=dtype, attn_implementation="eager")
+    model = _sdpa_or_eager(lambda attention: _MODEL_CLASSES[head].from_config(config, dtype=dtype,
+                                                                              attn_implementation=attention))
     model.eval()
     return Backbone(model, _finish_tokenizer(tokenizer, model, kind), kind, f"{name} (random weights)")
 
