@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 TASKS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tasks"
 
 
@@ -19,8 +21,9 @@ def child(overrides: list[str]) -> None:
     sim = Simulation(load_config(None, overrides + ["progress=false"]))
     history = sim.run()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu_mb = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
     summary = sim.summary()
-    print("RESULT " + json.dumps({"history": history, "summary": summary, "peak_mb": peak_mb,
+    print("RESULT " + json.dumps({"history": history, "summary": summary, "peak_mb": peak_mb, "peak_gpu_mb": gpu_mb,
                                   "selection": summary.get("selection")}))
 
 
@@ -42,6 +45,12 @@ def collect(proc: subprocess.Popen, what: str = "benchmark run") -> dict:
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{what} failed:\n{stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work, so that a wall-clock timing covers it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def launch(overrides: list[str]) -> dict:

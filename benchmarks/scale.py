@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from common import launch
+from common import launch, synchronize
 
 DEFAULT = ["seed=0", "model.name=minilm", "model.max_length=64", "data.task=rotten_tomatoes",
            "data.max_train_examples=2000", "data.max_eval_examples=1000", "client.lr=0.02",
@@ -29,13 +29,17 @@ DEFAULT = ["seed=0", "model.name=minilm", "model.max_length=64", "data.task=rott
 
 
 def matmul_rate(size: int = 1024, repeats: int = 20) -> float:
-    """fp32 FLOP/s of a square matmul on this machine and thread count."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    """fp32 FLOP/s of a square matmul on the device the runs use (``device=auto``), at this thread count."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     a @ b
+    synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    synchronize()
     return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
 
 
 def matmul_params(model) -> int:
@@ -61,13 +65,16 @@ def one_round(execution: str, quick: bool) -> dict:
     sim.model.model.base_model.register_forward_pre_hook(count, with_kwargs=True)
     sim.algorithm.prepare_round(0, sim.run_task)  # selection phases are not part of this measure
     tokens.update(real=0, padded=0)
+    synchronize()
     start = time.perf_counter()
     sim.train_round(0)
+    synchronize()
     train_s = time.perf_counter() - start
     train_tokens = dict(tokens)
     tokens.update(real=0, padded=0)
     start = time.perf_counter()
     sim.evaluate()
+    synchronize()
     eval_s = time.perf_counter() - start
     n = matmul_params(sim.model)
     useful = 4 * n * train_tokens["real"] + 2 * n * tokens["real"]
@@ -82,21 +89,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating sequential/batched round pairs")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory table")
     args = parser.parse_args()
-    print(f"torch threads: {torch.get_num_threads()}")
+    print(f"torch threads: {torch.get_num_threads()}; device: "
+          f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}")
     if not args.no_memory:
         memory_table(args.quick)
     round_table(args.quick, args.repeats)
 
 
 def memory_table(quick: bool) -> None:
+    gpu = torch.cuda.is_available()
     print("\n## Peak memory, one shared backbone (10 clients train per round, 2 rounds)")
-    print(f"{'clients':>8} {'peak MB':>8}")
+    print(f"{'clients':>8} {'peak MB':>8}" + (f" {'peak GPU MB':>11}" if gpu else ""))
     peaks = {}
     for clients in (10, 100) if quick else (10, 100, 1000):
         result = launch(DEFAULT + [f"federated.num_clients={clients}", "federated.clients_per_round=10",
                                    "federated.rounds=2", "data.max_train_examples=" + ("400" if quick else "3000")])
         peaks[clients] = result["peak_mb"]
-        print(f"{clients:>8} {peaks[clients]:>8.0f}")
+        print(f"{clients:>8} {peaks[clients]:>8.0f}" + (f" {result['peak_gpu_mb']:>11.0f}" if gpu else ""))
     largest = max(peaks)
     print(f"ratio {largest}/10 clients: {peaks[largest] / peaks[10]:.3f} (target <= 1.5)")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from common import ONE_THREAD, collect, start
+from common import ONE_THREAD, collect, start, synchronize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,11 +40,6 @@ def default_config(overrides: list[str]):
 
     return load_config(ROOT / "configs" / "default.toml", ["progress=false", *overrides])
 
-
-def synchronize() -> None:
-    """Wait for the GPU's queued work, so that a wall-clock timing covers it."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def run_child(method: str, rounds: int | None, overrides: list[str]) -> None:
