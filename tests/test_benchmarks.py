@@ -1,0 +1,43 @@
+"""The GPU benchmark's CPU check: ``benchmarks/gpu.py --tiny`` runs its whole table on tiny models,
+and without ``--tiny`` a machine with no GPU gets one clear line instead of a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
+
+def run_script(*args: str, task_dir: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    extra = [f"data.task={task_dir}"] if task_dir else []
+    return subprocess.run([sys.executable, str(SCRIPT), *args, *extra], env=env, text=True, capture_output=True,
+                          timeout=600)
+
+
+def test_gpu_benchmark_runs_its_table_at_tiny_size(tmp_path):
+    from conftest import write_task
+
+    task = write_task(tmp_path / "task", repeat=12)  # 240 examples: 10 clients with a batch or more each
+    result = run_script("--tiny", task_dir=task)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    for model in ("tiny-roberta", "tiny-llama"):
+        rows = [line.split() for line in lines if line.split()[:1] == [model]]
+        assert [r[1] for r in rows] == ["sequential", "batched"] and [r[2] for r in rows] == ["False", "True"]
+        assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)  # examples/s and TFLOP/s measured
+        assert any(line.startswith(f"{model}: batched / sequential examples/s = ") for line in lines)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_benchmark_without_a_gpu_says_so_in_one_line():
+    result = run_script()
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "benchmarks/gpu.py needs a CUDA GPU (none found); run with --tiny to test it on the CPU"]
