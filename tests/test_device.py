@@ -7,7 +7,7 @@ import torch
 
 from fedpeptao.config import ConfigError, load_config
 from fedpeptao.sim.simulator import Simulation
-from fedpeptao.utils.device import resolve_device, to_host
+from fedpeptao.utils.device import resolve_device, to_device, to_host
 
 
 def tiny(task_dir, *extra):
@@ -64,6 +64,18 @@ def test_client_state_lives_on_the_host():
     state = {"a": torch.ones(3), "nested": {"b": [torch.zeros(2)]}, "step": 3}
     host = to_host(state)
     assert host["a"] is state["a"] and host["nested"]["b"][0].device.type == "cpu" and host["step"] == 3
+
+
+def test_a_batch_moves_to_the_device_with_its_shape_kept():
+    """Tuples stay tuples and ``None`` (an unlabelled batch) stays ``None``; on the way back to the
+    host a copy is never left in flight."""
+    device = resolve_device("auto")
+    ids, labels = torch.arange(6).view(2, 3), None
+    moved = to_device((ids, labels, {"mask": [torch.ones(2, 3)]}), device)
+    assert isinstance(moved, tuple) and moved[1] is None
+    assert moved[0].device.type == device.type and moved[2]["mask"][0].device.type == device.type
+    back = to_device(moved, "cpu")
+    assert torch.equal(back[0], ids) and back[0].device.type == "cpu"
 
 
 def test_an_architecture_builds_from_its_config_with_random_weights(task_dir, tmp_path):

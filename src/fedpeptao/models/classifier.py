@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedpeptao.prompts.prefix import DeepPrompt, attach, attention_shape, position_ids
+from fedpeptao.utils.device import to_device
 
 HeadKind = Literal["linear", "mlm", "lm"]
 PROMPT_PREFIX = "prompt.layers."
@@ -192,12 +193,6 @@ class PromptedClassifier(nn.Module):
         input_ids, attention_mask = to_device((input_ids, attention_mask), self.device)
         out = self._base_outputs(input_ids, attention_mask, hidden_states=True)
         return list(out.hidden_states[1:])
-
-
-def to_device(tensors: tuple, device: torch.device) -> tuple:
-    """Host batches onto the model's device without waiting for the device's queued work (a
-    blocking copy would synchronise the stream every step); ``None`` stays ``None``."""
-    return tuple(None if t is None else t.to(device, non_blocking=True) for t in tensors)
 
 
 #: the attribute under which transformers' masked-LM classes keep a head that maps hidden states

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedpeptao.prompts.prefix import DeepPrompt
+from fedpeptao.utils.device import to_device
 
 Tensors = dict[str, Tensor]
 
@@ -75,7 +76,7 @@ def slot_mode(model: nn.Module, slots: Sequence[Mapping[str, Tensor]], sizes: li
             device = next(iter(prompt.layers.values())).device if len(prompt.layers) else torch.device("cpu")
             owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
             prompt.slots = ([{int(i): slot.get(f"{prefix}layers.{i}", p) for i, p in prompt.layers.items()}
-                             for slot in slots], owner.to(device, non_blocking=True))
+                             for slot in slots], to_device(owner, device))
         for prefix, module in linears.items():
             module.forward = _slot_linear_forward(module, prefix, slots, list(sizes))
         yield

@@ -41,6 +41,7 @@ from fedpeptao.models.slots import ClientView, batch_refusal
 from fedpeptao.report.summary import config_difference, run_summary
 from fedpeptao.utils.checkpoint import (capture_rng_state, flatten_state, load_latest_checkpoint, restore_rng_state,
                                         save_checkpoint, unflatten_state)
+from fedpeptao.utils.device import to_device
 from fedpeptao.utils.round_log import RoundLog, close_row
 
 log = logging.getLogger("fedpeptao.server")
@@ -224,9 +225,7 @@ class Simulation:
         """Predictions and summed losses of several clients' models (pooled in shared batches if the
         tuning allows)."""
         if self.pooled_eval and len(parts) > 1:
-            device = self.model.device
-            return predict_batched(self.model, data, parts,
-                                   [{n: t.to(device) for n, t in own.items()} for own in tensors])
+            return predict_batched(self.model, data, parts, to_device(list(tensors), self.model.device))
         results = []
         for part, own in zip(parts, tensors):
             self.model.load_trainable(own)

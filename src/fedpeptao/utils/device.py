@@ -64,3 +64,16 @@ def to_host(tree: Any) -> Any:
     if isinstance(tree, list | tuple):
         return type(tree)(to_host(v) for v in tree)
     return tree
+
+
+def to_device(tree: Any, device: torch.device | str) -> Any:
+    """``tree`` (a tensor, or nested dicts / lists / tuples of tensors and ``None``) with every
+    tensor on ``device``. Copies to an accelerator do not wait for its queued work: a blocking copy
+    would synchronise the stream, and a training step would then wait for the previous one."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device, non_blocking=torch.device(device).type != "cpu")
+    if isinstance(tree, Mapping):
+        return {k: to_device(v, device) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(to_device(v, device) for v in tree)
+    return tree
