@@ -118,3 +118,18 @@ def test_a_bf16_batched_run_with_pooled_selection_keeps_fp32_and_finite(task_dir
     states = [c.optimizer["state"] for c in sim.clients.values() if c.optimizer]
     assert states and {t.dtype for s in states for v in s.values() for t in v.values()
                        if torch.is_tensor(t) and t.dim() > 0} == {torch.float32}
+
+
+def test_the_summary_says_where_and_how_the_clients_ran(task_dir):
+    from fedpeptao.report.summary import describe_compute
+
+    seq = Simulation(tiny(task_dir, "device=cpu", "execution=sequential", "federated.rounds=1"))
+    bat = Simulation(tiny(task_dir, "device=cpu", "precision=bf16", "execution=batched", "clients_per_pass=2",
+                          "federated.rounds=1"))
+    for sim in (seq, bat):
+        sim.run()
+    assert seq.summary()["compute"] == {"device": "cpu", "precision": "fp32", "execution": "sequential",
+                                        "clients_per_pass": 1}
+    assert bat.summary()["compute"] == {"device": "cpu", "precision": "bf16", "execution": "batched",
+                                        "clients_per_pass": 2}
+    assert describe_compute(bat.summary()["compute"]) == "cpu, bf16 backbone, up to 2 clients per shared pass"

@@ -26,10 +26,13 @@ def _run(args: argparse.Namespace) -> int:
         from fedpeptao.sim.simulator import run_experiment  # noqa: PLC0415 - keep `--help` and config errors instant
 
         sim, run_dir = run_experiment(cfg)
+    from fedpeptao.report.summary import describe_compute  # noqa: PLC0415
+
     s = sim.summary()
     selected = (f"round {s['selected_round'] + 1}, selected on validation ({s['validation_metric']:.4f})"
                 if s["validation_metric"] is not None else "the last round (no validation examples)")
     print(f"run directory: {run_dir}")
+    print(f"ran on {describe_compute(s['compute'])}")
     print(f"test {s['metric']}: {s['test_metric_at_selected']:.4f} at {selected}; {s['final_metric']:.4f} at the end "
           f"(majority-class rate {s['majority_rate']:.4f}); {s['total_mb']:.2f} MB communicated in {s['elapsed_s']:.0f} s")
     return 0

@@ -41,6 +41,13 @@ def run_summary(cfg, metric: str, history: list[dict], algorithm_summary: Mappin
     }
 
 
+def describe_compute(compute: Mapping[str, Any]) -> str:
+    """A summary's ``compute`` in words: ``cpu, fp32 backbone, one client at a time``."""
+    sharing = ("one client at a time" if compute.get("execution") == "sequential"
+               else f"up to {compute.get('clients_per_pass')} clients per shared pass")
+    return f"{compute.get('device')}, {compute.get('precision')} backbone, {sharing}"
+
+
 def select_round(evaluated: list[dict]) -> dict | None:
     """The evaluated row with the best validation metric (the last row when none has one)."""
     scored = [r for r in evaluated if r.get("val_metric") is not None]

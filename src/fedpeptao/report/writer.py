@@ -15,6 +15,7 @@ from typing import Any
 
 from fedpeptao.report import plots
 from fedpeptao.report.runs import ReportError, RunData, read_runs
+from fedpeptao.report.summary import describe_compute
 
 REPORT_FILE = "report.md"
 
@@ -119,6 +120,9 @@ def _run_section(run: RunData, out: Path) -> list[str]:
     if fed:
         lines.append(f"- clients: {fed.get('clients_per_round', '?')} of {fed.get('num_clients', '?')} per round, "
                      f"{fed.get('rounds', '?')} rounds planned, seed {run.setting('seed', '?')}")
+    compute = (run.summary or {}).get("compute")
+    if compute:
+        lines.append(f"- compute: {describe_compute(compute)}")
     if run.selection:
         layers = run.selection.get("layers")
         ratio = run.selection.get("ratio")

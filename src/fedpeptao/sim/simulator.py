@@ -41,7 +41,7 @@ from fedpeptao.models.slots import ClientView, batch_refusal
 from fedpeptao.report.summary import config_difference, run_summary
 from fedpeptao.utils.checkpoint import (capture_rng_state, flatten_state, load_latest_checkpoint, restore_rng_state,
                                         save_checkpoint, unflatten_state)
-from fedpeptao.utils.device import to_device
+from fedpeptao.utils.device import describe_device, to_device
 from fedpeptao.utils.round_log import RoundLog, close_row
 
 log = logging.getLogger("fedpeptao.server")
@@ -317,7 +317,15 @@ class Simulation:
                            majority_rate=majority,
                            trainable_parameters=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                            params_per_message=sum(t.numel() for t in self.algorithm.global_shared().values()),
-                           privacy=None if self.privacy is None else self.privacy.summary())
+                           privacy=None if self.privacy is None else self.privacy.summary(),
+                           compute=self.compute())
+
+    def compute(self) -> dict:
+        """Where and how the clients ran: the device, the backbone's precision, and whether they
+        shared forward/backward passes (``execution=auto`` decides by device)."""
+        return {"device": describe_device(self.model.device), "precision": self.cfg.precision,
+                "execution": "batched" if self.batched else "sequential",
+                "clients_per_pass": self.cfg.clients_per_pass if self.batched else 1}
 
     def client_model(self, k: int) -> dict:
         """Client ``k``'s tensors exactly as it would use them: its own, with the global shared ones."""

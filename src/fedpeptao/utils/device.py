@@ -51,6 +51,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def describe_device(device: torch.device) -> str:
+    """``cuda:0 (NVIDIA H200)``, ``cpu``, ``mps``: what a run's summary says it ran on."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
+
+
 def to_host(tree: Any) -> Any:
     """A copy of ``tree`` (nested dicts / lists of tensors) with every tensor on the CPU, pinned
     when CUDA is in use so the next client's upload overlaps; CPU tensors are returned as they are."""
