@@ -53,6 +53,23 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def count_tokens(model) -> dict:
+    """Real and padded tokens through the backbone of ``model`` (a PromptedClassifier) from now on.
+
+    Real tokens are summed on the model's device, so counting never makes the host wait for the
+    GPU; read them with ``int(counts["real"])`` after timing, and reset with ``counts.update(real=0,
+    padded=0)``."""
+    counts = {"real": 0, "padded": 0}
+
+    def count(_module, _args, kwargs):
+        mask = kwargs["attention_mask"]
+        counts["real"] = counts["real"] + mask.sum()
+        counts["padded"] += mask.numel()
+
+    model.model.base_model.register_forward_pre_hook(count, with_kwargs=True)
+    return counts
+
+
 def launch(overrides: list[str]) -> dict:
     """One experiment in its own process (:func:`child`), waited for."""
     return collect(start([__file__, *overrides]))

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from common import count_tokens
+
 MODELS = {"roberta-large (355M)": ["model.name=roberta-large-config", "model.random_init=true", "model.head=mlm"],
           "llama-1b (1.1B)": ["model.name=llama-1b-config", "model.random_init=true", "model.head=lm"]}
 TINY = {"tiny-roberta": ["model.name=tiny-roberta", "model.head=mlm"],
@@ -60,11 +62,9 @@ def round_of(name: str, overrides: list[str], execution: str, tiny: bool) -> dic
         "federated.clients_per_round=10", "federated.rounds=2", "client.epochs=1", "client.batch_size=8",
         "method.name=fedavg", "tuning.name=deep_prompt", "tuning.num_prompt_tokens=16", "checkpoint.every=0", *overrides])
     sim = Simulation(cfg)
-    tokens = [0]  # real tokens through the backbone, summed on the device (reading them would sync every pass)
-    sim.model.model.base_model.register_forward_pre_hook(
-        lambda _m, _a, kwargs: tokens.__setitem__(0, tokens[0] + kwargs["attention_mask"].sum()), with_kwargs=True)
+    tokens = count_tokens(sim.model)
     sim.train_round(0)  # warm-up: kernel selection and allocator growth are not part of the measure
-    tokens[0] = 0
+    tokens.update(real=0, padded=0)
     if not tiny:
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
@@ -78,7 +78,7 @@ def round_of(name: str, overrides: list[str], execution: str, tiny: bool) -> dic
     examples = sum(len(sim.train_parts[k]) for k in range(10))
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if not tiny else float("nan")
     return {"model": name, "execution": execution, "batched": sim.batched, "seconds": seconds,
-            "examples_s": examples / seconds, "tflops": 4 * n * int(tokens[0]) / seconds / 1e12, "peak_gib": peak}
+            "examples_s": examples / seconds, "tflops": 4 * n * int(tokens["real"]) / seconds / 1e12, "peak_gib": peak}
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from common import launch, synchronize
+from common import count_tokens, launch, synchronize
 
 DEFAULT = ["seed=0", "model.name=minilm", "model.max_length=64", "data.task=rotten_tomatoes",
            "data.max_train_examples=2000", "data.max_eval_examples=1000", "client.lr=0.02",
@@ -41,7 +41,6 @@ def matmul_rate(size: int = 1024, repeats: int = 20) -> float:
     return 2 * size ** 3 * repeats / (time.perf_counter() - start)
 
 
-
 def matmul_params(model) -> int:
     """Parameters of the backbone's transformer matmuls (not embeddings, norms or biases)."""
     return sum(m.weight.numel() for name, m in model.model.named_modules()
@@ -55,14 +54,7 @@ def one_round(execution: str, quick: bool) -> dict:
     cfg = load_config(None, DEFAULT + [f"execution={execution}", "progress=false", "federated.num_clients=20",
                                        f"federated.clients_per_round={3 if quick else 5}"])
     sim = Simulation(cfg)
-    tokens = {"real": 0, "padded": 0}
-
-    def count(_module, _args, kwargs):
-        mask = kwargs["attention_mask"]
-        tokens["real"] += int(mask.sum())
-        tokens["padded"] += mask.numel()
-
-    sim.model.model.base_model.register_forward_pre_hook(count, with_kwargs=True)
+    tokens = count_tokens(sim.model)
     sim.algorithm.prepare_round(0, sim.run_task)  # selection phases are not part of this measure
     tokens.update(real=0, padded=0)
     synchronize()
@@ -77,9 +69,10 @@ def one_round(execution: str, quick: bool) -> dict:
     synchronize()
     eval_s = time.perf_counter() - start
     n = matmul_params(sim.model)
-    useful = 4 * n * train_tokens["real"] + 2 * n * tokens["real"]
+    train_real, eval_real = int(train_tokens["real"]), int(tokens["real"])
+    useful = 4 * n * train_real + 2 * n * eval_real
     return {"execution": execution, "batched": sim.batched, "train_s": train_s, "eval_s": eval_s,
-            "train_fill": train_tokens["real"] / train_tokens["padded"], "eval_fill": tokens["real"] / tokens["padded"],
+            "train_fill": train_real / train_tokens["padded"], "eval_fill": eval_real / tokens["padded"],
             "flops": useful / (train_s + eval_s)}
 
 

@@ -248,9 +248,10 @@ def predict_batched(model: PromptedClassifier, data: EncodedDataset, parts: Sequ
     ran = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
     labels = torch.cat(predicted).cpu().numpy() if predicted else np.zeros(0, dtype=np.int64)
     losses = torch.cat(row_losses).double().cpu().numpy() if row_losses else np.zeros(0)
+    whose = owner[ran]
     preds = [np.zeros(len(part), dtype=np.int64) for part in parts]
     for i in range(len(parts)):
-        mine = owner[ran] == i
+        mine = whose == i
         preds[i][position[ran[mine]]] = labels[mine]
-    loss_sums = np.bincount(owner[ran], weights=losses, minlength=len(parts))
+    loss_sums = np.bincount(whose, weights=losses, minlength=len(parts))
     return [(pred, float(total)) for pred, total in zip(preds, loss_sums)]

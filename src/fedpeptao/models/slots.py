@@ -71,10 +71,10 @@ def slot_mode(model: nn.Module, slots: Sequence[Mapping[str, Tensor]], sizes: li
     (full names as in ``model.named_parameters()``; anything a slot lacks is the model's own)."""
     prompts = [(f"{name}." if name else "", m) for name, m in model.named_modules() if isinstance(m, DeepPrompt)]
     linears = _slot_linears(model)
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))  # row -> slot
     try:
         for prefix, prompt in prompts:
             device = next(iter(prompt.layers.values())).device if len(prompt.layers) else torch.device("cpu")
-            owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
             prompt.slots = ([{int(i): slot.get(f"{prefix}layers.{i}", p) for i, p in prompt.layers.items()}
                              for slot in slots], to_device(owner, device))
         for prefix, module in linears.items():

@@ -225,7 +225,7 @@ class Simulation:
         """Predictions and summed losses of several clients' models (pooled in shared batches if the
         tuning allows)."""
         if self.pooled_eval and len(parts) > 1:
-            return predict_batched(self.model, data, parts, to_device(list(tensors), self.model.device))
+            return predict_batched(self.model, data, parts, to_device(tensors, self.model.device))
         results = []
         for part, own in zip(parts, tensors):
             self.model.load_trainable(own)
