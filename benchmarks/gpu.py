@@ -81,6 +81,14 @@ def round_of(name: str, overrides: list[str], execution: str, tiny: bool) -> dic
             "examples_s": examples / seconds, "tflops": 4 * n * int(tokens["real"]) / seconds / 1e12, "peak_gib": peak}
 
 
+def rate(value: float, width: int, decimals: int) -> str:
+    """``value`` with ``decimals`` decimals, or in scientific notation where those would round a
+    nonzero rate to zero (a tiny model's TFLOP/s on a busy CPU prints 2.10e-05, not 0.000)."""
+    if value != 0 and abs(value) < 0.5 * 10 ** -decimals:
+        return f"{value:>{width}.2e}"
+    return f"{value:>{width}.{decimals}f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (tests the script)")
@@ -101,7 +109,7 @@ def main() -> None:
                 for execution in ("sequential", "batched")]
         for r in rows:
             print(f"{r['model']:>22} {r['execution']:>10} {str(r['batched']):>7} {r['seconds']:>8.1f} "
-                  f"{r['examples_s']:>10.1f} {r['tflops']:>8.3f} {r['peak_gib']:>8.2f}")
+                  f"{rate(r['examples_s'], 10, 1)} {rate(r['tflops'], 8, 3)} {r['peak_gib']:>8.2f}")
         print(f"{name}: batched / sequential examples/s = {rows[1]['examples_s'] / rows[0]['examples_s']:.2f}")
 
 

@@ -76,7 +76,8 @@ def hvp_table(overrides: list[str], repeats: int = 10) -> list[tuple[str, float,
     model, part = sim.model, sim.train_parts[0]
     names = [f"prompt.layers.{i}" for i in model.prompt.active_layers]
     start = time.perf_counter()
-    double_backward, dim = client_hvp(model, sim.train_data, part, sim.cfg.client.batch_size, 0, names)
+    lockstep, dim = client_hvp(model, sim.train_data, [part], sim.cfg.client.batch_size, [0], names)
+    double_backward = lambda v: lockstep([v])[0]  # noqa: E731 - one client's products
     build_ms = (time.perf_counter() - start) * 1000
 
     named = dict(model.named_parameters())
@@ -127,7 +128,7 @@ def hessian_table(overrides: list[str], clients: int = 3) -> list[tuple[str, flo
     works = [ClientWork(k, sim.model, sim.train_data, sim.train_parts[k], round_seed(0, 0, k, HESSIAN_STREAM),
                         sim.cfg.client.batch_size) for k in chosen]
     rows = []
-    for mode, run in (("one client at a time", lambda: [sim.algorithm.run_task(task, w) for w in works]),
+    for mode, run in (("one client at a time", lambda: [sim.algorithm.run_tasks(task, [w])[0] for w in works]),
                       ("one pass per Lanczos step", lambda: sim.algorithm.run_tasks(task, works))):
         sim.model.load_trainable(task.params)
         synchronize()

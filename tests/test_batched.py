@@ -70,7 +70,7 @@ def test_clients_per_pass_caps_a_pass_and_keeps_the_result(task_dir):
     results = []
     for size in (2, 3, 4):
         sim = simulation(task_dir, "batched", "method.name=fedavg", f"clients_per_pass={size}")
-        assert [len(g) for g in sim.passes([0, 1, 2, 3])] == {2: [2, 2], 3: [3, 1], 4: [4]}[size]
+        assert [len(g) for g in sim.worker.passes([0, 1, 2, 3])] == {2: [2, 2], 3: [3, 1], 4: [4]}[size]
         sim.run()
         results.append(sim.algorithm.params)
     assert max_diff(results[0], results[1]) <= TOLERANCE and max_diff(results[0], results[2]) <= TOLERANCE
@@ -126,7 +126,7 @@ def test_a_step_split_into_several_passes_still_equals_sequential(task_dir, meth
 
 @pytest.mark.parametrize("tuning", ["input_prompt", "late_prompt", "attempt"])
 def test_a_tuning_that_cannot_batch_falls_back_and_says_so(task_dir, tuning, caplog):
-    with caplog.at_level(logging.INFO, logger="fedpeptao.server"):
+    with caplog.at_level(logging.INFO, logger="fedpeptao"):
         sim = simulation(task_dir, "batched", "method.name=fedavg", f"tuning.name={tuning}", "federated.rounds=1")
     assert not sim.batched
     assert batch_refusal(sim.model) is not None
@@ -163,14 +163,14 @@ def test_batched_with_dropout_is_deterministic(task_dir):
 
 def test_auto_shares_passes_on_an_accelerator_only(task_dir):
     sim = simulation(task_dir, "auto", "method.name=fedavg", "device=cpu")
-    assert not sim.batched and sim.pooled_eval  # a CPU: sequential training, pooled evaluation
+    assert not sim.batched and sim.worker.pooled_eval  # a CPU: sequential training, pooled evaluation
 
 
 def test_pooled_evaluation_equals_one_client_at_a_time(task_dir):
     sim = simulation(task_dir, "sequential", "method.name=fedpeptao", "method.ratio=0.5", "federated.rounds=2")
     sim.run()
     pooled = sim.evaluate()
-    sim.pooled_eval = False
+    sim.worker.pooled_eval = False
     alone = sim.evaluate()
     assert pooled["client_accuracy"] == alone["client_accuracy"]
     assert pooled["accuracy"] == alone["accuracy"] and pooled["val_accuracy"] == alone["val_accuracy"]

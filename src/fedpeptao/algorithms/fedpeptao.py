@@ -35,10 +35,9 @@ from torch import Tensor
 from fedpeptao.algorithms.base import (Algorithm, AlgorithmSettings, ClientTask, ClientWork, RunTask, ServerContext,
                                        register)
 from fedpeptao.core.federation import HESSIAN_STREAM, SCORE_STREAM, ClientState
-from fedpeptao.core.hessian import ratio_of_runs, slq_runs, slq_runs_many
+from fedpeptao.core.hessian import ratio_of_runs, slq_runs_lockstep
 from fedpeptao.core.scoring import combine_scores, rank_layers, select_layers
-from fedpeptao.core.selection import (client_hvp, client_layer_scores, lanczos_device, pooled_client_hvp,
-                                      pooled_layer_scores)
+from fedpeptao.core.selection import client_hvp, lanczos_device, layer_scores_of
 from fedpeptao.core.server import ClientUpdate, ServerState, ServerStepConfig, fedpeptao_step, weighted_average
 
 log = logging.getLogger("fedpeptao.server")
@@ -235,42 +234,23 @@ class FedPepTAO(Algorithm):
             client.algo_state = {**client.algo_state, "base_version": int(received[BASE_VERSION])}
         return super().client_start(received, client)
 
-    def run_task(self, task: ClientTask, work: ClientWork) -> dict[str, Any]:
-        if task.kind == SCORE_TASK:
-            if len(work.indices) < 2:
-                return {}
-            scores = client_layer_scores(work.model, work.data, work.indices, self.settings.score_batch_size,
-                                         work.seed)
-            return {"scores": scores.tolist(), "num_train": len(work.indices)}
-        if task.kind == HESSIAN_TASK:
-            hvp, dim = client_hvp(work.model, work.data, work.indices, self._hessian_batch(work), work.seed,
-                                  self._hessian_names())
-            s = self.settings
-            runs = slq_runs(hvp, dim, s.lanczos_iters, s.hessian_probes, self._probe_seed(task, work),
-                            device=lanczos_device(work.model))
-            return {"ratio": float(ratio_of_runs(runs))}
-        return super().run_task(task, work)
-
     def run_tasks(self, task: ClientTask, works: Sequence[ClientWork]) -> list[dict[str, Any]]:
-        """Several clients at once, all on the same tensors (``task.params``): layer scoring in one
+        """One pass's clients, all on the same tensors (``task.params``): layer scoring in one
         forward pass, and the Hessian ratio with every Lanczos iteration's products in one
         double-backward pass (each client's Hessian is its own block of one batched loss)."""
-        if len(works) < 2:
-            return super().run_tasks(task, works)
         first = works[0]
         if task.kind == HESSIAN_TASK:
             s = self.settings
-            hvp_many, dim = pooled_client_hvp(first.model, first.data, [w.indices for w in works],
-                                              self._hessian_batch(first), [w.seed for w in works],
-                                              self._hessian_names())
-            runs = slq_runs_many(hvp_many, dim, s.lanczos_iters, s.hessian_probes,
-                                 [self._probe_seed(task, w) for w in works], device=lanczos_device(first.model))
+            hvps, dim = client_hvp(first.model, first.data, [w.indices for w in works], self._hessian_batch(first),
+                                   [w.seed for w in works], self._hessian_names())
+            runs = slq_runs_lockstep(hvps, dim, s.lanczos_iters, s.hessian_probes,
+                                     [self._probe_seed(task, w) for w in works], device=lanczos_device(first.model))
             return [{"ratio": float(ratio_of_runs(own))} for own in runs]
-        scorable = [w for w in works if len(w.indices) >= 2]
-        if task.kind != SCORE_TASK or len(scorable) < 2:
+        if task.kind != SCORE_TASK:
             return super().run_tasks(task, works)
-        scores = iter(pooled_layer_scores(first.model, first.data, [w.indices for w in scorable],
-                                          self.settings.score_batch_size, [w.seed for w in scorable]))
+        scorable = [w for w in works if len(w.indices) >= 2]  # a client with fewer cannot score
+        scores = iter(layer_scores_of(first.model, first.data, [w.indices for w in scorable],
+                                      self.settings.score_batch_size, [w.seed for w in scorable]) if scorable else [])
         return [{"scores": next(scores).tolist(), "num_train": len(w.indices)} if len(w.indices) >= 2 else {}
                 for w in works]
 

@@ -52,27 +52,6 @@ def make_optimizer(model: torch.nn.Module, cfg: LocalTrainConfig) -> torch.optim
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def local_train(
-    model: PromptedClassifier,
-    data: EncodedDataset,
-    indices: np.ndarray,
-    cfg: LocalTrainConfig,
-    rng: np.random.Generator,
-    optimizer_state: dict | None = None,
-    extra_loss=None,
-    order_seed: int = 0,
-) -> LocalResult:
-    """Run ``cfg.epochs`` over the client's examples; returns the optimiser state to keep.
-
-    ``order_seed`` is the round's (every client's) seed for the order of length-grouped batches.
-
-    ``extra_loss(model, batch, output) -> Tensor`` lets federated optimisers add a term (FedProx's
-    proximal term, MOON's contrastive term) without a second training loop.
-    """
-    return local_train_batched(model, data, [LocalJob(model, indices, rng, optimizer_state, extra_loss)], cfg,
-                               order_seed)[0]
-
-
 @dataclass
 class LocalJob:
     """One client's share of a pass: its tensors (a :class:`ClientView` in a shared pass, or the
@@ -86,11 +65,17 @@ class LocalJob:
     extra_loss: object | None = None
 
 
-def local_train_batched(model: PromptedClassifier, data: EncodedDataset, jobs: Sequence[LocalJob],
-                        cfg: LocalTrainConfig, order_seed: int = 0) -> list[LocalResult]:
-    """:func:`local_train` for several clients at once: at each step every client that still has a
-    batch contributes it to a forward/backward pass over the shared frozen backbone (slot mode),
-    then each client clips and steps its own optimiser on its own tensors.
+def local_train(model: PromptedClassifier, data: EncodedDataset, jobs: Sequence[LocalJob],
+                cfg: LocalTrainConfig, order_seed: int = 0) -> list[LocalResult]:
+    """``cfg.epochs`` over each job's examples; returns each client's result and optimiser state.
+
+    ``order_seed`` is the round's (every client's) seed for the order of length-grouped batches.
+    A job's ``extra_loss(model, batch, output) -> Tensor`` lets federated optimisers add a term
+    (FedProx's proximal term, MOON's contrastive term) without a second training loop.
+
+    Several jobs train at once: at each step every client that still has a batch contributes it
+    to a forward/backward pass over the shared frozen backbone (slot mode), then each client
+    clips and steps its own optimiser on its own tensors.
 
     Each client's loss is the mean over its own examples and the clients' tensors are disjoint, so
     the summed loss gives each client exactly its own gradient: with dropout off the result equals
@@ -208,25 +193,22 @@ def _kept_state(optimizer: torch.optim.Optimizer, cfg: LocalTrainConfig) -> dict
 
 
 @torch.no_grad()
-def predict(model: PromptedClassifier, data: EncodedDataset, indices: np.ndarray, batch_size: int = 32
-            ) -> tuple[np.ndarray, float]:
-    """Predicted classes for the given examples (in their order) and the summed loss; the
-    examples run shortest first, so batches carry little padding."""
-    return predict_batched(model, data, [indices], [None], batch_size)[0]
+def predict(model: PromptedClassifier, data: EncodedDataset, parts: Sequence[np.ndarray],
+            tensors: Sequence[dict[str, torch.Tensor]] | None = None, batch_size: int = 32
+            ) -> list[tuple[np.ndarray, float]]:
+    """Predicted classes (in each part's order) and summed loss of client ``k``'s examples
+    ``parts[k]`` under its tensors ``tensors[k]`` (``None``: the model's own tensors).
 
-
-@torch.no_grad()
-def predict_batched(model: PromptedClassifier, data: EncodedDataset, parts: Sequence[np.ndarray],
-                    tensors: Sequence[dict[str, torch.Tensor] | None], batch_size: int = 32
-                    ) -> list[tuple[np.ndarray, float]]:
-    """:func:`predict` for several clients' models at once: client ``k``'s examples ``parts[k]``
-    under its tensors ``tensors[k]`` (``[None]``: one client with the model's own tensors).
-
-    The clients' examples are pooled and run shortest first in batches of ``batch_size``; in a
-    batch each client's rows are contiguous and use its own tensors (slot mode). Padding is then
-    what one sorted pass would have, and the batch size stays the one asked for.
+    The examples run shortest first in batches of ``batch_size``, so batches carry little
+    padding. Several clients' examples are pooled: in a batch each client's rows are contiguous
+    and use its own tensors (slot mode); one client's tensors are simply loaded into the model.
     """
     model.eval()
+    if tensors is not None and len(parts) == 1:
+        model.load_trainable(tensors[0])
+        tensors = None
+    if tensors is None:
+        tensors = [None] * len(parts)
     owner = np.concatenate([np.full(len(part), i) for i, part in enumerate(parts)]).astype(np.int64)
     position = np.concatenate([np.arange(len(part)) for part in parts]).astype(np.int64)
     examples = np.concatenate([np.asarray(part, dtype=np.int64) for part in parts])

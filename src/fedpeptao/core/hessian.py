@@ -68,29 +68,29 @@ def lanczos(hvp: Hvp, dim: int, num_iters: int, generator: torch.Generator, *,
     (float64 on the CPU by default: ``num_iters * dim`` numbers); the returned tensors are float64
     on the CPU.
     """
-    return lanczos_many(_one_client(hvp), dim, num_iters, [generator], dtype=dtype, device=device)[0]
+    return lanczos_lockstep(one_client(hvp), dim, num_iters, [generator], dtype=dtype, device=device)[0]
 
 
 #: Hessian-vector products of several clients at once: ``vectors[k]`` is client ``k``'s vector, or
 #: None when nothing is asked of it; returns the products in the same places.
-HvpMany = Callable[[Sequence[torch.Tensor | None]], Sequence[torch.Tensor | None]]
+HvpLockstep = Callable[[Sequence[torch.Tensor | None]], Sequence[torch.Tensor | None]]
 
 
-def _one_client(hvp: Hvp) -> HvpMany:
+def one_client(hvp: Hvp) -> HvpLockstep:
     """One client's products as the several-client form the lockstep functions call."""
     return lambda vectors: [None if v is None else hvp(v) for v in vectors]
 
 
-def lanczos_many(hvp_many: HvpMany, dim: int, num_iters: int, generators: Sequence[torch.Generator], *,
+def lanczos_lockstep(hvps: HvpLockstep, dim: int, num_iters: int, generators: Sequence[torch.Generator], *,
                  dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`lanczos` for several clients in lockstep, client ``k`` from ``generators[k]``: each
-    iteration asks ``hvp_many`` for every unfinished client's product at once (one shared pass
+    iteration asks ``hvps`` for every unfinished client's product at once (one shared pass
     over the backbone where the clients' Hessians come from one batched loss), and each client's
     run is exactly what :func:`lanczos` alone would compute from the same products."""
     runs = [_LanczosRun(dim, num_iters, generator, dtype, device) for generator in generators]
     while any(not run.done for run in runs):
-        products = hvp_many([None if run.done else run.vector for run in runs])
+        products = hvps([None if run.done else run.vector for run in runs])
         for run, product in zip(runs, products):
             if not run.done:
                 run.advance(product)
@@ -153,20 +153,20 @@ def slq_runs(hvp: Hvp, dim: int, num_iters: int = 50, num_probes: int = 1, seed:
     squared first eigenvector components per SLQ run. The runs are kept apart because the reference's
     density grid is built from the *mean of the per-run* extremes (:func:`reference_density`).
     """
-    return slq_runs_many(_one_client(hvp), dim, num_iters, num_probes, [seed], dtype=dtype, device=device)[0]
+    return slq_runs_lockstep(one_client(hvp), dim, num_iters, num_probes, [seed], dtype=dtype, device=device)[0]
 
 
-def slq_runs_many(hvp_many: HvpMany, dim: int, num_iters: int, num_probes: int, seeds: Sequence[int], *,
+def slq_runs_lockstep(hvps: HvpLockstep, dim: int, num_iters: int, num_probes: int, seeds: Sequence[int], *,
                   dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
                   ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """:func:`slq_runs` of several clients (client ``k`` draws its probes from ``seeds[k]``), their
-    Lanczos iterations in lockstep (:func:`lanczos_many`)."""
+    Lanczos iterations in lockstep (:func:`lanczos_lockstep`)."""
     if num_probes < 1:
         raise ValueError(f"num_probes must be >= 1, got {num_probes}")
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     runs: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in seeds]
     for _ in range(num_probes):
-        for own, (alphas, betas) in zip(runs, lanczos_many(hvp_many, dim, num_iters, generators,
+        for own, (alphas, betas) in zip(runs, lanczos_lockstep(hvps, dim, num_iters, generators,
                                                            dtype=dtype, device=device)):
             tridiagonal = torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
             nodes, vectors = torch.linalg.eigh(tridiagonal)

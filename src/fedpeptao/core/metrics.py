@@ -45,3 +45,19 @@ def score(name: MetricName, preds: np.ndarray, labels: np.ndarray) -> float:
 def default_metric(layout: str | None) -> MetricName:
     """The paper's metric for a recognised task layout (CoLA: MCC, MRPC: (acc+F1)/2, else accuracy)."""
     return LAYOUT_METRICS.get(layout or "", "accuracy")
+
+
+def confusion(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> np.ndarray:
+    """``[true, predicted]`` counts: enough to recompute accuracy, MCC and F1 exactly, so clients'
+    predictions pool by adding these (what travels in Flower, what the round engine sums)."""
+    counts = np.zeros((num_labels, num_labels), dtype=np.int64)
+    np.add.at(counts, (labels.astype(np.int64), preds.astype(np.int64)), 1)
+    return counts
+
+
+def expand_confusion(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(preds, labels)`` arrays with the given ``[true, predicted]`` counts, for :func:`score`."""
+    num_labels = counts.shape[0]
+    true, pred = np.meshgrid(np.arange(num_labels), np.arange(num_labels), indexing="ij")
+    flat = counts.reshape(-1)
+    return np.repeat(pred.reshape(-1), flat), np.repeat(true.reshape(-1), flat)

@@ -6,13 +6,13 @@ only feeds them a client's batch through the prompted model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fedpeptao.core.hessian import HvpMany, hvp_fn
+from fedpeptao.core.hessian import HvpLockstep, hvp_fn, one_client
 from fedpeptao.core.scoring import layer_scores
 from fedpeptao.data.encoding import EncodedDataset, stack_batches
 from fedpeptao.models.classifier import PromptedClassifier
@@ -25,23 +25,10 @@ def _first_batch(data: EncodedDataset, indices: np.ndarray, batch_size: int, see
 
 
 @torch.no_grad()
-def client_layer_scores(model: PromptedClassifier, data: EncodedDataset, indices: np.ndarray,
-                        batch_size: int, seed: int) -> torch.Tensor:
-    """Layer-importance scores from one batch of this client's data (needs >= 2 examples)."""
-    if len(indices) < 2:
-        raise ValueError("layer scoring needs at least 2 examples on the client")
-    model.eval()
-    batch = _first_batch(data, indices, batch_size, seed)
-    outputs = model.layer_outputs(batch["input_ids"], batch["attention_mask"])
-    mask = batch["attention_mask"].unsqueeze(-1).to(outputs[0])
-    return layer_scores([h * mask for h in outputs])
-
-
-@torch.no_grad()
-def pooled_layer_scores(model: PromptedClassifier, data: EncodedDataset, parts: Sequence[np.ndarray],
-                        batch_size: int, seeds: Sequence[int]) -> list[torch.Tensor]:
-    """:func:`client_layer_scores` of several clients (each with >= 2 examples) from ONE forward
-    pass of their batches stacked together, all under the model's current tensors.
+def layer_scores_of(model: PromptedClassifier, data: EncodedDataset, parts: Sequence[np.ndarray],
+                    batch_size: int, seeds: Sequence[int]) -> list[torch.Tensor]:
+    """Layer-importance scores of each client (each with >= 2 examples) from one batch of its data,
+    all under the model's current tensors, in ONE forward pass of the batches stacked together.
 
     Each client's rows are scored on their own. The extra right padding a shared pass adds is
     masked like any other padding (zero rows add nothing to a flattened example's direction), so
@@ -58,38 +45,27 @@ def pooled_layer_scores(model: PromptedClassifier, data: EncodedDataset, parts: 
     return [layer_scores([h[own] for h in masked]) for own in rows]
 
 
-def client_hvp(model: PromptedClassifier, data: EncodedDataset, indices: np.ndarray, batch_size: int,
-               seed: int, names: list[str] | None = None) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
-    """Hessian-vector products of this client's batch loss w.r.t. the named trainable tensors
-    (default: every deep-prompt layer), i.e. the tuning's per-layer groups.
+def client_hvp(model: PromptedClassifier, data: EncodedDataset, parts: Sequence[np.ndarray], batch_size: int,
+               seeds: Sequence[int], names: list[str]) -> tuple[HvpLockstep, int]:
+    """Hessian-vector products of each client's batch loss w.r.t. the named trainable tensors (the
+    tuning's per-layer groups), all at the model's current tensors; returns ``(hvps, dim)`` for
+    :func:`~fedpeptao.core.hessian.slq_runs_lockstep`.
 
-    Evaluated in eval mode (no dropout) so that the operator is a fixed symmetric matrix, and with
-    the math SDPA kernel: PyTorch's fused CPU attention kernels have no double backward.
+    Evaluated in eval mode (no dropout) so that each operator is a fixed symmetric matrix, and with
+    the math SDPA kernel: PyTorch's fused CPU attention kernels have no double backward. One client
+    differentiates the model's own tensors. Several clients share ONE forward pass of their
+    batches stacked together: each gets its own copy of the tensors (a :class:`ClientView` in slot
+    mode) and the loss is the sum of the clients' own mean losses, so the Hessian w.r.t. all copies
+    is block diagonal with client ``k``'s Hessian as block ``k``: one double-backward pass gives
+    every client's product, each equal to its one-client product up to float rounding.
     """
     model.eval()
-    batch = _first_batch(data, indices, batch_size, seed)
-    if names is None:
-        params = [model.prompt.layers[str(i)] for i in model.prompt.active_layers]
-    else:
+    if len(parts) == 1:
+        batch = _first_batch(data, parts[0], batch_size, seeds[0])
         named = dict(model.named_parameters())
         params = [named[n] for n in names]
-    dim = sum(p.numel() for p in params)
-    with sdpa_kernel(SDPBackend.MATH):
-        return hvp_fn(lambda: model(**batch).loss, params), dim
-
-
-def pooled_client_hvp(model: PromptedClassifier, data: EncodedDataset, parts: Sequence[np.ndarray], batch_size: int,
-                      seeds: Sequence[int], names: list[str]) -> tuple[HvpMany, int]:
-    """:func:`client_hvp` of several clients from ONE forward pass of their batches stacked
-    together, all at the model's current tensors; returns ``(hvp_many, dim)`` for
-    :func:`~fedpeptao.core.hessian.lanczos_many`.
-
-    Each client gets its own copy of the tensors (a :class:`ClientView` in slot mode) and the loss
-    is the sum of the clients' own mean losses, so the Hessian w.r.t. all copies is block diagonal
-    with client ``k``'s Hessian as block ``k``: one double-backward pass gives every client's
-    product, each equal to its one-client product up to float rounding.
-    """
-    model.eval()
+        with sdpa_kernel(SDPBackend.MATH):
+            return one_client(hvp_fn(lambda: model(**batch).loss, params)), sum(p.numel() for p in params)
     combined, rows = stack_batches([_first_batch(data, indices, batch_size, seed)
                                     for indices, seed in zip(parts, seeds)], data.pad_id)
     current = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -105,12 +81,12 @@ def pooled_client_hvp(model: PromptedClassifier, data: EncodedDataset, parts: Se
     with sdpa_kernel(SDPBackend.MATH):
         joint = hvp_fn(loss, params)
 
-    def hvp_many(vectors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    def hvps(vectors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
         template = next(v for v in vectors if v is not None)
         products = joint(torch.cat([torch.zeros_like(template) if v is None else v for v in vectors])).split(dim)
         return [None if v is None else h for v, h in zip(vectors, products)]
 
-    return hvp_many, dim
+    return hvps, dim
 
 
 def lanczos_device(model: PromptedClassifier) -> torch.device | None:

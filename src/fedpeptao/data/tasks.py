@@ -46,6 +46,19 @@ def load_splits(cfg, seed: int) -> tuple[TextDataset, TextDataset | None, TextDa
         train, validation, evaluation = load_task_dir(cfg.task, header=cfg.header, columns=columns)
     else:
         raise DataError(f"data.task: '{cfg.task}' is neither a bundled task ({', '.join(BUNDLED)}) nor a folder")
+    _require_two_labels(train, "")
     if validation is not None:
         validation = _cap(validation, cfg.max_eval_examples, seed + 2)
-    return _cap(train, cfg.max_train_examples, seed), validation, _cap(evaluation, cfg.max_eval_examples, seed + 1)
+    capped = _cap(train, cfg.max_train_examples, seed)
+    _require_two_labels(capped, f" after data.max_train_examples={cfg.max_train_examples}")
+    return capped, validation, _cap(evaluation, cfg.max_eval_examples, seed + 1)
+
+
+def _require_two_labels(train: TextDataset, after: str) -> None:
+    """A classifier trained on one label predicts it everywhere and scores 1.0 on a test split of
+    that label: refused in one line (:class:`DataError`) before any model is built."""
+    present = np.unique(train.labels)
+    if len(present) < 2:
+        source = f" ({train.source})" if train.source else ""
+        held = f"a single label ({train.label_names[present[0]]!r})" if len(present) else "no examples"
+        raise DataError(f"data: the training split{source} has {held}{after}; a classifier needs at least two labels")

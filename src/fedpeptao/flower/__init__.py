@@ -2,5 +2,5 @@
 
 ``fedpeptao.flower.server_app:app`` and ``fedpeptao.flower.client_app:app`` are the Flower
 ServerApp and ClientApp (``flower_app/pyproject.toml`` names them for ``flwr run``); see
-``README.md ("Run on several machines")``. Nothing is imported here, so that importing the package stays cheap.
+``docs/deployment.md``. Nothing is imported here, so that importing the package stays cheap.
 """

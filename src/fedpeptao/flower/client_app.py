@@ -2,9 +2,8 @@
 
 Each handler rebuilds (or reuses, within one process) the model, data and algorithm from the
 experiment the server sent, restores this client's own tensors, optimiser state and algorithm
-state, and calls the same code as the embedded simulator: the algorithm's device hooks
-(``client_start``, ``client_training``, ``client_reply``, ``run_task``) around
-:func:`~fedpeptao.core.federation.client_round` and :func:`~fedpeptao.core.client.predict`.
+state, and hands the message to a :class:`~fedpeptao.engine.worker.ClientWorker`: the same
+device side as the embedded simulator's, serving this node's one client.
 State lives in ``context.state`` (and on the node's disk), never in module globals, because one
 Flower worker may serve many clients.
 """
@@ -19,12 +18,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeptao.algorithms import Algorithm
-from fedpeptao.algorithms.base import ClientTask, ClientWork
+from fedpeptao.algorithms.base import ClientTask
 from fedpeptao.config import ExperimentConfig
-from fedpeptao.core import payload
-from fedpeptao.core.client import predict
-from fedpeptao.core.federation import ClientState, batch_order_seed, client_round, round_seed
+from fedpeptao.core.federation import ClientState
+from fedpeptao.engine.rounds import SPLITS
+from fedpeptao.engine.worker import ClientWorker, Job
 from fedpeptao.experiment import Federation, make_privacy
 from fedpeptao.flower import records as R
 from fedpeptao.flower.build import cached_federation, cached_public_data, resolve_data_path
@@ -41,22 +39,13 @@ class ClientJob:
 
     cfg: ExperimentConfig
     fed: Federation
-    algorithm: Algorithm  # only its device side runs here
+    worker: ClientWorker  # the same device side as the simulator's, for this node's one client
     node: NodeSettings
-    train_part: np.ndarray
-    eval_part: np.ndarray
-    val_part: np.ndarray
     store: ClientStore
-    build_key: tuple[str, str | None, str | None]  # what the cached federation was built from
 
     def load(self, before: int) -> StoredClient:
         """This client's state from before round ``before``, or the fresh initialisation."""
         return self.store.load(before) or StoredClient(ClientState(params=dict(self.fed.initial)))
-
-    def work(self, task: ClientTask) -> ClientWork:
-        seed = round_seed(self.cfg.seed, task.round, self.node.client_id, task.stream)
-        return ClientWork(self.node.client_id, self.fed.model, self.fed.train_data, self.train_part, seed,
-                          self.cfg.client.batch_size)
 
 
 def _job(message: Message, context: Context) -> ClientJob:
@@ -69,12 +58,13 @@ def _job(message: Message, context: Context) -> ClientJob:
     build_key = (R.experiment_json(cfg), node.model_path, data_path)
     fed, algorithm = cached_federation(*build_key)
     index = 0 if node.partition is None else node.partition
+    public = cached_public_data(*build_key) if cfg.privacy.public_selection else None
+    worker = ClientWorker(cfg, fed, algorithm, make_privacy(cfg), public, partition_of=lambda _client: index)
     directory = None
     if node.state_dir is not None:  # per run and client, so a new run never picks up an old one's state
         directory = node.state_dir / f"run-{config[R.RUN_KEY]}" / f"client-{node.client_id}"
     keep = max(2, cfg.checkpoint.every + 1)  # back to the server's last checkpoint
-    return ClientJob(cfg, fed, algorithm, node, fed.train_parts[index], fed.eval_parts[index], fed.val_parts[index],
-                     ClientStore(context.state, directory, keep), build_key)
+    return ClientJob(cfg, fed, worker, node, ClientStore(context.state, directory, keep))
 
 
 def _reply(message: Message, **records) -> Message:
@@ -85,9 +75,9 @@ def _reply(message: Message, **records) -> Message:
 def setup(message: Message, context: Context) -> Message:
     """Identity, data sizes, initial tensors and the names of the tuning's layer groups and head."""
     job = _job(message, context)
-    model = job.fed.model
-    metrics = {"client-id": job.node.client_id, "num-train": len(job.train_part), "num-eval": len(job.eval_part),
-               "num-labels": job.fed.num_labels}
+    model, index = job.fed.model, job.worker.partition_of(job.node.client_id)
+    metrics = {"client-id": job.node.client_id, "num-train": len(job.fed.train_parts[index]),
+               "num-eval": len(job.fed.eval_parts[index]), "num-labels": job.fed.num_labels}
     names = ConfigRecord({"layer-groups": json.dumps({str(i): n for i, n in model.layer_groups().items()}),
                           "head-names": json.dumps(model.head_names()), "metric": job.fed.metric})
     return _reply(message, **{R.INIT: R.to_record(job.fed.initial), R.METRICS: MetricRecord(metrics),
@@ -98,17 +88,13 @@ def setup(message: Message, context: Context) -> Message:
 def task(message: Message, context: Context) -> Message:
     """A client-side computation of an algorithm's phase (layer scores, a Hessian ratio, ...)."""
     job = _job(message, context)
+    cid = job.node.client_id
     spec = json.loads(str(message.content[R.CONFIG][R.TASK_SPEC]))
-    params = R.from_record(message.content[R.GLOBAL])
-    work_task = ClientTask(spec["kind"], None, params, int(spec["round"]), int(spec["stream"]),
-                           {job.node.client_id: spec.get("options", {})})
-    job.fed.model.load_trainable(params)
-    work = job.work(work_task)
-    if spec.get("public"):  # privacy.selection=public: this node computes on the public data for all
-        work.data, work.indices = cached_public_data(*job.build_key)
-    result = job.algorithm.run_task(work_task, work)
+    work_task = ClientTask(spec["kind"], [cid], R.from_record(message.content[R.GLOBAL]), int(spec["round"]),
+                           int(spec["stream"]), {cid: spec.get("options", {})})
+    result = job.worker.run_task(work_task, [cid])[cid]
     return _reply(message, **{R.CONFIG: ConfigRecord({R.RESULT: json.dumps(result)}),
-                              R.METRICS: MetricRecord({"client-id": job.node.client_id})})
+                              R.METRICS: MetricRecord({"client-id": cid})})
 
 
 @app.train()
@@ -118,44 +104,30 @@ def train(message: Message, context: Context) -> Message:
     job = _job(message, context)
     round_index = int(message.content[R.CONFIG][R.ROUND])
     stored = job.load(before=round_index)
-    algo, client = job.algorithm, stored.state
     received = R.from_record(message.content[R.GLOBAL])
-    start = algo.client_start(received, client)
-    with algo.client_training(job.fed.model, received, client) as extra_loss:
-        update, result = client_round(job.fed.model, client, start, list(algo.model_part(received)),
-                                      job.fed.train_data, job.train_part, job.fed.local_cfg,
-                                      round_seed(job.cfg.seed, round_index, job.node.client_id), extra_loss,
-                                      batch_order_seed(job.cfg.seed, round_index))
-    sent = algo.client_reply(received, update, result.num_steps, client)
-    privacy = make_privacy(job.cfg)
-    if privacy is not None:  # local DP: noised here, before the reply leaves the node
-        sent = privacy.device_reply(sent, algo.model_part(received), job.node.client_id, round_index)
-    job.store.save(StoredClient(client, round_index))
-    metrics = {"client-id": job.node.client_id, "num-examples": result.num_examples, "num-steps": result.num_steps,
-               "train-loss": float(result.mean_loss), "seconds": float(result.seconds),
-               "bytes-up": payload.num_bytes(sent)}
-    return _reply(message, **{R.UPDATE: R.to_record(sent), R.METRICS: MetricRecord(metrics)})
+    (reply,) = job.worker.train(round_index, [Job(job.node.client_id, received, stored.state)])
+    job.store.save(StoredClient(stored.state, round_index))
+    metrics = {"client-id": reply.client_id, "num-examples": reply.num_examples, "num-steps": reply.num_steps,
+               "train-loss": float(reply.loss), "seconds": float(reply.seconds)}
+    return _reply(message, **{R.UPDATE: R.to_record(reply.sent), R.METRICS: MetricRecord(metrics)})
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Own tensors plus the global shared ones on this client's eval data: counts, not scores,
-    so the server can pool predictions as the simulator does."""
+    so the server pools predictions as the simulator does."""
     job = _job(message, context)
     round_index = int(message.content[R.CONFIG][R.ROUND])
     stored = job.load(before=round_index + 1)
-    received = R.from_record(message.content[R.GLOBAL])
     kept = dict(stored.state.algo_state)
-    start = job.algorithm.client_start(received, stored.state)
+    (reply,) = job.worker.evaluate([Job(job.node.client_id, R.from_record(message.content[R.GLOBAL]),
+                                        stored.state)])
     if stored.state.algo_state != kept:  # the device kept something of this message
         job.store.save(StoredClient(stored.state, round_index))
-    job.fed.model.load_trainable(start)
-    metrics = {"client-id": job.node.client_id}
-    for prefix, data, part in (("", job.fed.eval_data, job.eval_part), ("val-", job.fed.val_data, job.val_part)):
-        metrics.update({f"{prefix}num-examples": len(part), f"{prefix}loss-sum": 0.0,
-                        f"{prefix}confusion": [0] * job.fed.num_labels ** 2})
-        if len(part):
-            preds, loss_sum = predict(job.fed.model, data, part)
-            metrics.update({f"{prefix}loss-sum": float(loss_sum),
-                            f"{prefix}confusion": R.confusion(preds, data.labels[part], job.fed.num_labels)})
+    metrics: dict = {"client-id": job.node.client_id}
+    for split in SPLITS:
+        result = reply.splits.get(split)
+        counts = result.confusion if result is not None else np.zeros((job.fed.num_labels,) * 2, dtype=np.int64)
+        metrics.update({f"{split}-confusion": counts.reshape(-1).tolist(),
+                        f"{split}-loss-sum": 0.0 if result is None else float(result.loss_sum)})
     return _reply(message, **{R.METRICS: MetricRecord(metrics)})

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
@@ -60,18 +59,3 @@ def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """Owned, writable tensors (the record's buffers are not ours to keep)."""
     return {name: tensor.clone() for name, tensor in record.to_torch_state_dict().items()}
-
-
-def confusion(preds: np.ndarray, labels: np.ndarray, num_labels: int) -> list[int]:
-    """Row-major ``[true, predicted]`` counts: enough to recompute accuracy, MCC and F1 exactly."""
-    counts = np.zeros((num_labels, num_labels), dtype=np.int64)
-    np.add.at(counts, (labels.astype(np.int64), preds.astype(np.int64)), 1)
-    return counts.reshape(-1).tolist()
-
-
-def expand_confusion(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(preds, labels)`` arrays with the given ``[true, predicted]`` counts, for the metric functions."""
-    num_labels = counts.shape[0]
-    true, pred = np.meshgrid(np.arange(num_labels), np.arange(num_labels), indexing="ij")
-    flat = counts.reshape(-1)
-    return np.repeat(pred.reshape(-1), flat), np.repeat(true.reshape(-1), flat)

@@ -16,7 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
-from fedpeptao.config import save_config
+from fedpeptao.config import ConfigError, save_config
 from fedpeptao.flower.logs import route_to_flower
 from fedpeptao.flower.settings import ServerSettings
 from fedpeptao.flower.strategy import FederatedStrategy
@@ -30,7 +30,15 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     route_to_flower()
-    settings = ServerSettings.from_run_config(context.run_config, context.run_id)
+    try:
+        settings = ServerSettings.from_run_config(context.run_config, context.run_id)
+    except (ConfigError, ValueError, OSError) as exc:  # OSError: the config file unreadable (permissions)
+        # One line naming the key, as the command line prints it, and the ServerApp ends. Raised, it
+        # would reach the user as Flower's traceback and "An unhandled exception occurred in the
+        # ServerApp"; a SystemExit would skip Flower's exit handlers, which upload this line to
+        # `flwr log` / `flwr run --stream`. Nothing has been sent to a node or written yet.
+        log.error("%s%s", "config error: " if isinstance(exc, ConfigError) else "error: ", exc)
+        return
     cfg = settings.experiment
     run_dir = settings.output_dir
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -2,12 +2,12 @@
 
 The stock strategies average one ArrayRecord with identical keys from every reply. Our
 algorithms need more (per-client messages, server-held per-client state, client-side tasks
-before a round), so this strategy holds the run's :class:`~fedpeptao.algorithms.base.Algorithm`
-and drives it through the same hooks as the embedded simulator, naming no method:
+before a round), so this strategy is a transport around the run's
+:class:`~fedpeptao.engine.rounds.RoundEngine`, the same one the embedded simulator drives:
 
-* ``prepare_round`` before each round, its client tasks sent as ``query.task`` messages;
-* ``client_message(k)`` is what travels to client ``k`` and is counted;
-* replies are validated runtime-wide, then ``aggregate``;
+* the engine's phases run before each round, their client tasks sent as ``query.task`` messages;
+* the engine's message for client ``k`` is what travels to it (and is counted there);
+* replies go back to the engine (validation, privacy, the algorithm's step, pooled metrics);
 * the same random stream (``numpy.random.default_rng(cfg.seed)``) draws the clients of each
   round, so with every client online a Flower run samples exactly as the simulator does;
 * clients are identified by their ``client-id`` (the partition id), not Flower's node id,
@@ -38,22 +38,15 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpeptao.algorithms import Algorithm
 from fedpeptao.algorithms.base import ClientTask
-from fedpeptao.config import ConfigError, ExperimentConfig
-from fedpeptao.core import payload
-from fedpeptao.core.metrics import score
-from fedpeptao.core.server import ClientUpdate
-from fedpeptao.core.validation import ValidationPolicy, filter_model_updates
+from fedpeptao.config import ExperimentConfig
+from fedpeptao.engine.rounds import SPLITS, EvalReply, RoundEngine, SplitResult, TrainReply
 from fedpeptao.experiment import make_privacy, make_run_algorithm
 from fedpeptao.flower import records as R
-from fedpeptao.report.summary import config_difference, run_summary
-from fedpeptao.utils.checkpoint import (capture_rng_state, flatten_state, list_checkpoints, load_latest_checkpoint,
-                                        restore_rng_state, save_checkpoint, unflatten_state)
-from fedpeptao.utils.round_log import RoundLog, close_row
+from fedpeptao.report.summary import run_summary
 
 log = logging.getLogger("fedpeptao.flower.server")
 
 Tensors = dict[str, torch.Tensor]
-RESUMABLE_CHANGES = {"federated.rounds", "progress"}
 
 
 class FederatedStrategy(Strategy):
@@ -66,27 +59,32 @@ class FederatedStrategy(Strategy):
         self.min_replies = min_replies
         self.run_dir = run_dir
         self.checkpoint_dir = checkpoint_dir
-        self.metric = cfg.data.metric or "accuracy"  # the clients' data says otherwise at setup
-        self.rng = np.random.default_rng(cfg.seed)  # the simulator's sampling stream
+        # the algorithm is made at setup, from the initial tensors the nodes report
+        self.engine = RoundEngine(cfg, None, make_privacy(cfg), cfg.data.metric or "accuracy", run_dir,
+                                  checkpoint_dir, min_replies)
+        self.engine.checkpoint_dir = checkpoint_dir
+        self.engine.extra_state = lambda: {"run_key": self.run_key}
         self.clients: dict[int, int] = {}  # client id -> Flower node id
         self.refused: set[int] = set()  # node ids whose initial tensors disagree with the federation's
         self.initial: Tensors = {}
         self.names: dict | None = None  # layer groups and head names, from the first node
-        srv = cfg.server
-        self.validation = ValidationPolicy(max_norm=srv.max_update_norm) if srv.validate_updates else None
-        self.algorithm: Algorithm | None = None
-        self.privacy = make_privacy(cfg)  # client-level DP and its accountant (None: off)
-        self.stopped = False  # the privacy budget ended the run early
         self.run_key = uuid.uuid4().hex[:16]  # nodes keep this run's state under it (kept across restarts)
-        self.history: list[dict] = []
         self.first_round = 0
         self._grid: Grid | None = None
-        self._row: dict = {}
         self._sampled: dict[int, int] = {}
-        self._population = 0  # clients online when the round sampled (the accountant's N)
         self._failed_nodes: set[int] = set()
-        self._started = time.perf_counter()
-        self._log: RoundLog | None = None
+
+    @property
+    def algorithm(self) -> Algorithm | None:
+        return self.engine.algorithm
+
+    @property
+    def history(self) -> list[dict]:
+        return self.engine.history
+
+    @property
+    def metric(self) -> str:
+        return self.engine.metric
 
     # -- Strategy interface ----------------------------------------------------------------
     def summary(self) -> None:
@@ -97,98 +95,58 @@ class FederatedStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
-        algo, t = self._algo(), self._round(server_round)
+        engine, t = self._engine(), self._round(server_round)
         self._grid = grid
-        if self.stopped or self._budget_spent(t):
+        if engine.stopped or engine.budget_spent(t):
             return []
         self._discover(grid)
-        phase_start = time.perf_counter()
-        algo.prepare_round(t, self._run_task)
-        available = self._online(grid)
-        self._row = {"round": t, "sampled": [], "clients": [], "failed": [], "bytes_up": 0, "bytes_down": 0,
-                     "slowest_client_s": 0.0, "train_loss": float("nan"), "rejected": [],
-                     "phase_s": time.perf_counter() - phase_start}
+        engine.prepare(t, self._run_task)
         self._failed_nodes = set()
-        if not available:
-            log.warning("round %d: no known client is online", t)
-            self._sampled = {}
-            return []
-        size = min(self.cfg.federated.clients_per_round, len(available))
-        self._population = len(available)
-        sampled = sorted(int(c) for c in self.rng.choice(np.array(available), size=size, replace=False))
+        sampled = engine.sample(self._online(grid))
         self._sampled = {cid: self.clients[cid] for cid in sampled}
-        messages = []
-        for cid, node in self._sampled.items():
-            sent = algo.client_message(cid)
-            self._row["bytes_down"] += payload.num_bytes(sent)
-            messages.append(self._message(self._content(sent, round=t), node, MessageType.TRAIN, t))
-        self._row["sampled"] = sampled
-        return messages
+        messages = engine.train_messages(sampled)
+        return [self._message(self._content(messages[cid], round=t), node, MessageType.TRAIN, t)
+                for cid, node in self._sampled.items()]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        algo, t = self._algo(), self._round(server_round)
-        if self.stopped:
+        engine = self._engine()
+        if engine.stopped:
             return None, None
-        updates, losses, seconds, examples = [], [], [], {}
-        for message in replies:
-            parsed = self._parse_train(message)
-            if parsed is None:
-                continue
-            update, metrics = parsed
-            updates.append(update)
-            examples[str(update.client_id)] = update.num_examples
-            losses.append(float(metrics["train-loss"]))
-            seconds.append(float(metrics["seconds"]))
-            self._row["bytes_up"] += int(metrics["bytes-up"])
-        replied = {u.client_id for u in updates}
-        for cid in sorted(replied):
-            algo.acknowledge(cid)
-        failed = sorted(set(self._sampled) - replied)
-        self._failed_nodes = {self._sampled[cid] for cid in failed}
-        self._row.update({"clients": sorted(replied), "failed": failed,
-                          "client_examples": dict(sorted(examples.items())),
-                          "slowest_client_s": max(seconds, default=0.0),
-                          "train_loss": float(np.mean(losses)) if losses else float("nan")})
-        if failed:
-            log.warning("round %d: no usable reply from clients %s (error or timeout); left out", t, failed)
-        if len(updates) < self.min_replies:
-            log.warning("round %d: %d of %d sampled clients replied, fewer than min-replies=%d; global tensors "
-                        "unchanged", t, len(updates), len(self._sampled), self.min_replies)
-            self._row["skipped"] = True
-            return None, MetricRecord({"num-replies": len(updates), "num-failed": len(failed)})
-        accepted, rejected = filter_model_updates(sorted(updates, key=lambda u: u.client_id), algo.global_shared(),
-                                                  self.validation, log, algo.reply_prefixes)
-        self._row["rejected"] = [list(r) for r in rejected]
-        if self.privacy is not None:  # one privatised update for the round, even when none was valid
-            accepted = [self.privacy.aggregate(t, accepted, algo.global_shared(), self._population, len(self._sampled))]
-            self._row["epsilon"] = self.privacy.epsilon()
-        if accepted:
-            algo.aggregate(t, sorted(self._sampled), accepted)
-        else:
-            log.warning("round %d: no valid update; global state unchanged", t)
-        metrics = {"num-replies": len(updates), "num-failed": len(failed), "num-rejected": len(rejected)}
-        if losses:
-            metrics["train-loss"] = self._row["train_loss"]
-        return R.to_record(algo.global_shared()), MetricRecord(metrics)
+        parsed = [reply for reply in (self._parse_train(m) for m in replies) if reply is not None]
+        engine.receive_training(parsed)
+        row = engine.row
+        self._failed_nodes = {self._sampled[cid] for cid in row["failed"]}
+        metrics = {"num-replies": len(parsed), "num-failed": len(row["failed"]),
+                   "num-rejected": len(row["rejected"])}
+        if parsed:
+            metrics["train-loss"] = row["train_loss"]
+        if row.get("skipped"):
+            return None, MetricRecord(metrics)
+        return R.to_record(self.algorithm.global_shared()), MetricRecord(metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
-        t = self._round(server_round)
-        if self.stopped or not self._eval_round(t):
+        engine, t = self._engine(), self._round(server_round)
+        if engine.stopped or not engine.evaluates(t):
             return []
         online = set(grid.get_node_ids())
         targets = {cid: node for cid, node in sorted(self.clients.items())
                    if node in online and node not in self._failed_nodes}
-        return [self._message(self._content(self._algo().client_message(cid), round=t), node,
-                              MessageType.EVALUATE, t) for cid, node in targets.items()]
+        return [self._message(self._content(engine.message(cid), round=t), node, MessageType.EVALUATE, t)
+                for cid, node in targets.items()]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        t = self._round(server_round)
-        if self.stopped:
+        engine, t = self._engine(), self._round(server_round)
+        if engine.stopped:
             return None
-        result = self._pool_evaluations(replies) if self._eval_round(t) else None
-        self._finish_row()
+        result = None
+        if engine.evaluates(t):
+            pooled = engine.receive_evaluation([r for r in (self._parse_evaluation(m) for m in replies)
+                                                if r is not None])
+            scalars = {k: v for k, v in pooled.items() if isinstance(v, (int, float))}
+            result = MetricRecord(scalars) if "accuracy" in pooled else None
+        engine.close_round()
         return result
 
     # -- before and after the rounds --------------------------------------------------------
@@ -205,17 +163,12 @@ class FederatedStrategy(Strategy):
         if not self._setup_query(grid, nodes):
             raise RuntimeError("no SuperNode answered the setup query; see the SuperNode logs")
         groups = {int(i): names for i, names in json.loads(self.names["layer-groups"]).items()}
-        self.algorithm = make_run_algorithm(self.cfg, self.initial, groups, json.loads(self.names["head-names"]),
-                                            self.privacy)
+        engine = self.engine
+        engine.algorithm = make_run_algorithm(self.cfg, self.initial, groups, json.loads(self.names["head-names"]),
+                                              engine.privacy)
         if resumed is not None:
-            self.algorithm.load_state(resumed["algorithm"])
-            if self.privacy is not None:
-                self.privacy.load_state(resumed["privacy"])
-        self._started = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
-        if self.run_dir is not None:
-            if self.history:
-                RoundLog(self.run_dir).rewrite(self.history)
-            self._log = RoundLog(self.run_dir, self.cfg.tensorboard, self.first_round)
+            engine.load_state(resumed)
+        engine.start()
         log.info("federation: clients %s on %d SuperNodes", sorted(self.clients), len(self.clients))
 
     def remaining_rounds(self) -> int:
@@ -223,58 +176,33 @@ class FederatedStrategy(Strategy):
 
     def finish(self, grid: Grid) -> None:
         self._grid = grid
-        self._algo().finish(self._run_task)
-        if self._log is not None:
-            self._log.close()
+        self._engine().finish(self._run_task)
 
     def global_arrays(self) -> ArrayRecord:
-        return R.to_record(self._algo().global_shared())
+        return R.to_record(self._engine().algorithm.global_shared())
 
     def run_summary(self) -> dict:
         failed = int(np.sum([len(r["failed"]) for r in self.history]))
-        return run_summary(self.cfg, self.metric, self.history, self._algo().summary(), runtime="flower",
+        privacy = self.engine.privacy
+        return run_summary(self.cfg, self.metric, self.history, self._engine().algorithm.summary(), runtime="flower",
                            clients=sorted(self.clients), failed_client_rounds=failed,
-                           privacy=None if self.privacy is None else self.privacy.summary())
+                           privacy=None if privacy is None else privacy.summary())
 
     # -- checkpoints -----------------------------------------------------------------------
     def _resume(self) -> dict | None:
         """The newest checkpoint's state, if the checkpoint directory holds one (config checked)."""
-        if self.checkpoint_dir is None or not list_checkpoints(self.checkpoint_dir):
+        if not self.engine.has_checkpoint():
             return None
-        round_index, tensors, meta = load_latest_checkpoint(self.checkpoint_dir)
-        difference = config_difference(meta.get("config", {}), self.cfg.model_dump(mode="json"), RESUMABLE_CHANGES)
-        if difference:
-            raise ConfigError(f"{self.checkpoint_dir}: its checkpoint was written with another config ({difference})")
-        state = unflatten_state(tensors, meta["state"])
-        restore_rng_state(state["rng"], self.rng)
-        self.history, self.run_key = list(state["history"]), str(state["run_key"])
-        self.first_round = round_index + 1
-        log.info("continuing from the checkpoint of round %d in %s", round_index, self.checkpoint_dir)
+        state = self.engine.read_checkpoint()
+        self.run_key = str(state["run_key"])
+        self.first_round = self.engine.first_round
         return state
 
-    def _save_checkpoint(self, round_index: int) -> None:
-        state = {"algorithm": self._algo().state(), "rng": capture_rng_state(self.rng), "history": self.history,
-                 "run_key": self.run_key, "privacy": None if self.privacy is None else self.privacy.state()}
-        tensors, skeleton = flatten_state(state)
-        save_checkpoint(self.checkpoint_dir, round_index, tensors,
-                        {"state": skeleton, "config": self.cfg.model_dump(mode="json")}, keep=self.cfg.checkpoint.keep)
-
-    def _budget_spent(self, t: int) -> bool:
-        """Stop before round ``t`` when it would pass ``privacy.target_epsilon``, state saved."""
-        reason = None if self.privacy is None else self.privacy.stop_reason(t)
-        if reason is None:
-            return False
-        log.warning(reason)
-        self.stopped = True
-        if self.checkpoint_dir is not None and self.history:
-            self._save_checkpoint(self.history[-1]["round"])
-        return True
-
     # -- internals ---------------------------------------------------------------------------
-    def _algo(self) -> Algorithm:
-        if self.algorithm is None:
+    def _engine(self) -> RoundEngine:
+        if self.engine.algorithm is None:
             raise RuntimeError("call setup(grid, ...) before running rounds")
-        return self.algorithm
+        return self.engine
 
     def _round(self, server_round: int) -> int:
         """Flower counts this start's rounds from 1; ours count the whole run's from 0."""
@@ -294,10 +222,6 @@ class FederatedStrategy(Strategy):
         # A message nobody answered within the phase's timeout is dropped rather than run late.
         return Message(content=content, dst_node_id=node, message_type=message_type, ttl=self.timeout,
                        group_id=str(group))
-
-    def _eval_round(self, t: int) -> bool:
-        fed = self.cfg.federated
-        return (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1
 
     def _exchange(self, grid: Grid, messages: list[Message], phase: str) -> list[Message]:
         """Send, wait up to the timeout, keep the replies without errors."""
@@ -344,7 +268,7 @@ class FederatedStrategy(Strategy):
             if not self.initial:
                 self.initial = init
                 self.names = {k: str(v) for k, v in message.content[R.CONFIG].items()}
-                self.metric = self.names["metric"]
+                self.engine.metric = self.names["metric"]
             problem = _disagreement(self.initial, init)
             if problem is None and cid in answers:
                 problem = f"client id {cid} is already served by node {self.clients[cid]}"
@@ -367,7 +291,7 @@ class FederatedStrategy(Strategy):
             log.info("new SuperNodes online: %s", new)
             self._setup_query(grid, new)
 
-    def _parse_train(self, message: Message) -> tuple[ClientUpdate, MetricRecord] | None:
+    def _parse_train(self, message: Message) -> TrainReply | None:
         node = message.metadata.src_node_id
         if message.has_error():
             log.warning("train: node %s failed: %s", node, message.error.reason)
@@ -377,59 +301,28 @@ class FederatedStrategy(Strategy):
             cid = int(metrics["client-id"])
             if self._sampled.get(cid) != node:
                 raise ValueError(f"unexpected reply for client {cid}")
-            update = ClientUpdate(cid, R.from_record(message.content[R.UPDATE]), int(metrics["num-examples"]),
-                                  int(metrics["num-steps"]))
+            return TrainReply(cid, R.from_record(message.content[R.UPDATE]), int(metrics["num-examples"]),
+                              int(metrics["num-steps"]), float(metrics["train-loss"]), float(metrics["seconds"]))
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("train: unusable reply from node %s: %s", node, exc)
             return None
-        return update, metrics
 
-    def _pool_evaluations(self, replies: Iterable[Message]) -> MetricRecord | None:
-        """Pool every client's predictions (as confusion counts) per split, as the simulator pools them."""
-        totals: dict[str, np.ndarray] = {}
-        losses, per_client = {"": 0.0, "val-": 0.0}, {}
-        for message in replies:
-            if message.has_error():
-                log.warning("evaluate: node %s failed: %s", message.metadata.src_node_id, message.error.reason)
-                continue
-            metrics = message.content[R.METRICS]
-            cid = int(metrics["client-id"])
-            self._algo().acknowledge(cid)
-            for prefix in ("", "val-"):
-                n = int(metrics[f"{prefix}num-examples"])
-                if n == 0:
-                    continue
-                counts = np.asarray(list(metrics[f"{prefix}confusion"]), dtype=np.int64)
-                side = math.isqrt(len(counts))
-                counts = counts.reshape(side, side)
-                totals[prefix] = counts if prefix not in totals else totals[prefix] + counts
-                losses[prefix] += float(metrics[f"{prefix}loss-sum"])
-                if not prefix:
-                    per_client[str(cid)] = float(np.trace(counts) / n)
-        if "" not in totals:
-            log.warning("evaluate: no client reported results")
+    def _parse_evaluation(self, message: Message) -> EvalReply | None:
+        """A node's confusion counts and summed loss per split, as the worker computed them."""
+        if message.has_error():
+            log.warning("evaluate: node %s failed: %s", message.metadata.src_node_id, message.error.reason)
             return None
-        result = {}
-        for prefix, key in (("", ""), ("val-", "val_")):
-            if prefix in totals:
-                preds, labels = R.expand_confusion(totals[prefix])
-                result.update({f"{key}accuracy": score("accuracy", preds, labels),
-                               f"{key}metric": score(self.metric, preds, labels),
-                               f"{key}loss" if key else "eval_loss": losses[prefix] / len(labels)})
-        self._row.update(result)
-        self._row.update({"client_accuracy": per_client, "eval_examples": int(totals[""].sum())})
-        return MetricRecord(result)
-
-    def _finish_row(self) -> None:
-        row = self._row
-        row["shared_tensors"] = len(self._algo().shared)
-        close_row(row, self.history[-1] if self.history else {}, time.perf_counter() - self._started)
-        self.history.append(row)
-        if self._log is not None:
-            self._log.write(row)
-        t, every = row["round"], self.cfg.checkpoint.every
-        if self.checkpoint_dir is not None and ((every and (t + 1) % every == 0) or t == self.cfg.federated.rounds - 1):
-            self._save_checkpoint(t)
+        try:
+            metrics = message.content[R.METRICS]
+            reply = EvalReply(int(metrics["client-id"]))
+            for split in SPLITS:
+                counts = np.asarray(list(metrics[f"{split}-confusion"]), dtype=np.int64)
+                side = math.isqrt(len(counts))
+                reply.splits[split] = SplitResult(counts.reshape(side, side), float(metrics[f"{split}-loss-sum"]))
+            return reply
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("evaluate: unusable reply from node %s: %s", message.metadata.src_node_id, exc)
+            return None
 
 
 def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:

@@ -8,7 +8,7 @@ noises its own change before it leaves (:meth:`ClientPrivacy.device_reply`); the
 averages. Either way the algorithm receives ONE update, ``x + privatised mean change``, standing
 for the round's population, so its server step (FedAvg, FedOpt, FedPepTAO's control variates and
 momentum) is post-processing of privatised quantities only. That update carries uniform weight
-and the rounded mean of the clients' step counts (treated as public, see the README).
+and the rounded mean of the clients' step counts (treated as public, see docs/privacy.md).
 
 Adaptive clipping (Andrew et al., 2021): the server also counts the updates that were not
 clipped, noised with std ``sigma_b``; the clip moves as ``C <- C exp(-eta (b - gamma))``. The two

@@ -103,8 +103,8 @@ def client_spread(runs: list[RunData], path: Path) -> Path | None:
     """Box plot of per-client accuracy at each run's last round that recorded ``client_accuracy``."""
     data, labels = [], []
     for run in runs:
-        row = next((r for r in reversed(run.rows) if isinstance(r.get("client_accuracy"), list)), None)
-        values = finite(row["client_accuracy"]) if row else []
+        row = next((r for r in reversed(run.rows) if isinstance(r.get("client_accuracy"), dict)), None)
+        values = finite(list(row["client_accuracy"].values())) if row else []
         if values:
             data.append(values)
             labels.append(f"{run.label}\n(round {row['round'] + 1}, {len(values)} clients)")

@@ -23,24 +23,39 @@ def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
 
-def check_device(name: str) -> str:
-    """``name`` if this machine has it; ``ValueError`` naming ``device`` otherwise."""
-    if not _DEVICE.match(name):
+class DeviceError(ValueError):
+    """``device`` names a device this machine does not have (one line, naming ``device``)."""
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it is a device's name (auto, cpu, cuda, cuda:N, mps), wherever it will run;
+    ``ValueError`` naming ``device`` otherwise. The config checks only this: a machine that only
+    reads a config (a Flower ServerApp host, a laptop reporting a GPU run) need not have its device."""
+    if not isinstance(name, str) or not _DEVICE.match(name):
         raise ValueError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    return name
+
+
+def check_device(name: str) -> str:
+    """``name`` if this machine has it; :class:`DeviceError` (a ``ValueError``) naming ``device`` otherwise."""
+    check_device_name(name)
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"device: {name} requested but this machine has no CUDA device "
-                             f"(torch {torch.__version__}); use device=auto or device=cpu")
+            raise DeviceError(f"device: {name} requested but CUDA is not available on this machine "
+                              f"(torch {torch.__version__}); use device=auto or device=cpu")
         index = int(name.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise ValueError(f"device: {name} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise DeviceError(f"device: {name} requested but only {torch.cuda.device_count()} CUDA device(s) exist "
+                              f"on this machine")
     if name == "mps" and not _mps_available():
-        raise ValueError("device: mps requested but this machine has no MPS device; use device=auto or device=cpu")
+        raise DeviceError("device: mps requested but MPS is not available on this machine; use device=auto or "
+                          "device=cpu")
     return name
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA, then MPS, then CPU."""
+    """The device a model is placed on; ``auto``: CUDA, then MPS, then CPU. Here, not when the
+    config is read, a device this machine lacks is refused (:class:`DeviceError`, one line)."""
     check_device(name)
     if name != "auto":
         return torch.device(name)

@@ -1,0 +1,296 @@
+"""The server side of a run, written once: a round from sampling to its closed metrics row.
+
+Both runtimes are transports around one :class:`RoundEngine`. The embedded simulator hands the
+engine's messages to an in-process :class:`~fedpeptao.engine.worker.ClientWorker`; the Flower
+strategy wraps them in Flower messages. Either way a round reads::
+
+    if engine.budget_spent(t): stop              # privacy.target_epsilon reached, state saved
+    engine.prepare(t, run_task)                  # the algorithm's phases (FedPepTAO's selection)
+    sampled = engine.sample(t, online)           # the run's seeded sampling stream
+    messages = engine.train_messages(sampled)    # what each client receives (bytes counted)
+    ... the transport delivers them and collects TrainReply's ...
+    engine.receive_training(replies)             # acknowledge, validate, privacy, algorithm step
+    if engine.evaluates(t):
+        ... deliver engine.message(k) to the evaluated clients, collect EvalReply's ...
+        engine.receive_evaluation(replies)       # pooled metrics, one way
+    engine.close_round()                         # totals, metrics.jsonl, checkpoint cadence
+
+Checkpoint and resume (with the config check and the changes a resume may make) live here too,
+so the two runtimes cannot drift apart in what they save or accept.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpeptao.algorithms.base import Algorithm, ClientTask
+from fedpeptao.config import ConfigError, ExperimentConfig
+from fedpeptao.core import payload
+from fedpeptao.core.metrics import expand_confusion, score
+from fedpeptao.core.server import ClientUpdate
+from fedpeptao.core.validation import ValidationPolicy, filter_model_updates
+from fedpeptao.privacy.engine import ClientPrivacy
+from fedpeptao.report.summary import config_difference
+from fedpeptao.utils.checkpoint import (capture_rng_state, flatten_state, list_checkpoints, load_latest_checkpoint,
+                                        restore_rng_state, save_checkpoint, unflatten_state)
+from fedpeptao.utils.round_log import RoundLog, close_row
+
+log = logging.getLogger("fedpeptao.server")
+
+Tensors = dict[str, torch.Tensor]
+RunTask = Callable[[ClientTask], dict[int, dict]]
+#: what a resumed run may change: everything else must equal the checkpoint's config
+RESUMABLE_CHANGES = frozenset({"federated.rounds", "progress"})
+SPLITS = ("test", "validation")
+
+
+@dataclass
+class TrainReply:
+    """One client's answer to a training message: what it sent, and how its round went."""
+
+    client_id: int
+    sent: Tensors
+    num_examples: int
+    num_steps: int
+    loss: float
+    seconds: float
+
+
+@dataclass
+class SplitResult:
+    """One client's evaluation on one split: ``[true, predicted]`` counts and the summed loss."""
+
+    confusion: np.ndarray
+    loss_sum: float
+
+    @property
+    def count(self) -> int:
+        return int(self.confusion.sum())
+
+
+@dataclass
+class EvalReply:
+    """One client's evaluation with its own tensors: a :class:`SplitResult` per split it holds."""
+
+    client_id: int
+    splits: dict[str, SplitResult] = field(default_factory=dict)
+
+
+class RoundEngine:
+    """Owns the rounds of one run on the server side; see the module docstring for the flow."""
+
+    def __init__(self, cfg: ExperimentConfig, algorithm: Algorithm | None, privacy: ClientPrivacy | None,
+                 metric: str, run_dir: Path | None = None, checkpoint_dir: Path | None = None,
+                 min_replies: int = 1) -> None:
+        self.cfg = cfg
+        self.algorithm = algorithm  # Flower learns the initial tensors from the nodes: set later
+        self.privacy = privacy
+        self.metric = metric
+        self.run_dir = run_dir
+        self.checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else run_dir
+        self.min_replies = min_replies
+        srv = cfg.server
+        self.validation = ValidationPolicy(max_norm=srv.max_update_norm) if srv.validate_updates else None
+        self.rng = np.random.default_rng(cfg.seed)  # the sampling stream (the same in both runtimes)
+        self.history: list[dict] = []
+        self.row: dict[str, Any] = {}
+        self.stopped = False  # the privacy budget ended the run early
+        self._population = cfg.federated.num_clients  # clients online when the round sampled
+        self._started = time.perf_counter()
+        self._log: RoundLog | None = None
+
+    # -- the round --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Open ``metrics.jsonl`` (rows of a resumed run's later rounds are dropped) and the clock."""
+        self._started = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
+        if self.run_dir is not None:
+            if self.history:
+                RoundLog(self.run_dir).rewrite(self.history)
+            self._log = RoundLog(self.run_dir, self.cfg.tensorboard, len(self.history))
+
+    @property
+    def first_round(self) -> int:
+        return len(self.history)
+
+    def budget_spent(self, t: int) -> bool:
+        """Stop before round ``t`` when it would pass ``privacy.target_epsilon``, state saved."""
+        reason = None if self.privacy is None else self.privacy.stop_reason(t)
+        if reason is None:
+            return False
+        log.warning("%s; the state of round %d is saved", reason, t - 1)
+        self.stopped = True
+        if self.history:
+            self.save_checkpoint(self.history[-1]["round"])
+        return True
+
+    def prepare(self, t: int, run_task: RunTask | None) -> None:
+        """Open round ``t``'s row and run the algorithm's phases before it (timed; none without
+        ``run_task``)."""
+        self.row = {"round": t, "sampled": [], "clients": [], "failed": [], "bytes_up": 0, "bytes_down": 0,
+                    "slowest_client_s": 0.0, "train_loss": float("nan"), "rejected": []}
+        began = time.perf_counter()
+        if run_task is not None:
+            self.algorithm.prepare_round(t, run_task)
+        self.row["phase_s"] = time.perf_counter() - began
+
+    def sample(self, available: Sequence[int]) -> list[int]:
+        """This round's clients among ``available`` (sorted), from the run's seeded stream."""
+        self._population = len(available)
+        if not available:
+            log.warning("round %d: no known client is online", self.row["round"])
+            return []
+        size = min(self.cfg.federated.clients_per_round, len(available))
+        sampled = sorted(int(k) for k in self.rng.choice(np.asarray(available), size=size, replace=False))
+        self.row["sampled"] = sampled
+        return sampled
+
+    def message(self, k: int) -> Tensors:
+        """What client ``k`` receives now (for training or evaluation)."""
+        return self.algorithm.client_message(k)
+
+    def train_messages(self, sampled: Sequence[int]) -> dict[int, Tensors]:
+        messages = {k: self.message(k) for k in sampled}
+        self.row["bytes_down"] = sum(payload.num_bytes(m) for m in messages.values())
+        return messages
+
+    def receive_training(self, replies: Sequence[TrainReply]) -> None:
+        """The round's replies (a sampled client without one failed): acknowledged, validated,
+        privatised (central DP), then the algorithm's server step, unless fewer than
+        ``min_replies`` came back."""
+        t, algo, row = self.row["round"], self.algorithm, self.row
+        replies = sorted(replies, key=lambda r: r.client_id)
+        for reply in replies:
+            algo.acknowledge(reply.client_id)
+        replied = [r.client_id for r in replies]
+        row.update({"clients": replied, "failed": sorted(set(row["sampled"]) - set(replied)),
+                    "bytes_up": sum(payload.num_bytes(r.sent) for r in replies),
+                    "client_examples": {str(r.client_id): r.num_examples for r in replies},
+                    "slowest_client_s": max((r.seconds for r in replies), default=0.0),
+                    "train_loss": float(np.nanmean([r.loss for r in replies])) if replies else float("nan")})
+        if row["failed"]:
+            log.warning("round %d: no usable reply from clients %s (error or timeout); left out", t, row["failed"])
+        if len(replies) < self.min_replies:
+            log.warning("round %d: %d of %d sampled clients replied, fewer than min-replies=%d; global tensors "
+                        "unchanged", t, len(replies), len(row["sampled"]), self.min_replies)
+            row["skipped"] = True
+            return
+        updates = [ClientUpdate(r.client_id, r.sent, r.num_examples, r.num_steps) for r in replies]
+        updates, rejected = filter_model_updates(updates, algo.global_shared(), self.validation, log,
+                                                 algo.reply_prefixes)
+        row["rejected"] = [list(r) for r in rejected]
+        if self.privacy is not None:  # one privatised update for the round, even when none was valid
+            updates = [self.privacy.aggregate(t, updates, algo.global_shared(), self._population,
+                                              len(row["sampled"]))]
+            row["epsilon"] = self.privacy.epsilon()
+        if updates:
+            algo.aggregate(t, row["sampled"], updates)
+        else:
+            log.warning("round %d: no valid update; global state unchanged", t)
+
+    def evaluates(self, t: int) -> bool:
+        """Whether round ``t`` ends with an evaluation (every ``eval_every`` rounds, and the last)."""
+        fed = self.cfg.federated
+        return (t + 1) % fed.eval_every == 0 or t == fed.rounds - 1
+
+    def receive_evaluation(self, replies: Sequence[EvalReply]) -> dict[str, float]:
+        """Acknowledge the evaluated clients and pool their results into the row."""
+        for reply in replies:
+            self.algorithm.acknowledge(reply.client_id)
+        pooled = pool_evaluations(replies, self.metric)
+        if "accuracy" not in pooled:
+            log.warning("evaluate: no client reported results")
+        self.row.update(pooled)
+        return pooled
+
+    def close_round(self) -> dict[str, Any]:
+        """Running totals, the row to ``metrics.jsonl``, and a checkpoint when one is due."""
+        row, t = self.row, self.row["round"]
+        row["shared_tensors"] = len(self.algorithm.shared)
+        close_row(row, self.history[-1] if self.history else {}, time.perf_counter() - self._started)
+        self.history.append(row)
+        if self._log is not None:
+            self._log.write(row)
+        every = self.cfg.checkpoint.every
+        if (every and (t + 1) % every == 0) or t == self.cfg.federated.rounds - 1:
+            self.save_checkpoint(t)
+        return row
+
+    def finish(self, run_task: RunTask) -> None:
+        self.algorithm.finish(run_task)
+        if self._log is not None:
+            self._log.close()
+
+    # -- checkpoint and resume ---------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"algorithm": self.algorithm.state(), "rng": capture_rng_state(self.rng), "history": self.history,
+                "privacy": None if self.privacy is None else self.privacy.state()}
+
+    def save_checkpoint(self, round_index: int, extra: Mapping[str, Any] | None = None) -> Path | None:
+        """The whole server state (and the transport's ``extra``: the simulator's clients, Flower's
+        run key) as a crash-safe checkpoint; nothing without a checkpoint directory."""
+        if self.checkpoint_dir is None:
+            return None
+        tensors, skeleton = flatten_state({**self.state(), **(extra or self.extra_state())})
+        meta = {"state": skeleton, "config": self.cfg.model_dump(mode="json")}
+        return save_checkpoint(self.checkpoint_dir, round_index, tensors, meta, keep=self.cfg.checkpoint.keep)
+
+    #: the transport's own part of a checkpoint (set by the runtime)
+    extra_state: Callable[[], Mapping[str, Any]] = staticmethod(lambda: {})
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_dir is not None and bool(list_checkpoints(self.checkpoint_dir))
+
+    def read_checkpoint(self) -> dict[str, Any]:
+        """The newest valid checkpoint's state; the RNG and history are restored at once. Refused
+        when it was written with another config (continuing it would mix two experiments)."""
+        round_index, tensors, meta = load_latest_checkpoint(self.checkpoint_dir)
+        difference = config_difference(meta.get("config", {}), self.cfg.model_dump(mode="json"), RESUMABLE_CHANGES)
+        if difference:
+            raise ConfigError(f"{self.checkpoint_dir}: its checkpoint was written with another config ({difference}); "
+                              f"resume with the config it was written with")
+        state = unflatten_state(tensors, meta["state"])
+        restore_rng_state(state["rng"], self.rng)
+        self.history = list(state["history"])
+        log.info("continuing from the checkpoint of round %d in %s", round_index, self.checkpoint_dir)
+        return state
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """The algorithm's and the accountant's part of a checkpoint (after :meth:`read_checkpoint`)."""
+        self.algorithm.load_state(state["algorithm"])
+        if self.privacy is not None:
+            self.privacy.load_state(state["privacy"])
+
+
+def pool_evaluations(replies: Sequence[EvalReply], metric: str) -> dict[str, Any]:
+    """Every client's predictions pooled per split (as confusion counts, which give accuracy, F1
+    and MCC exactly), the mean loss over the pooled examples, and each evaluated client's test
+    accuracy (``{client id: accuracy}``)."""
+    totals: dict[str, np.ndarray] = {}
+    losses = dict.fromkeys(SPLITS, 0.0)
+    per_client: dict[str, float] = {}  # by client id (a Flower node may serve any id)
+    for reply in sorted(replies, key=lambda r: r.client_id):
+        for split, result in reply.splits.items():
+            if result.count == 0:
+                continue
+            totals[split] = result.confusion if split not in totals else totals[split] + result.confusion
+            losses[split] += result.loss_sum
+            if split == "test":
+                per_client[str(reply.client_id)] = float(np.trace(result.confusion) / result.count)
+    row: dict[str, Any] = {}
+    for split, prefix in (("test", ""), ("validation", "val_")):
+        if split in totals:
+            preds, labels = expand_confusion(totals[split])
+            row.update({f"{prefix}accuracy": score("accuracy", preds, labels),
+                        f"{prefix}metric": score(metric, preds, labels),
+                        f"{prefix}loss" if prefix else "eval_loss": losses[split] / len(labels)})
+    if "test" in totals:
+        row.update({"client_accuracy": per_client, "eval_examples": int(totals["test"].sum())})
+    return row
