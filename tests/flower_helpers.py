@@ -300,6 +300,21 @@ class StateDirClientApp(ClientApp):
         return client_app(message=message, context=context)
 
 
+def run_with_simulation_engine(root: Path, experiment: Mapping[str, Any], app: type[ClientApp] | None = None) -> Path:
+    """``experiment`` on 2 virtual SuperNodes of Flower's simulation engine (Ray, one actor), each
+    node's state under ``root/state``; returns the output dir. ``app``: a StateDirClientApp class."""
+    from flwr.simulation import run_simulation  # noqa: PLC0415
+
+    config = write_toml(root / "experiment.toml", experiment)
+    run_config = {"config": str(config), "output-dir": str(root / "out"), "round-timeout": 120.0,
+                  "min-nodes": 2, "node-wait-timeout": 60.0}
+    backend = {"init_args": {"num_cpus": 1, "include_dashboard": False},
+               "client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+    run_simulation(configured_server_app(run_config), (app or StateDirClientApp)(root / "state"), num_supernodes=2,
+                   backend_name="ray", backend_config=backend)
+    return root / "out"
+
+
 # -- real processes ---------------------------------------------------------------------------------
 
 def free_port() -> int:

@@ -95,27 +95,18 @@ FLOWER_RUN = "flower_simulation_engine"
 def flower_simulation(root: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict]]:
     """FedPepTAO (2 clients, 3 rounds) under Flower's simulation engine (Ray): its outputs as
     :func:`outputs` gives them, the clients' tensors read back from each node's state folder."""
-    from flower_helpers import (StateDirClientApp, configured_server_app, rows_without_timing, tiny_experiment,
-                                write_task, write_toml)
+    from flower_helpers import rows_without_timing, run_with_simulation_engine, tiny_experiment, write_task
     from flwr.app import RecordDict
-    from flwr.simulation import run_simulation
 
     from fedpeptao.flower.node_state import ClientStore
 
-    experiment = tiny_experiment(write_task(root / "task"), federated={"rounds": 3})
-    config = write_toml(root / "experiment.toml", experiment)
-    run_config = {"config": str(config), "output-dir": str(root / "out"), "round-timeout": 120.0,
-                  "min-nodes": 2, "node-wait-timeout": 60.0}
-    backend = {"init_args": {"num_cpus": 1, "include_dashboard": False},
-               "client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
-    run_simulation(configured_server_app(run_config), StateDirClientApp(root / "state"), num_supernodes=2,
-                   backend_name="ray", backend_config=backend)
+    out = run_with_simulation_engine(root, tiny_experiment(write_task(root / "task"), federated={"rounds": 3}))
     clients = {}
     for k in (0, 1):
         (folder,) = (root / "state" / f"node-{k}").glob(f"run-*/client-{k}")
         stored = ClientStore(RecordDict(), folder).load(10**6)
         clients.update({f"{k}/{n}": t for n, t in stored.state.params.items()})
-    return load_file(root / "out" / "global.safetensors"), clients, rows_without_timing(root / "out")
+    return load_file(out / "global.safetensors"), clients, rows_without_timing(out)
 
 
 def record(names: list[str]) -> None:

@@ -193,16 +193,15 @@ def test_public_selection_costs_no_privacy(task_dir, tmp_path):
 
 def test_a_nan_update_under_dp_does_not_reach_the_global_state(task_dir):
     sim = Simulation(tiny(task_dir, "method.name=fedavg", *DP))
-    real = sim.train_clients
+    real = sim.worker.train
 
-    def poisoned(ks, messages, round_index):
-        trained = real(ks, messages, round_index)
-        if round_index == 0:  # the first client of each pass sends NaN
-            update = trained[ks[0]][0]
-            update.params = {n: torch.full_like(t, float("nan")) for n, t in update.params.items()}
-        return trained
+    def poisoned(round_index, jobs):
+        replies = real(round_index, jobs)
+        if round_index == 0:  # the first client sends NaN
+            replies[0].sent = {n: torch.full_like(t, float("nan")) for n, t in replies[0].sent.items()}
+        return replies
 
-    sim.train_clients = poisoned
+    sim.worker.train = poisoned
     sim.run()
     assert all(torch.isfinite(t).all() for t in sim.algorithm.params.values())
     assert sim.history[0]["rejected"]

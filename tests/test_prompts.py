@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from fedpeptao.core.client import LocalTrainConfig, local_train
+from fedpeptao.core.client import LocalJob, LocalTrainConfig, local_train
 from fedpeptao.data.dataset import TextDataset
 from fedpeptao.data.encoding import default_label_words, encode, label_word_ids
 from fedpeptao.models.classifier import PromptedClassifier
@@ -39,7 +39,8 @@ def test_only_prompt_and_head_learn_and_backbone_is_untouched(arch):
     got_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert got_grad == trainable
     start = model.trainable_state()
-    local_train(model, data, np.arange(len(data)), LocalTrainConfig(epochs=2, batch_size=3), np.random.default_rng(0))
+    local_train(model, data, [LocalJob(model, np.arange(len(data)), np.random.default_rng(0))],
+                LocalTrainConfig(epochs=2, batch_size=3))
     after = dict(model.model.named_parameters())
     assert all(torch.equal(before[n], after[n]) for n in before), "backbone weights changed"
     assert any(not torch.equal(start[n], v) for n, v in model.trainable_state().items()), "prompts did not train"

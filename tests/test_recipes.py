@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 import torch
-from flower_helpers import StateDirClientApp, configured_server_app, tiny_experiment, write_task, write_toml
+from flower_helpers import StateDirClientApp, run_with_simulation_engine, tiny_experiment, write_task
 from pydantic import Field
 from safetensors.torch import load_file
 
@@ -70,20 +70,12 @@ def test_a_new_algorithm_is_selectable_and_differs_from_fedavg(task_dir):
 def test_a_new_algorithm_runs_under_flowers_simulation_engine_as_in_the_simulator(tmp_path, monkeypatch):
     if importlib.util.find_spec("ray") is None:
         pytest.skip("Flower's simulation engine needs ray")
-    from flwr.simulation import run_simulation
-
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     experiment = tiny_experiment(write_task(tmp_path / "task"), method={"name": "fedavgm", "momentum": 0.5})
-    config = write_toml(tmp_path / "experiment.toml", experiment)
-    run_config = {"config": str(config), "output-dir": str(tmp_path / "out"), "round-timeout": 120.0,
-                  "min-nodes": 2, "node-wait-timeout": 60.0}
-    backend = {"init_args": {"num_cpus": 1, "include_dashboard": False},
-               "client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
-    run_simulation(configured_server_app(run_config), RecipeClientApp(tmp_path / "state"), num_supernodes=2,
-                   backend_name="ray", backend_config=backend)
+    out = run_with_simulation_engine(tmp_path, experiment, RecipeClientApp)
     sim = Simulation(ExperimentConfig.model_validate(experiment))
     sim.run()
-    flower = load_file(tmp_path / "out" / "global.safetensors")
+    flower = load_file(out / "global.safetensors")
     assert flower.keys() == sim.algorithm.params.keys()
     for name, tensor in sim.algorithm.params.items():
         assert float((tensor - flower[name]).abs().max()) <= 1e-6, name

@@ -125,7 +125,7 @@ def test_payload_has_the_documented_size(task, name, monkeypatch):
     message = sim.algorithm.client_message(0)
     sent = []
     real = payload.num_bytes
-    monkeypatch.setattr(simulator.payload, "num_bytes", lambda tensors: sent.append(sorted(tensors)) or real(tensors))
+    monkeypatch.setattr("fedpeptao.core.payload.num_bytes", lambda tensors: sent.append(sorted(tensors)) or real(tensors))
     row = sim.train_round(0)
     copies = COPIES.get(name, 1)
     n = len(row["clients"])
