@@ -89,13 +89,15 @@ class RoundEngine:
 
     def __init__(self, cfg: ExperimentConfig, algorithm: Algorithm | None, privacy: ClientPrivacy | None,
                  metric: str, run_dir: Path | None = None, checkpoint_dir: Path | None = None,
-                 min_replies: int = 1) -> None:
+                 min_replies: int = 1, extra_state: Callable[[], Mapping[str, Any]] = dict) -> None:
         self.cfg = cfg
         self.algorithm = algorithm  # Flower learns the initial tensors from the nodes: set later
         self.privacy = privacy
         self.metric = metric
         self.run_dir = run_dir
-        self.checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else run_dir
+        self.checkpoint_dir = checkpoint_dir  # None: no checkpoints
+        #: the transport's own part of a checkpoint (the simulator's clients, Flower's run key)
+        self.extra_state = extra_state
         self.min_replies = min_replies
         srv = cfg.server
         self.validation = ValidationPolicy(max_norm=srv.max_update_norm) if srv.validate_updates else None
@@ -233,17 +235,14 @@ class RoundEngine:
         return {"algorithm": self.algorithm.state(), "rng": capture_rng_state(self.rng), "history": self.history,
                 "privacy": None if self.privacy is None else self.privacy.state()}
 
-    def save_checkpoint(self, round_index: int, extra: Mapping[str, Any] | None = None) -> Path | None:
-        """The whole server state (and the transport's ``extra``: the simulator's clients, Flower's
-        run key) as a crash-safe checkpoint; nothing without a checkpoint directory."""
+    def save_checkpoint(self, round_index: int) -> Path | None:
+        """The whole server state and the transport's :attr:`extra_state` as a crash-safe
+        checkpoint; nothing without a checkpoint directory."""
         if self.checkpoint_dir is None:
             return None
-        tensors, skeleton = flatten_state({**self.state(), **(extra or self.extra_state())})
+        tensors, skeleton = flatten_state({**self.state(), **self.extra_state()})
         meta = {"state": skeleton, "config": self.cfg.model_dump(mode="json")}
         return save_checkpoint(self.checkpoint_dir, round_index, tensors, meta, keep=self.cfg.checkpoint.keep)
-
-    #: the transport's own part of a checkpoint (set by the runtime)
-    extra_state: Callable[[], Mapping[str, Any]] = staticmethod(lambda: {})
 
     def has_checkpoint(self) -> bool:
         return self.checkpoint_dir is not None and bool(list_checkpoints(self.checkpoint_dir))

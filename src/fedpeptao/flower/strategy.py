@@ -56,14 +56,9 @@ class FederatedStrategy(Strategy):
                  run_dir: Path | None = None, checkpoint_dir: Path | None = None) -> None:
         self.cfg = cfg
         self.timeout = timeout
-        self.min_replies = min_replies
-        self.run_dir = run_dir
-        self.checkpoint_dir = checkpoint_dir
         # the algorithm is made at setup, from the initial tensors the nodes report
         self.engine = RoundEngine(cfg, None, make_privacy(cfg), cfg.data.metric or "accuracy", run_dir,
-                                  checkpoint_dir, min_replies)
-        self.engine.checkpoint_dir = checkpoint_dir
-        self.engine.extra_state = lambda: {"run_key": self.run_key}
+                                  checkpoint_dir, min_replies, extra_state=lambda: {"run_key": self.run_key})
         self.clients: dict[int, int] = {}  # client id -> Flower node id
         self.refused: set[int] = set()  # node ids whose initial tensors disagree with the federation's
         self.initial: Tensors = {}
@@ -91,7 +86,7 @@ class FederatedStrategy(Strategy):
         fed = self.cfg.federated
         log.info("FederatedStrategy: %s, %d of %d clients per round, rounds %d..%d, min_replies=%d, timeout=%.0fs",
                  self.cfg.describe(), fed.clients_per_round, fed.num_clients, self.first_round + 1, fed.rounds,
-                 self.min_replies, self.timeout)
+                 self.engine.min_replies, self.timeout)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
@@ -154,9 +149,9 @@ class FederatedStrategy(Strategy):
         """Wait for nodes, learn who is who, take the initial tensors; continue from a checkpoint."""
         self._grid = grid
         nodes = _wait_for_nodes(grid, min_nodes, wait_timeout)
-        if len(nodes) < self.min_replies:
+        if len(nodes) < self.engine.min_replies:
             raise RuntimeError(f"only {len(nodes)} SuperNode(s) connected within {wait_timeout:.0f}s; "
-                               f"min-replies is {self.min_replies}")
+                               f"min-replies is {self.engine.min_replies}")
         if len(nodes) < min_nodes:
             log.warning("starting with %d SuperNodes, fewer than min-nodes=%d", len(nodes), min_nodes)
         resumed = self._resume()

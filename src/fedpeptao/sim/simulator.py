@@ -53,8 +53,8 @@ class Simulation:
         self.privacy = make_privacy(cfg)  # client-level DP and its accountant (None: off)
         self.algorithm: Algorithm = device_algorithm(cfg, fed, self.privacy)
         self.worker = ClientWorker(cfg, fed, self.algorithm, self.privacy, public_selection_data(cfg, fed))
-        self.engine = RoundEngine(cfg, self.algorithm, self.privacy, fed.metric, run_dir)
-        self.engine.extra_state = self._clients_state
+        self.engine = RoundEngine(cfg, self.algorithm, self.privacy, fed.metric, run_dir, checkpoint_dir=run_dir,
+                                  extra_state=self._clients_state)
         # A client that was never contacted holds nothing of its own: it starts from `fed.initial`.
         self.clients: dict[int, ClientState] = {}
 
