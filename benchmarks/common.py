@@ -54,7 +54,7 @@ def synchronize() -> None:
 
 
 def count_tokens(model) -> dict:
-    """Real and padded tokens through the backbone of ``model`` (a PromptedClassifier) from now on.
+    """Real and padded tokens through the backbone of ``model`` (a TunedModel) from now on.
 
     Real tokens are summed on the model's device, so counting never makes the host wait for the
     GPU; read them with ``int(counts["real"])`` after timing, and reset with ``counts.update(real=0,

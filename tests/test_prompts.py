@@ -10,9 +10,11 @@ from transformers import DynamicCache
 from fedpeptao.core.client import LocalJob, LocalTrainConfig, local_train
 from fedpeptao.data.dataset import TextDataset
 from fedpeptao.data.encoding import default_label_words, encode, label_word_ids
-from fedpeptao.models.classifier import PromptedClassifier
 from fedpeptao.models.tiny import TINY_ARCHS, tiny_backbone
 from fedpeptao.prompts.prefix import position_ids
+from fedpeptao.tasks import task_class
+from fedpeptao.tunings import build_model
+from fedpeptao.tunings.deep_prompt import DeepPromptSettings
 
 HEADS = {"bert": "linear", "roberta": "mlm", "gpt2": "lm", "llama": "lm"}
 TEXTS = ["a gripping and moving film", "dull , lifeless and far too long", "great fun", "a mess",
@@ -23,9 +25,11 @@ def build(arch: str, head: str | None = None, seed: int = 0):
     head = head or HEADS[arch]
     backbone = tiny_backbone(arch, head=head, seed=seed)
     data = TextDataset(TEXTS, None, np.array([1, 0, 1, 0, 1, 0]), ["0", "1"])
-    words = label_word_ids(backbone.tokenizer, default_label_words(data.label_names, False), head) if head != "linear" else None
-    model = PromptedClassifier(backbone.model, head, 2, num_prompt_tokens=4, label_word_ids=words, seed=seed)
-    return model, encode(data, backbone.tokenizer, head, max_length=32)
+    task = task_class(head)
+    words = (label_word_ids(backbone.tokenizer, default_label_words(data.label_names, False), task.layout)
+             if task.label_words else None)
+    model = build_model(DeepPromptSettings(num_prompt_tokens=4), backbone.model, task(backbone.model, 2, words), seed)
+    return model, encode(data, backbone.tokenizer, task.layout, max_length=32)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -102,10 +106,10 @@ def test_the_masked_lm_head_runs_at_the_mask_only_with_the_same_logits(arch, mon
     """The head is applied to the mask's hidden state alone (not over ``[B, T, V]``) and gives what
     the whole masked-LM model gives at the mask, features and gradients included."""
     model, data = build(arch, head="mlm")
-    assert model._mlm_head is not None and model._base_module() is model.model.base_model
+    assert model.task.mlm_head is not None and model.body() is model.model.base_model
     batch = next(data.batches(np.arange(len(data)), 6))
     vocab_rows = []
-    head = model._mlm_head
+    head = model.task.mlm_head
     head.register_forward_hook(lambda _m, args, _out: vocab_rows.append(args[0].shape[0]))
     model.eval()
     at_mask = model(**batch, features=True)
@@ -113,7 +117,7 @@ def test_the_masked_lm_head_runs_at_the_mask_only_with_the_same_logits(arch, mon
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     assert vocab_rows == [6]  # one row per example, not 6 x T
     model.zero_grad()
-    monkeypatch.setattr(model, "_mlm_head", None)  # the whole model, as for a head that cannot run alone
+    monkeypatch.setattr(model.task, "mlm_head", None)  # the whole model, as for a head that cannot run alone
     whole = model(**batch, features=True)
     whole.loss.backward()
     assert torch.allclose(at_mask.logits, whole.logits, atol=1e-6)

@@ -83,7 +83,7 @@ def test_fedpeptao_on_real_smollm2_with_label_words(tmp_path):
                              "federated.rounds=3", "method.ratio=0.5", "progress=false",
                              "client.epochs=1", "client.batch_size=10", "client.lr=0.01"])
     sim = Simulation(cfg)
-    assert sim.fed.head == "lm" and sim.model.label_word_ids.tolist() != []
+    assert sim.fed.head == "lm" and sim.model.task.label_word_ids != []
     sim.run()
     assert len(sim.algorithm.selection["layers"]) == 15  # ceil(0.5 * 30)
     # training the prompts lowers the label-word LM loss of the real model (accuracy is a benchmark matter)

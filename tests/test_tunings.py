@@ -17,17 +17,18 @@ from conftest import write_task
 from fedpeptao.algorithms.scaffold import CONTROL_PREFIX, DELTA_CONTROL_PREFIX
 from fedpeptao.compare.presets import DEFAULT_PRESETS, PRESETS, WEIGHT_LR, preset_config
 from fedpeptao.core import payload
-from fedpeptao.models.classifier import PromptedClassifier
+from fedpeptao.models.tuned import TunedModel
 from fedpeptao.models.tiny import HIDDEN, tiny_backbone
 from fedpeptao.sim import simulator
 from fedpeptao.sim.simulator import Simulation
-from fedpeptao.tunings import TUNINGS, build_tuning
-from fedpeptao.tunings.adapter import AdapterClassifier, AdapterSettings
-from fedpeptao.tunings.attempt import ATTEMPTClassifier
-from fedpeptao.tunings.idpg import IDPGClassifier
-from fedpeptao.tunings.input_prompt import FedPromptClassifier
-from fedpeptao.tunings.late_prompt import LatePromptClassifier
-from fedpeptao.tunings.lora import LoRAClassifier, LoraSettings
+from fedpeptao.tasks import task_class
+from fedpeptao.tunings import TUNINGS, build_model
+from fedpeptao.tunings.adapter import AdapterModel, AdapterSettings
+from fedpeptao.tunings.attempt import ATTEMPTModel, AttemptSettings
+from fedpeptao.tunings.idpg import IDPGModel, IDPGSettings
+from fedpeptao.tunings.input_prompt import FedPromptModel, InputPromptSettings
+from fedpeptao.tunings.late_prompt import LatePromptModel, LatePromptSettings
+from fedpeptao.tunings.lora import LoRAModel, LoraSettings
 
 L, H, P, C, R = 3, HIDDEN, 2, 2, LoraSettings().r  # tiny-bert: 3 layers, hidden 32 = kv width
 HEAD = H * C + C
@@ -58,6 +59,18 @@ EXPECTED_NAMES = {
 BASELINES = [m for m in DEFAULT_PRESETS if m != "fedpeptao"]
 IDS = torch.tensor([[101, 2204, 3185, 102], [101, 2919, 102, 0]])
 MASK = (IDS != 0).long()
+
+
+def tuned(settings, backbone, head: str = "linear", words: list[int] | None = None) -> TunedModel:
+    """``settings``' tuning on ``backbone`` read by the task ``head`` (C classes), seed 0."""
+    return build_model(settings, backbone, task_class(head)(backbone, C, words), 0)
+
+
+def plain(backbone) -> TunedModel:
+    """The frozen backbone with a linear head and no tuning: what a tuning must start equal to."""
+    model = TunedModel(backbone, task_class("linear")(backbone, C))
+    model.attach_task(torch.Generator().manual_seed(0))
+    return model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -178,12 +191,12 @@ def test_every_tuning_runs_through_the_same_loop(task):
 
 def test_lora_and_adapters_start_as_the_frozen_model():
     pos = torch.zeros(2, dtype=torch.long)
-    plain = PromptedClassifier(tiny_backbone("bert").model, "linear", C, 0, prompt_layers=[], prompt_dropout=0.0)
-    plain.eval()
-    ref = plain(IDS, MASK, pos).logits
+    frozen = plain(tiny_backbone("bert").model)
+    frozen.eval()
+    ref = frozen(IDS, MASK, pos).logits
     for settings in (LoraSettings(), AdapterSettings()):
-        model = build_tuning(settings, tiny_backbone("bert").model, "linear", C, None, 0)
-        assert isinstance(model, (LoRAClassifier, AdapterClassifier))
+        model = tuned(settings, tiny_backbone("bert").model)
+        assert isinstance(model, (LoRAModel, AdapterModel))
         model.eval()
         torch.testing.assert_close(model(IDS, MASK, pos).logits, ref)
         gen = torch.Generator().manual_seed(0)
@@ -197,12 +210,11 @@ def test_lora_and_adapters_start_as_the_frozen_model():
 def test_late_prompt_is_invisible_below_its_layer():
     ids = torch.tensor([[101, 2204, 3185, 2001, 102], [101, 2919, 102, 0, 0]])
     mask = (ids != 0).long()
-    plain = PromptedClassifier(tiny_backbone("bert", num_layers=4).model, "linear", C, 0, prompt_layers=[],
-                               prompt_dropout=0.0)
-    late = LatePromptClassifier(tiny_backbone("bert", num_layers=4).model, "linear", C, 3)
-    plain.eval(), late.eval()
+    frozen = plain(tiny_backbone("bert", num_layers=4).model)
+    late = tuned(LatePromptSettings(num_prompt_tokens=3), tiny_backbone("bert", num_layers=4).model)
+    frozen.eval(), late.eval()
     assert late.insert_layer == 2
-    ref, out = plain.layer_outputs(ids, mask), late.layer_outputs(ids, mask)
+    ref, out = frozen.layer_outputs(ids, mask), late.layer_outputs(ids, mask)
     assert [h.shape for h in ref] == [h.shape for h in out]  # the prompt positions are cut from the outputs
     for i in range(2):
         torch.testing.assert_close(out[i], ref[i])
@@ -212,11 +224,12 @@ def test_late_prompt_is_invisible_below_its_layer():
     alone = late.layer_outputs(ids[1:, :3], mask[1:, :3])
     torch.testing.assert_close(out[-1][1, :3], alone[-1][0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="encoder"):
-        LatePromptClassifier(tiny_backbone("gpt2").model, "lm", C, 3, label_word_ids=[1, 2])
+        tuned(LatePromptSettings(num_prompt_tokens=3), tiny_backbone("gpt2").model, "lm", [1, 2])
 
 
 def test_fedprompt_is_peft_prompt_tuning_prepended_to_the_input():
-    model = FedPromptClassifier(tiny_backbone("bert").model, "linear", C, 3)
+    model = tuned(InputPromptSettings(num_prompt_tokens=3), tiny_backbone("bert").model)
+    assert isinstance(model, FedPromptModel)
     model.eval()
     prompt = model.peft.prompt_encoder["default"].embedding.weight
     assert [n for n in model.trainable_names() if not n.startswith("head.")] == [
@@ -224,17 +237,19 @@ def test_fedprompt_is_peft_prompt_tuning_prepended_to_the_input():
     embeds = model.model.get_input_embeddings()(IDS)
     full = model.model(inputs_embeds=torch.cat([prompt.unsqueeze(0).expand(2, -1, -1), embeds], 1),
                        attention_mask=torch.cat([torch.ones(2, 3, dtype=torch.long), MASK], 1)).last_hidden_state
-    torch.testing.assert_close(model._base_outputs(IDS, MASK).last_hidden_state, full[:, 3:])
+    torch.testing.assert_close(model.encode(IDS, MASK).last_hidden_state, full[:, 3:])
 
 
 def test_idpg_prompts_depend_on_the_instance_and_attempt_mixes_prompts():
     ids = torch.tensor([[101, 2204, 3185, 102], [101, 2919, 2919, 102]])
     mask = torch.ones_like(ids)
-    idpg = IDPGClassifier(tiny_backbone("bert").model, "linear", C, P)
+    idpg = tuned(IDPGSettings(num_prompt_tokens=P), tiny_backbone("bert").model)
+    assert isinstance(idpg, IDPGModel)
     embeds = idpg.model.get_input_embeddings()(ids)
     generated = idpg.input_prompt(ids, mask, embeds)
     assert generated.shape == (2, P, H) and not torch.allclose(generated[0], generated[1])
-    attempt = ATTEMPTClassifier(tiny_backbone("bert").model, "linear", C, P)
+    attempt = tuned(AttemptSettings(num_prompt_tokens=P), tiny_backbone("bert").model)
+    assert isinstance(attempt, ATTEMPTModel)
     weights = attempt.attention(ids, mask, embeds)
     assert weights.shape == (2, 5)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2))
@@ -253,12 +268,9 @@ def test_weight_and_input_methods_work_on_other_families(arch, head):
     pos = torch.tensor([2, 1])
     labels = torch.tensor([0, 1])
     words = [2204, 2919]
-    for build in (lambda m: LoRAClassifier(m, head, C, words),
-                  lambda m: AdapterClassifier(m, head, C, words),
-                  lambda m: FedPromptClassifier(m, head, C, 2, words),
-                  lambda m: IDPGClassifier(m, head, C, 2, words),
-                  lambda m: ATTEMPTClassifier(m, head, C, 2, words)):
-        model = build(tiny_backbone(arch, head=head).model)
+    for settings in (LoraSettings(), AdapterSettings(), InputPromptSettings(num_prompt_tokens=2),
+                     IDPGSettings(num_prompt_tokens=2), AttemptSettings(num_prompt_tokens=2)):
+        model = tuned(settings, tiny_backbone(arch, head=head).model, head, words)
         assert model.trainable_names() and not any(n.startswith("head.") for n in model.trainable_names())
         out = model(IDS, MASK, pos, labels)
         out.loss.backward()
@@ -267,7 +279,7 @@ def test_weight_and_input_methods_work_on_other_families(arch, head):
         assert any(float(g.abs().sum()) > 0 for g in grads)
         assert all(p.grad is None for p in model.parameters() if not p.requires_grad)  # the backbone stays frozen
     if arch == "roberta":  # LPT runs on encoders of the RoBERTa family too
-        model = LatePromptClassifier(tiny_backbone(arch, head=head).model, head, C, 2, words)
+        model = tuned(LatePromptSettings(num_prompt_tokens=2), tiny_backbone(arch, head=head).model, head, words)
         model(IDS, MASK, pos, labels).loss.backward()
         assert float(model.late_prompt.grad.abs().sum()) > 0
 
@@ -308,7 +320,7 @@ def test_every_preset_has_a_documented_payload(task):
             got = getattr(getattr(cfg, section), field)
             assert str(got).lower() == value.lower(), setting
         # the documented formula is the number of trained parameters (without the head) on tiny-bert
-        model = build_tuning(cfg.tuning, tiny_backbone("bert").model, "linear", C, None, 0)
+        model = tuned(cfg.tuning, tiny_backbone("bert").model)
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad) - HEAD
         sizes = {"L": L, "P": P, "kv": H, "H": H, "r": R}
         assert _documented_count(preset.parameters, sizes) == trained, (preset.name, preset.parameters)

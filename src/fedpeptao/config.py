@@ -20,6 +20,7 @@ from fedpeptao.algorithms.fedpeptao import FedPepTAOSettings
 from fedpeptao.core.metrics import MetricName
 from fedpeptao.privacy.engine import resolve_noise_multiplier, update_noise_multiplier
 from fedpeptao.privacy.settings import PrivacySettings
+from fedpeptao.tasks import TASKS
 from fedpeptao.tunings import TUNINGS, TuningConfig
 from fedpeptao.tunings.deep_prompt import DeepPromptSettings
 from fedpeptao.utils.device import Precision, check_device_name
@@ -36,12 +37,20 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     name: str = "minilm"  # builtin name, local folder or hub id
-    head: Literal["auto", "linear", "mlm", "lm"] = "auto"  # auto: linear for encoders, lm for decoders
+    head: str = "auto"  # the task (fedpeptao.tasks): auto is linear for encoders, lm for decoders
     max_length: int = Field(128, ge=8, le=8192)
     label_words: list[str] | None = None
     template: str | None = None
     gradient_checkpointing: bool = False  # recompute the backbone's activations in backward (long sequences)
     random_init: bool = False  # benchmarks only: model.name is an architecture (roberta-large-config, ...) built untrained
+
+    @field_validator("head")
+    @classmethod
+    def _registered_task(cls, value: str) -> str:
+        """Any task registered in :mod:`fedpeptao.tasks` (also one registered after import)."""
+        if value != "auto" and value not in TASKS:
+            raise ValueError(f"unknown head '{value}' (expected auto, {', '.join(TASKS)})")
+        return value
 
 
 class DataConfig(_Section):

@@ -17,18 +17,19 @@ import torch
 
 from fedpeptao.algorithms import Algorithm, ServerContext, make_algorithm
 from fedpeptao.config import ExperimentConfig
-from fedpeptao.core.client import LocalTrainConfig
 from fedpeptao.core.federation import averaging
+from fedpeptao.core.client import LocalTrainConfig
 from fedpeptao.core.metrics import MetricName, default_metric
 from fedpeptao.data.dataset import TextDataset
 from fedpeptao.data.encoding import EncodedDataset, default_label_words, encode, label_word_ids
 from fedpeptao.data.partition import partition
 from fedpeptao.data.tasks import load_splits
-from fedpeptao.models.classifier import PromptedClassifier
+from fedpeptao.models.tuned import TunedModel
 from fedpeptao.models.loading import Backbone, default_head, load_backbone, load_random_backbone
 from fedpeptao.privacy.engine import ClientPrivacy
 from fedpeptao.prompts.prefix import max_text_length
-from fedpeptao.tunings import build_tuning
+from fedpeptao.tasks import task_class
+from fedpeptao.tunings import build_model
 from fedpeptao.utils.device import DTYPES, resolve_device
 
 Tensors = dict[str, torch.Tensor]
@@ -58,7 +59,7 @@ class Federation:
     """
 
     cfg: ExperimentConfig
-    model: PromptedClassifier
+    model: TunedModel
     initial: Tensors
     train_data: EncodedDataset
     eval_data: EncodedDataset
@@ -78,30 +79,32 @@ class Federation:
 
 
 @dataclass
-class Classifier:
+class BuiltModel:
     """The tuned model around a backbone, and how it reads text (what a trained run is rebuilt from)."""
 
-    model: PromptedClassifier
-    head: str
+    model: TunedModel
+    head: str  # the task's name
     label_words: list[str] | None
     max_length: int  # text tokens per example, after the tuning's prompt positions
 
 
-def build_classifier(cfg: ExperimentConfig, backbone: Backbone, label_names: list[str], is_pair: bool) -> Classifier:
-    """The configured tuning on ``backbone`` for these labels, its initial tensors seeded by ``cfg.seed``."""
+def build_tuned_model(cfg: ExperimentConfig, backbone: Backbone, label_names: list[str], is_pair: bool) -> BuiltModel:
+    """The configured tuning on ``backbone``, read by the configured task for these labels; its
+    initial tensors seeded by ``cfg.seed``."""
     head = resolve_head(cfg, backbone)
-    words = None
-    if head in ("mlm", "lm"):
+    task_type = task_class(head)
+    words = ids = None
+    if task_type.label_words:
         words = cfg.model.label_words or default_label_words(label_names, is_pair)
         if len(words) != len(label_names):
             raise ValueError(f"model.label_words: expected {len(label_names)} words, got {len(words)}")
-    model = build_tuning(cfg.tuning, backbone.model, head, len(label_names),
-                         label_word_ids(backbone.tokenizer, words, head) if words else None, cfg.seed)
+        ids = label_word_ids(backbone.tokenizer, words, task_type.layout)
+    model = build_model(cfg.tuning, backbone.model, task_type(backbone.model, len(label_names), ids), cfg.seed)
     place(model, cfg)
-    return Classifier(model, head, words, max_text_length(backbone.model, prompt_tokens(cfg), cfg.model.max_length))
+    return BuiltModel(model, head, words, max_text_length(backbone.model, prompt_tokens(cfg), cfg.model.max_length))
 
 
-def place(model: PromptedClassifier, cfg: ExperimentConfig) -> None:
+def place(model: TunedModel, cfg: ExperimentConfig) -> None:
     """Frozen tensors in ``cfg.precision``, trainable ones in float32, all on ``cfg.device``.
 
     The tuning is initialised before the cast, so its initial tensors (and hence the run) start
@@ -133,10 +136,11 @@ def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, ow
     backbone = backbone or load_configured_backbone(cfg)
     train_set, val_set, eval_set = load_splits(cfg.data, cfg.seed)
     tokenizer = backbone.tokenizer
-    built = build_classifier(cfg, backbone, train_set.label_names, train_set.is_pair)
+    built = build_tuned_model(cfg, backbone, train_set.label_names, train_set.is_pair)
     model, head, length = built.model, built.head, built.max_length
-    train_data = encode(train_set, tokenizer, head, length, cfg.model.template)
-    eval_data = encode(eval_set, tokenizer, head, length, cfg.model.template)
+    layout = model.task.layout
+    train_data = encode(train_set, tokenizer, layout, length, cfg.model.template)
+    eval_data = encode(eval_set, tokenizer, layout, length, cfg.model.template)
     if own_data:
         train_parts = [np.arange(len(train_set), dtype=np.int64)]
         eval_parts = [np.arange(len(eval_set), dtype=np.int64)]
@@ -145,7 +149,7 @@ def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, ow
             train_set.labels, eval_set.labels, cfg.data.partition, cfg.federated.num_clients, cfg.data.alpha,
             cfg.seed, min_size=2, size_alpha=cfg.data.size_alpha)
     if val_set is not None:
-        val_data = encode(val_set, tokenizer, head, length, cfg.model.template)
+        val_data = encode(val_set, tokenizer, layout, length, cfg.model.template)
         val_parts = ([np.arange(len(val_set), dtype=np.int64)] if own_data else
                      partition(train_set.labels, val_set.labels, cfg.data.partition, cfg.federated.num_clients,
                                cfg.data.alpha, cfg.seed, min_size=2, size_alpha=cfg.data.size_alpha)[1])
@@ -212,7 +216,7 @@ def public_selection_data(cfg: ExperimentConfig, fed: Federation) -> tuple[Encod
         raise ValueError(f"privacy.public_data: its labels {public.label_names} differ from the task's "
                          f"{fed.train_set.label_names}")
     length = max_text_length(fed.backbone.model, prompt_tokens(cfg), cfg.model.max_length)
-    encoded = encode(public, fed.backbone.tokenizer, fed.head, length, cfg.model.template)
+    encoded = encode(public, fed.backbone.tokenizer, fed.model.task.layout, length, cfg.model.template)
     return encoded, np.arange(len(public), dtype=np.int64)
 
 

@@ -61,10 +61,10 @@ def _classifier_files(trained: TrainedModel, out: Path) -> None:
     card = {"format": "fedpeptao-classifier", "version": 1, "base_model": trained.cfg.model.name, "head": trained.head,
             "pooling": "masked mean of the last hidden state" if trained.head == "linear" else "label-word logits",
             "labels": trained.labels, "pair": trained.pair, "template": trained.cfg.model.template,
-            "label_word_ids": model.label_word_ids.tolist(), "tuning": trained.cfg.tuning.model_dump(mode="json"),
+            "label_word_ids": model.task.label_word_ids, "tuning": trained.cfg.tuning.model_dump(mode="json"),
             "client": trained.client, "max_length": trained.cfg.model.max_length}
     (out / CLASSIFIER_FILE).write_text(json.dumps(card, indent=2))
-    if model.head is not None:
+    if model.head_names():  # a trained head (linear); the label-word tasks train none
         save_file({"weight": model.head.weight.detach().contiguous(), "bias": model.head.bias.detach().contiguous()},
                   str(out / HEAD_FILE))
 

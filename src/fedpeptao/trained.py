@@ -28,9 +28,9 @@ from fedpeptao.data.dataset import TextDataset
 from fedpeptao.data.encoding import encode
 from fedpeptao.data.readers import load_task_dir, read_table
 from fedpeptao.data.tasks import load_splits
-from fedpeptao.experiment import MODEL_CARD, MODEL_FORMAT, build_classifier, load_configured_backbone
-from fedpeptao.models.classifier import PromptedClassifier
+from fedpeptao.experiment import MODEL_CARD, MODEL_FORMAT, build_tuned_model, load_configured_backbone
 from fedpeptao.models.loading import Backbone
+from fedpeptao.models.tuned import TunedModel
 
 Inputs = Sequence[str] | Sequence[tuple[str, str]]
 
@@ -44,7 +44,7 @@ class TrainedModel:
     """A trained classifier: the frozen backbone with one set of tuning tensors loaded."""
 
     cfg: ExperimentConfig
-    model: PromptedClassifier
+    model: TunedModel
     backbone: Backbone
     head: str
     labels: list[str]
@@ -80,7 +80,7 @@ class TrainedModel:
         from tqdm.auto import tqdm  # noqa: PLC0415
 
         data = self._dataset(inputs)
-        encoded = encode(data, self.backbone.tokenizer, self.head, self.text_length, self.cfg.model.template)
+        encoded = encode(data, self.backbone.tokenizer, self.model.task.layout, self.text_length, self.cfg.model.template)
         self.model.eval()
         out = []
         batches = encoded.batches(np.arange(len(encoded)), batch_size)
@@ -167,7 +167,7 @@ def load_run(run_dir: str | Path, client: int | None = None, backbone: Backbone 
     except ConfigError as exc:
         raise RunError(f"{run_dir / 'config.yaml'}: {exc}") from None
     backbone = backbone or load_configured_backbone(cfg)
-    built = build_classifier(cfg, backbone, list(card["labels"]), bool(card["pair"]))
+    built = build_tuned_model(cfg, backbone, list(card["labels"]), bool(card["pair"]))
     expected = set(built.model.trainable_names())
     if set(tensors) != expected:
         missing = sorted(expected - set(tensors))[:3] or sorted(set(tensors) - expected)[:3]

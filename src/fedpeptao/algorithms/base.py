@@ -43,7 +43,7 @@ from fedpeptao.core.server import ClientUpdate
 Tensors = dict[str, Tensor]
 #: a term added to the local loss: ``extra(model, batch, output)``, where ``model`` is the client's
 #: model (or its :class:`~fedpeptao.models.slots.ClientView` in a batched pass) and ``output`` the
-#: forward's :class:`~fedpeptao.models.classifier.Output` on ``batch`` (with ``features``)
+#: forward's :class:`~fedpeptao.tasks.base.Output` on ``batch`` (with ``features``)
 ExtraLoss = Callable[[torch.nn.Module, Mapping[str, Tensor], Any], Tensor]
 
 

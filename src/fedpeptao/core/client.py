@@ -1,6 +1,6 @@
 """Device-side work: local training of the prompts and evaluation (SPEC section 3, "Device").
 
-Everything here acts on a :class:`PromptedClassifier` whose trainable tensors have already been
+Everything here acts on a :class:`TunedModel` whose trainable tensors have already been
 set to one client's values; the caller owns the client's state. That is what lets one frozen
 backbone serve every simulated client, and the Flower client reuse the same functions.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fedpeptao.data.encoding import EncodedDataset, stack_batches
-from fedpeptao.models.classifier import PromptedClassifier
+from fedpeptao.models.tuned import TunedModel
 from fedpeptao.models.slots import ClientView, slot_mode
 from fedpeptao.utils.device import to_host
 
@@ -58,14 +58,14 @@ class LocalJob:
     model itself when it trains alone), examples, data order, optimiser state and local
     objective's extra term."""
 
-    view: ClientView | PromptedClassifier
+    view: ClientView | TunedModel
     indices: np.ndarray
     rng: np.random.Generator
     optimizer_state: dict | None = None
     extra_loss: object | None = None
 
 
-def local_train(model: PromptedClassifier, data: EncodedDataset, jobs: Sequence[LocalJob],
+def local_train(model: TunedModel, data: EncodedDataset, jobs: Sequence[LocalJob],
                 cfg: LocalTrainConfig, order_seed: int = 0) -> list[LocalResult]:
     """``cfg.epochs`` over each job's examples; returns each client's result and optimiser state.
 
@@ -143,7 +143,7 @@ def pass_groups(shapes: Sequence[tuple[int, int]], pass_cost: float) -> list[lis
     return sorted(groups)
 
 
-def _forward_backward(model: PromptedClassifier, data: EncodedDataset, jobs: Sequence[LocalJob],
+def _forward_backward(model: TunedModel, data: EncodedDataset, jobs: Sequence[LocalJob],
                       batches: Sequence[dict[str, torch.Tensor]], features: bool, alone: bool) -> list[torch.Tensor]:
     """One shared pass of several clients' batches: forward, each client's loss (with its local
     objective's extra term), one backward of their sum. Returns each client's task loss, detached
@@ -162,7 +162,7 @@ def _forward_backward(model: PromptedClassifier, data: EncodedDataset, jobs: Seq
     return task_losses
 
 
-def _slots(model: PromptedClassifier, slots: tuple | None):
+def _slots(model: TunedModel, slots: tuple | None):
     return nullcontext() if slots is None else slot_mode(model, *slots)
 
 
@@ -193,7 +193,7 @@ def _kept_state(optimizer: torch.optim.Optimizer, cfg: LocalTrainConfig) -> dict
 
 
 @torch.no_grad()
-def predict(model: PromptedClassifier, data: EncodedDataset, parts: Sequence[np.ndarray],
+def predict(model: TunedModel, data: EncodedDataset, parts: Sequence[np.ndarray],
             tensors: Sequence[dict[str, torch.Tensor]] | None = None, batch_size: int = 32
             ) -> list[tuple[np.ndarray, float]]:
     """Predicted classes (in each part's order) and summed loss of client ``k``'s examples

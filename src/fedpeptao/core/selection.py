@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fedpeptao.core.hessian import HvpLockstep, hvp_fn, one_client
 from fedpeptao.core.scoring import layer_scores
 from fedpeptao.data.encoding import EncodedDataset, stack_batches
-from fedpeptao.models.classifier import PromptedClassifier
+from fedpeptao.models.tuned import TunedModel
 from fedpeptao.models.slots import ClientView, slot_mode
 
 
@@ -25,7 +25,7 @@ def _first_batch(data: EncodedDataset, indices: np.ndarray, batch_size: int, see
 
 
 @torch.no_grad()
-def layer_scores_of(model: PromptedClassifier, data: EncodedDataset, parts: Sequence[np.ndarray],
+def layer_scores_of(model: TunedModel, data: EncodedDataset, parts: Sequence[np.ndarray],
                     batch_size: int, seeds: Sequence[int]) -> list[torch.Tensor]:
     """Layer-importance scores of each client (each with >= 2 examples) from one batch of its data,
     all under the model's current tensors, in ONE forward pass of the batches stacked together.
@@ -45,7 +45,7 @@ def layer_scores_of(model: PromptedClassifier, data: EncodedDataset, parts: Sequ
     return [layer_scores([h[own] for h in masked]) for own in rows]
 
 
-def client_hvp(model: PromptedClassifier, data: EncodedDataset, parts: Sequence[np.ndarray], batch_size: int,
+def client_hvp(model: TunedModel, data: EncodedDataset, parts: Sequence[np.ndarray], batch_size: int,
                seeds: Sequence[int], names: list[str]) -> tuple[HvpLockstep, int]:
     """Hessian-vector products of each client's batch loss w.r.t. the named trainable tensors (the
     tuning's per-layer groups), all at the model's current tensors; returns ``(hvps, dim)`` for
@@ -89,7 +89,7 @@ def client_hvp(model: PromptedClassifier, data: EncodedDataset, parts: Sequence[
     return hvps, dim
 
 
-def lanczos_device(model: PromptedClassifier) -> torch.device | None:
+def lanczos_device(model: TunedModel) -> torch.device | None:
     """Where the float64 Lanczos vectors live: beside the model on CUDA, on the host otherwise
     (MPS has no float64; on a CPU the host is the device)."""
     return model.device if model.device.type == "cuda" else None

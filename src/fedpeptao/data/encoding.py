@@ -1,4 +1,4 @@
-"""Turn text examples into token ids for each classification rule (SPEC section 1).
+"""Turn text examples into token ids for each task's text layout (SPEC section 1).
 
 Templates are lists of segments: the placeholders ``{a}``, ``{b}`` and ``{mask}`` and literal
 text. Segments are tokenised separately and only the text placeholders are truncated, so the
@@ -17,10 +17,10 @@ import torch
 from fedpeptao.data.dataset import DataError, TextDataset
 
 DEFAULT_TEMPLATES = {
-    ("mlm", False): "{a} . It was {mask} .",
-    ("mlm", True): "{a} ? {mask} , {b}",
-    ("lm", False): "{a} It was",
-    ("lm", True): "{a} {b} They are",
+    ("mask", False): "{a} . It was {mask} .",
+    ("mask", True): "{a} ? {mask} , {b}",
+    ("next_word", False): "{a} It was",
+    ("next_word", True): "{a} {b} They are",
 }
 
 # Verbaliser words for label names people commonly use; anything else is its own word.
@@ -38,11 +38,11 @@ def default_label_words(label_names: list[str], is_pair: bool) -> list[str]:
     return [_KNOWN_WORDS.get(n.lower(), n) for n in label_names]
 
 
-def label_word_ids(tokenizer, words: list[str], head: str) -> list[int]:
-    """One token id per label word; decoders see the word after a space."""
+def label_word_ids(tokenizer, words: list[str], layout: str) -> list[int]:
+    """One token id per label word; a word that follows the template (decoders) comes after a space."""
     ids = []
     for word in words:
-        text = f" {word}" if head == "lm" else word
+        text = f" {word}" if layout == "next_word" else word
         pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not pieces:
             raise DataError(f"label word '{word}' produces no tokens")
@@ -137,19 +137,19 @@ def _fit(lengths: dict[str, int], budget: int) -> dict[str, int]:
     return lengths
 
 
-def encode(dataset: TextDataset, tokenizer, head: str, max_length: int, template: str | None = None) -> EncodedDataset:
-    """Tokenise a dataset for one classification rule."""
+def encode(dataset: TextDataset, tokenizer, layout: str, max_length: int, template: str | None = None) -> EncodedDataset:
+    """Tokenise a dataset in a task's ``layout`` (:data:`fedpeptao.tasks.base.Layout`)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if head == "linear":
+    if layout == "plain":
         enc = tokenizer(dataset.texts_a, dataset.texts_b, truncation=True, max_length=max_length)
         ids = enc["input_ids"]
         return EncodedDataset(ids, np.zeros(len(ids), dtype=np.int64), dataset.labels.copy(), pad_id)
 
-    template = template or DEFAULT_TEMPLATES[(head, dataset.is_pair)]
+    template = template or DEFAULT_TEMPLATES[(layout, dataset.is_pair)]
     parts = _segments(template)
     if dataset.is_pair and "{b}" not in parts:
         raise DataError(f"template '{template}' has no {{b}} for a sentence-pair task")
-    if head == "mlm" and "{mask}" not in parts:
+    if layout == "mask" and "{mask}" not in parts:
         raise DataError(f"template '{template}' needs a {{mask}} for the mlm head")
     literal = {p: tokenizer(p, add_special_tokens=False)["input_ids"] for p in parts if p not in ("{a}", "{b}", "{mask}")}
     before, after = special_wrap(tokenizer)  # e.g. [CLS] ... [SEP], or <bos> ..., or nothing
@@ -171,7 +171,7 @@ def encode(dataset: TextDataset, tokenizer, head: str, max_length: int, template
                 body.append(tokenizer.mask_token_id)
             else:
                 body += literal[part]
-        if head == "mlm":
+        if layout == "mask":
             targets.append(len(before) + mask_at)
         else:  # the label word is predicted from the last template token
             targets.append(len(before) + len(body) - 1)

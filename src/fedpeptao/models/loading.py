@@ -19,7 +19,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import transformers
@@ -42,11 +41,8 @@ from fedpeptao.models.builtin import (
     _quiet_transformers,
     resolve_builtin,
 )
+from fedpeptao.tasks import TASKS
 
-HeadKind = Literal["linear", "mlm", "lm"]
-
-
-HEADS: tuple[str, ...] = ("linear", "mlm", "lm")
 
 
 @dataclass
@@ -110,13 +106,27 @@ def default_head(kind: ModelKind) -> str:
     return "lm" if kind == "decoder" else "linear"
 
 
-def _check_head(kind: ModelKind, head: str, name: str) -> None:
-    if head not in HEADS:
-        raise ModelError(f"unknown head '{head}' (expected one of {', '.join(HEADS)})")
-    if head == "mlm" and kind != "encoder":
-        raise ModelError(f"'{name}' is a decoder: head='mlm' needs an encoder with a masked-LM head (use head='lm')")
-    if head == "lm" and kind != "decoder":
-        raise ModelError(f"'{name}' is an encoder: head='lm' needs a decoder (use head='linear' or 'mlm')")
+def check_head(kind: ModelKind, head: str, name: str) -> None:
+    """A registered task that can read a model of this kind, or a ModelError naming the fix."""
+    if head not in TASKS:
+        raise ModelError(f"unknown head '{head}' (expected one of {', '.join(TASKS)})")
+    if kind not in TASKS[head].kinds:
+        fits = " or ".join(f"'{other}'" for other, task in TASKS.items() if kind in task.kinds)
+        needs = " or ".join(TASKS[head].kinds)
+        raise ModelError(f"'{name}' is {_article(kind)} {kind}: head='{head}' needs {_article(needs)} {needs} "
+                         f"(use head={fits})")
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+#: the transformers class a task's backbone loads as
+MODEL_CLASSES = {"base": AutoModel, "masked_lm": AutoModelForMaskedLM, "causal_lm": AutoModelForCausalLM}
+
+
+def model_class(head: str):
+    return MODEL_CLASSES[TASKS[head].backbone_class]
 
 
 def _finish_tokenizer(tokenizer, model, kind: ModelKind):
@@ -134,9 +144,6 @@ def _finish_tokenizer(tokenizer, model, kind: ModelKind):
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer
-
-
-_MODEL_CLASSES = {"linear": AutoModel, "mlm": AutoModelForMaskedLM, "lm": AutoModelForCausalLM}
 
 
 def _sdpa_or_eager(build):
@@ -157,7 +164,8 @@ def _from_pretrained(cls, source: str, name: str, head: str, dtype: torch.dtype,
             source, dtype=dtype, attn_implementation=attention, output_loading_info=True, **kwargs))
     missing = sorted(k for k in (info.get("missing_keys") or ()) if not k.startswith("pooler."))
     if missing:
-        what = {"mlm": "masked-LM head", "lm": "language-model head"}.get(head, "weights")
+        what = {"masked_lm": "masked-LM head", "causal_lm": "language-model head"}.get(TASKS[head].backbone_class,
+                                                                                     "weights")
         shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise ModelError(f"'{name}' has no {what} for head='{head}': checkpoint lacks {len(missing)} "
                          f"weights ({shown})")
@@ -174,9 +182,9 @@ def _load_checkpoint(source: str, name: str, head: str, dtype: torch.dtype, **hu
         raise ModelError(f"'{name}' is not a loadable model: {_first_line(error)}") from None
     kind = infer_kind(config)
     head = default_head(kind) if head == "auto" else head
-    _check_head(kind, head, name)
+    check_head(kind, head, name)
     try:
-        model = _from_pretrained(_MODEL_CLASSES[head], source, name, head, dtype, **hub_kwargs)
+        model = _from_pretrained(model_class(head), source, name, head, dtype, **hub_kwargs)
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
     except ModelError:
@@ -201,7 +209,7 @@ def _load_gguf(path: Path, name: str, head: str, dtype: torch.dtype) -> Backbone
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as error:
         raise ModelError(f"'{name}' could not be loaded from GGUF: {_first_line(error)}") from None
     kind = infer_kind(model.config)
-    _check_head(kind, head, name)
+    check_head(kind, head, name)
     model.eval()
     return Backbone(model, _finish_tokenizer(tokenizer, model, kind), kind, name)
 
@@ -213,22 +221,22 @@ def _looks_like_path(text: str) -> bool:
     return not _HUB_ID.match(text)
 
 
-def load_backbone(name_or_path: str | os.PathLike, head: HeadKind = "linear",
+def load_backbone(name_or_path: str | os.PathLike, head: str = "linear",
                   dtype: torch.dtype = torch.float32) -> Backbone:
-    """Load a frozen-to-be backbone and its tokenizer for a classification head.
+    """Load a frozen-to-be backbone and its tokenizer as the task ``head`` reads it.
 
-    ``head="linear"``: the base model (``AutoModel``) for a small trainable head on top;
-    ``head="mlm"``: ``AutoModelForMaskedLM`` (encoders whose checkpoint has the MLM head weights);
-    ``head="lm"``: ``AutoModelForCausalLM`` (decoders); ``head="auto"``: linear for encoders, lm for
-    decoders. The kind is inferred from the config.
+    The task's ``backbone_class`` picks the transformers class: ``linear`` loads the base model
+    (``AutoModel``) for a small trainable head on top, ``mlm`` ``AutoModelForMaskedLM`` (encoders
+    whose checkpoint has the MLM head weights), ``lm`` ``AutoModelForCausalLM`` (decoders);
+    ``head="auto"``: linear for encoders, lm for decoders. The kind is inferred from the config.
     """
-    if head not in HEADS and head != "auto":
-        raise ModelError(f"unknown head '{head}' (expected one of {', '.join(HEADS)})")
+    if head not in TASKS and head != "auto":
+        raise ModelError(f"unknown head '{head}' (expected one of {', '.join(TASKS)})")
     text = os.fspath(name_or_path)
     if text in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[text]
         head = default_head(builtin.kind) if head == "auto" else head
-        _check_head(builtin.kind, head, text)
+        check_head(builtin.kind, head, text)
         return _load_checkpoint(str(resolve_builtin(text)), text, head, dtype)
     if text.startswith("tiny-"):
         from fedpeptao.models.tiny import TINY_ARCHS, tiny_backbone  # noqa: PLC0415 - avoids an import cycle
@@ -316,7 +324,7 @@ def load_random_backbone(name: str, head: str = "auto", dtype: torch.dtype = tor
     config = architecture_config(name)
     kind = infer_kind(config)
     head = default_head(kind) if head == "auto" else head
-    _check_head(kind, head, name)
+    check_head(kind, head, name)
     path = Path(name).expanduser()
     source = str(path) if path.is_dir() and any(path.glob("tokenizer*")) else str(resolve_builtin("minilm"))
     with _quiet_transformers():
@@ -325,7 +333,7 @@ def load_random_backbone(name: str, head: str = "auto", dtype: torch.dtype = tor
         raise ModelError(f"model.random_init: the tokenizer's {len(tokenizer)} ids exceed '{name}''s vocabulary "
                          f"of {config.vocab_size}")
     torch.manual_seed(seed)
-    model = _sdpa_or_eager(lambda attention: _MODEL_CLASSES[head].from_config(config, dtype=dtype,
+    model = _sdpa_or_eager(lambda attention: model_class(head).from_config(config, dtype=dtype,
                                                                               attn_implementation=attention))
     model.eval()
     return Backbone(model, _finish_tokenizer(tokenizer, model, kind), kind, f"{name} (random weights)")

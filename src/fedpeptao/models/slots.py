@@ -111,7 +111,7 @@ class ClientView(nn.Module):
         return dict(zip(self._names, self._params))
 
     def trainable_state(self) -> Tensors:
-        """A detached host copy, as :meth:`PromptedClassifier.trainable_state` gives."""
+        """A detached host copy, as :meth:`TunedModel.trainable_state` gives."""
         return {name: p.detach().to("cpu", copy=True) for name, p in zip(self._names, self._params)}
 
     def forward_with(self, tensors: Mapping[str, Tensor], batch: Mapping[str, Tensor]):

@@ -15,14 +15,10 @@ consistent special ids: ``[PAD]`` = 0 is the pad token, ``[CLS]`` = 101 is bos, 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
 
 import torch
 from tokenizers.processors import TemplateProcessing
 from transformers import (
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
     AutoTokenizer,
     BertConfig,
     GPT2Config,
@@ -31,14 +27,13 @@ from transformers import (
 )
 
 from fedpeptao.models.builtin import ModelError, resolve_builtin
-from fedpeptao.models.loading import Backbone, _check_head
+from fedpeptao.models.loading import Backbone, check_head, model_class
 
 TINY_ARCHS = ("bert", "roberta", "gpt2", "llama")
 HIDDEN, HEADS, KV_HEADS, INTERMEDIATE, POSITIONS = 32, 4, 2, 64, 128
 VOCAB_SIZE = 30522
 PAD_ID, CLS_ID, SEP_ID, MASK_ID = 0, 101, 102, 103
 _KINDS = {"bert": "encoder", "roberta": "encoder", "gpt2": "decoder", "llama": "decoder"}
-_CLASSES = {"linear": AutoModel, "mlm": AutoModelForMaskedLM, "lm": AutoModelForCausalLM}
 
 
 @lru_cache(maxsize=1)
@@ -86,7 +81,7 @@ def tiny_config(arch: str, num_layers: int = 3):
     raise ModelError(f"unknown tiny architecture '{arch}' (expected one of {', '.join(TINY_ARCHS)})")
 
 
-def tiny_backbone(arch: str, head: Literal["linear", "mlm", "lm"] | None = None, seed: int = 0,
+def tiny_backbone(arch: str, head: str | None = None, seed: int = 0,
                   num_layers: int = 3) -> Backbone:
     """A random-weight backbone of ``arch``; the same ``seed`` gives the same weights.
 
@@ -96,9 +91,9 @@ def tiny_backbone(arch: str, head: Literal["linear", "mlm", "lm"] | None = None,
     config = tiny_config(arch, num_layers)
     kind = _KINDS[arch]
     head = head or ("linear" if kind == "encoder" else "lm")
-    _check_head(kind, head, f"tiny-{arch}")
+    check_head(kind, head, f"tiny-{arch}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _CLASSES[head].from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        model = model_class(head).from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     model.eval()
     return Backbone(model, tiny_tokenizer(arch), kind, f"tiny-{arch}")

@@ -1,14 +1,17 @@
 """What trains on the frozen backbone, one module per tuning (settings class + ``build``):
 ``deep_prompt`` (P-tuning v2, the default), ``input_prompt``, ``late_prompt``, ``lora``,
-``adapter``, ``idpg``, ``attempt``. Any tuning runs with any algorithm of
-:mod:`fedpeptao.algorithms` (FedPepTAO needs one with per-layer groups)."""
+``adapter``, ``idpg``, ``attempt``. Any tuning runs with any task of :mod:`fedpeptao.tasks` and any
+algorithm of :mod:`fedpeptao.algorithms` (FedPepTAO needs one with per-layer groups)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Union
 
+import torch
 from pydantic import Field
 
+from fedpeptao.models.tuned import TunedModel
+from fedpeptao.tasks import Task
 from fedpeptao.tunings import adapter, attempt, deep_prompt, idpg, input_prompt, late_prompt, lora  # noqa: F401
 from fedpeptao.tunings.base import REGISTRY, TuningSettings
 
@@ -17,11 +20,17 @@ TuningConfig = Annotated[Union[tuple(settings for settings, _ in REGISTRY.values
                          Field(discriminator="name")]
 
 
-def build_tuning(settings: TuningSettings, model, head: str, num_labels: int, label_word_ids: list[int] | None,
-                 seed: int):
-    """The prompted classifier of ``settings`` around ``model`` (the frozen backbone)."""
+def build_model(settings: TuningSettings, model, task: Task, seed: int) -> TunedModel:
+    """The tuning of ``settings`` around ``model`` (the frozen backbone), read by ``task``.
+
+    One generator seeded by ``seed`` initialises the tuning's tensors first and the task's head
+    after them, so a run's initial tensors depend on the seed alone.
+    """
     _, build = REGISTRY[settings.name]
-    return build(settings, model, head, num_labels, label_word_ids, seed)
+    generator = torch.Generator().manual_seed(seed)
+    tuned = build(settings, model, task, generator, seed)
+    tuned.attach_task(generator)
+    return tuned
 
 
-__all__ = ["TUNINGS", "TuningConfig", "TuningSettings", "build_tuning"]
+__all__ = ["TUNINGS", "TuningConfig", "TuningSettings", "build_model"]

@@ -3,7 +3,7 @@
     output projection, before the residual connection and LayerNorm (BERT ``output.dense``, GPT-2
     ``mlp.c_proj``, LLaMA ``mlp.down_proj``), reduction factor 16 (``m = H // 16``). ``W_up``/``b_up``
     start at zero (identity at init), ``W_down`` at N(0, 0.02). Trainable per layer
-    ``H*m + m + m*H + H`` (+ head). Written here because the maintained library for it (AdapterHub
+    ``H*m + m + m*H + H`` (+ the task's head). Written here because the maintained library for it (AdapterHub
     ``adapters`` 1.3) requires transformers ~=4.57 and PEFT has no bottleneck adapter.
 """
 
@@ -16,9 +16,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from fedpeptao.models.classifier import PromptedClassifier
+from fedpeptao.models.tuned import TunedModel
 from fedpeptao.tunings.base import TuningSettings, register_tuning
-from fedpeptao.tunings.common import INIT_STD, NoDeepPrompt, hidden_size
+from fedpeptao.tunings.common import INIT_STD, hidden_size
 
 
 class AdapterSettings(TuningSettings):
@@ -64,10 +64,9 @@ def ffn_outputs(model) -> dict[int, nn.Module]:
     return found
 
 
-class AdapterClassifier(NoDeepPrompt):
-    def __init__(self, model, head, num_labels, label_word_ids=None, seed: int = 0,
-                 reduction: int = 16):
-        super().__init__(model, head, num_labels, label_word_ids, seed)
+class AdapterModel(TunedModel):
+    def __init__(self, model, task, seed: int = 0, reduction: int = 16):
+        super().__init__(model, task)
         hidden = hidden_size(model)
         bottleneck = max(1, hidden // reduction)
         generator = torch.Generator().manual_seed(seed + 4)
@@ -84,8 +83,5 @@ class AdapterClassifier(NoDeepPrompt):
 
 
 @register_tuning(AdapterSettings)
-
-
-def build(settings: AdapterSettings, model, head: str, num_labels: int, label_word_ids: list[int] | None,
-          seed: int) -> PromptedClassifier:
-    return AdapterClassifier(model, head, num_labels, label_word_ids, seed, settings.reduction)
+def build(settings: AdapterSettings, model, task, generator: torch.Generator, seed: int) -> AdapterModel:
+    return AdapterModel(model, task, seed, settings.reduction)

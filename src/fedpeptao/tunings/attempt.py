@@ -7,7 +7,7 @@
     first), so the source prompts are random vocabulary embeddings drawn from the seed, frozen,
     identical on every client and never communicated: this is ATTEMPT's mechanism without its
     transfer, and it should be read as such. Trainable: target prompt ``P*H``, ``W_down``
-    (``H*r + r``), ``W_up`` (``r*H + H``), LayerNorm (``2H``) (+ head).
+    (``H*r + r``), ``W_up`` (``r*H + H``), LayerNorm (``2H``) (+ the task's head).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from fedpeptao.models.classifier import PromptedClassifier
 from fedpeptao.tunings.base import TuningSettings, register_tuning
-from fedpeptao.tunings.common import INIT_STD, InputPromptClassifier, hidden_size, sample_vocab
+from fedpeptao.tunings.common import INIT_STD, InputPromptModel, hidden_size, sample_vocab
 
 
 class AttemptSettings(TuningSettings):
@@ -30,10 +29,9 @@ class AttemptSettings(TuningSettings):
     bottleneck: int = Field(32, ge=1)
 
 
-class ATTEMPTClassifier(InputPromptClassifier):
-    def __init__(self, model, head, num_labels, num_tokens: int, label_word_ids=None, seed: int = 0,
-                 num_sources: int = 4, bottleneck: int = 32):
-        super().__init__(model, head, num_labels, label_word_ids, seed)
+class ATTEMPTModel(InputPromptModel):
+    def __init__(self, model, task, num_tokens: int, seed: int = 0, num_sources: int = 4, bottleneck: int = 32):
+        super().__init__(model, task)
         hidden = hidden_size(model)
         generator = torch.Generator().manual_seed(seed + 2)
         self.num_input_tokens = num_tokens
@@ -66,9 +64,5 @@ class ATTEMPTClassifier(InputPromptClassifier):
 
 
 @register_tuning(AttemptSettings)
-
-
-def build(settings: AttemptSettings, model, head: str, num_labels: int, label_word_ids: list[int] | None,
-          seed: int) -> PromptedClassifier:
-    return ATTEMPTClassifier(model, head, num_labels, settings.num_prompt_tokens, label_word_ids, seed,
-                             settings.num_sources, settings.bottleneck)
+def build(settings: AttemptSettings, model, task, generator: torch.Generator, seed: int) -> ATTEMPTModel:
+    return ATTEMPTModel(model, task, settings.num_prompt_tokens, seed, settings.num_sources, settings.bottleneck)

@@ -1,10 +1,10 @@
 """What a tuning is: which tensors of a frozen backbone train (PEFT's tuners are the model).
 
 A tuning is a settings class (``tuning.*`` in a config, discriminated by ``tuning.name``) beside a
-``build`` function that wraps the backbone in a
-:class:`~fedpeptao.models.classifier.PromptedClassifier` whose trainable tensors are the tuning's
-(plus the classification head). Registered with :func:`register_tuning`, so the config and the
-experiment builder find every tuning without naming one.
+``build(settings, model, task, generator, seed)`` function that returns a
+:class:`~fedpeptao.models.tuned.TunedModel` subclass holding the tuning's tensors. It knows nothing
+of heads: the task (:mod:`fedpeptao.tasks`) is attached afterwards. Registered with
+:func:`register_tuning`, so the config and the experiment builder find every tuning without naming one.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class TuningSettings(BaseModel):
 
 
 def register_tuning(settings_class: type[TuningSettings]) -> Callable[[Builder], Builder]:
-    """Decorator for a tuning's ``build(settings, model, head, num_labels, label_word_ids, seed)``."""
+    """Decorator for a tuning's ``build(settings, model, task, generator, seed)``."""
     def wrap(build: Builder) -> Builder:
         REGISTRY[settings_class.model_fields["name"].default] = (settings_class, build)
         return build

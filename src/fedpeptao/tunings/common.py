@@ -1,11 +1,9 @@
-"""What the tunings other than deep prompts share: a classifier without a deep prompt, and input prompts.
+"""What several tunings share: vocabulary-sampled inits, cutting prompt positions, input prompts.
 
-They are :class:`~fedpeptao.models.classifier.PromptedClassifier` subclasses with no deep prompt
-(``prompt_layers=[]``) that keep its heads, trainable-state API and forward; they only change how
-the backbone is run (``_base_outputs``). Input-level prompts follow PEFT's prompt tuning exactly:
+Input-level prompts follow PEFT's prompt tuning exactly:
 ``P`` vectors prepended to the input embeddings, ``P`` ones prepended to the attention mask, no
 explicit position ids (so the text sits at positions ``P..P+T-1``). The prompt positions are cut
-from the outputs again, so every head reads the text tokens where it always does.
+from the outputs again, so every task reads the text tokens where it always does.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
-from fedpeptao.models.classifier import PromptedClassifier
+from fedpeptao.models.tuned import TunedModel
 
 INIT_STD = 0.02
 
@@ -44,14 +42,7 @@ def strip_prompt(out, num: int, start_layer: int = 0):
     return SimpleNamespace(**fields)
 
 
-class NoDeepPrompt(PromptedClassifier):
-    """A PromptedClassifier with no deep prompt: heads and trainable-state API only."""
-
-    def __init__(self, model, head, num_labels, label_word_ids=None, seed: int = 0):
-        super().__init__(model, head, num_labels, 0, label_word_ids, prompt_dropout=0.0, prompt_layers=[], seed=seed)
-
-
-class InputPromptClassifier(NoDeepPrompt):
+class InputPromptModel(TunedModel):
     """Prepends a (possibly per-example) ``[B, P, H]`` prompt to the input embeddings."""
 
     num_input_tokens: int
@@ -59,12 +50,12 @@ class InputPromptClassifier(NoDeepPrompt):
     def input_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _base_outputs(self, input_ids, attention_mask, hidden_states: bool = False):
+    def encode(self, input_ids, attention_mask, hidden_states: bool = False):
         embeds = self.model.get_input_embeddings()(input_ids)
         prompt = self.input_prompt(input_ids, attention_mask, embeds).to(embeds.dtype)
         num = prompt.shape[1]
         mask = torch.cat([torch.ones(attention_mask.shape[0], num, dtype=attention_mask.dtype,
                                      device=attention_mask.device), attention_mask], dim=1)
-        out = self._base_module()(inputs_embeds=torch.cat([prompt, embeds], dim=1), attention_mask=mask,
+        out = self.body()(inputs_embeds=torch.cat([prompt, embeds], dim=1), attention_mask=mask,
                                   output_hidden_states=hidden_states, return_dict=True)
         return strip_prompt(out, num)

@@ -3,7 +3,7 @@
     (mean-pooled last hidden state); a bottleneck generator ``W2 tanh(W1 r + b1) + b2`` (``H -> m -> P*H``,
     ``m = 32``; the paper uses PHM layers, we use plain linear ones) gives this example's ``P x H``
     input prompt. ``b2`` starts as random vocabulary embeddings and ``W2`` at N(0, 0.02), so training
-    starts from a near-static prompt. Trainable: ``H*m + m + m*P*H + P*H`` (+ head). Costs one extra
+    starts from a near-static prompt. Trainable: ``H*m + m + m*P*H + P*H`` (+ the task's head). Costs one extra
     no-grad forward pass per batch.
 """
 
@@ -15,9 +15,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from fedpeptao.models.classifier import PromptedClassifier
 from fedpeptao.tunings.base import TuningSettings, register_tuning
-from fedpeptao.tunings.common import INIT_STD, InputPromptClassifier, hidden_size, sample_vocab
+from fedpeptao.tunings.common import INIT_STD, InputPromptModel, hidden_size, sample_vocab
 
 
 class IDPGSettings(TuningSettings):
@@ -26,10 +25,9 @@ class IDPGSettings(TuningSettings):
     bottleneck: int = Field(32, ge=1)
 
 
-class IDPGClassifier(InputPromptClassifier):
-    def __init__(self, model, head, num_labels, num_tokens: int, label_word_ids=None, seed: int = 0,
-                 bottleneck: int = 32):
-        super().__init__(model, head, num_labels, label_word_ids, seed)
+class IDPGModel(InputPromptModel):
+    def __init__(self, model, task, num_tokens: int, seed: int = 0, bottleneck: int = 32):
+        super().__init__(model, task)
         hidden = hidden_size(model)
         generator = torch.Generator().manual_seed(seed + 1)
         self.num_input_tokens = num_tokens
@@ -55,9 +53,5 @@ class IDPGClassifier(InputPromptClassifier):
 
 
 @register_tuning(IDPGSettings)
-
-
-def build(settings: IDPGSettings, model, head: str, num_labels: int, label_word_ids: list[int] | None,
-          seed: int) -> PromptedClassifier:
-    return IDPGClassifier(model, head, num_labels, settings.num_prompt_tokens, label_word_ids, seed,
-                          settings.bottleneck)
+def build(settings: IDPGSettings, model, task, generator: torch.Generator, seed: int) -> IDPGModel:
+    return IDPGModel(model, task, settings.num_prompt_tokens, seed, settings.bottleneck)

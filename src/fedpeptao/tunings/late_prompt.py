@@ -6,7 +6,7 @@
     attention mask). Supported for encoder backbones (BERT/RoBERTa family: layers called as
     ``layer(hidden_states, attention_mask, ...)``), which is where LPT was defined; decoders raise.
     Init N(0, 0.02) (the paper's static-prompt variant leaves the init open). Trainable:
-    ``P x H`` (+ head). The paper's instance-dependent generator variant is not implemented.
+    ``P x H`` (+ the task's head). The paper's instance-dependent generator variant is not implemented.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from fedpeptao.models.classifier import PromptedClassifier
+from fedpeptao.models.tuned import TunedModel
 from fedpeptao.tunings.base import TuningSettings, register_tuning
-from fedpeptao.tunings.common import INIT_STD, NoDeepPrompt, hidden_size, strip_prompt
+from fedpeptao.tunings.common import INIT_STD, hidden_size, strip_prompt
 
 
 class LatePromptSettings(TuningSettings):
@@ -59,10 +59,9 @@ def _extend_mask(mask: torch.Tensor | None, num: int) -> torch.Tensor | None:
     return torch.cat([mask[:, :, :1].expand(batch, heads, num, mask.shape[-1]), mask], dim=2)
 
 
-class LatePromptClassifier(NoDeepPrompt):
-    def __init__(self, model, head, num_labels, num_tokens: int, label_word_ids=None, seed: int = 0,
-                 layer: int | None = None):
-        super().__init__(model, head, num_labels, label_word_ids, seed)
+class LatePromptModel(TunedModel):
+    def __init__(self, model, task, num_tokens: int, seed: int = 0, layer: int | None = None):
+        super().__init__(model, task)
         layers = encoder_layers(model)
         self.insert_layer = len(layers) // 2 if layer is None else layer
         if not 0 <= self.insert_layer < len(layers):
@@ -92,16 +91,12 @@ class LatePromptClassifier(NoDeepPrompt):
 
         return hook
 
-    def _base_outputs(self, input_ids, attention_mask, hidden_states: bool = False):
-        out = super()._base_outputs(input_ids, attention_mask, hidden_states)
+    def encode(self, input_ids, attention_mask, hidden_states: bool = False):
+        out = super().encode(input_ids, attention_mask, hidden_states)
         # hidden_states[0] is the embedding output; hidden_states[j] the output of layer j - 1
         return strip_prompt(out, self.num_input_tokens, start_layer=self.insert_layer + 1)
 
 
 @register_tuning(LatePromptSettings)
-
-
-def build(settings: LatePromptSettings, model, head: str, num_labels: int, label_word_ids: list[int] | None,
-          seed: int) -> PromptedClassifier:
-    return LatePromptClassifier(model, head, num_labels, settings.num_prompt_tokens, label_word_ids, seed,
-                                settings.layer)
+def build(settings: LatePromptSettings, model, task, generator: torch.Generator, seed: int) -> LatePromptModel:
+    return LatePromptModel(model, task, settings.num_prompt_tokens, seed, settings.layer)

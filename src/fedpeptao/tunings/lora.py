@@ -1,10 +1,10 @@
 """``lora`` (Hu et al., 2022)
     PEFT's LoRA injected into the frozen backbone with :func:`peft.inject_adapter_in_model` (no
-    ``PeftModel`` wrapper, so our classifier keeps calling the backbone as before). ``r = 8``,
+    ``PeftModel`` wrapper, so the tuned model keeps calling the backbone as before). ``r = 8``,
     ``lora_alpha = 16``, no LoRA dropout, on PEFT's default target modules for the architecture
     (BERT/RoBERTa ``query``/``value``, GPT-2 ``c_attn``, LLaMA ``q_proj``/``v_proj``). ``B`` starts at
     zero, so the first forward pass equals the frozen model's. Trainable per target module
-    ``r * (d_in + d_out)`` (+ head); for BERT: ``L * 2 * r * 2H``.
+    ``r * (d_in + d_out)`` (+ the task's head); for BERT: ``L * 2 * r * 2H``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from fedpeptao.models.classifier import PromptedClassifier
+from fedpeptao.models.tuned import TunedModel
 from fedpeptao.tunings.base import TuningSettings, register_tuning
-from fedpeptao.tunings.common import NoDeepPrompt
 
 
 class LoraSettings(TuningSettings):
@@ -27,12 +26,12 @@ class LoraSettings(TuningSettings):
     per_layer = True
 
 
-class LoRAClassifier(NoDeepPrompt):
-    def __init__(self, model, head, num_labels, label_word_ids=None, seed: int = 0, rank: int = 8,
-                 alpha: int = 16, target_modules: list[str] | None = None):
+class LoRAModel(TunedModel):
+    def __init__(self, model, task, seed: int = 0, rank: int = 8, alpha: int = 16,
+                 target_modules: list[str] | None = None):
         from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415
 
-        super().__init__(model, head, num_labels, label_word_ids, seed)
+        super().__init__(model, task)
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, bias="none")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -43,9 +42,5 @@ class LoRAClassifier(NoDeepPrompt):
 
 
 @register_tuning(LoraSettings)
-
-
-def build(settings: LoraSettings, model, head: str, num_labels: int, label_word_ids: list[int] | None,
-          seed: int) -> PromptedClassifier:
-    return LoRAClassifier(model, head, num_labels, label_word_ids, seed, settings.r, settings.alpha,
-                          settings.target_modules)
+def build(settings: LoraSettings, model, task, generator: torch.Generator, seed: int) -> LoRAModel:
+    return LoRAModel(model, task, seed, settings.r, settings.alpha, settings.target_modules)
