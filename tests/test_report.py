@@ -138,3 +138,18 @@ def test_unreadable_runs_fail_clearly(tmp_path):
         write_report([tmp_path / "empty"])
     with pytest.raises(ReportError):
         write_report([])
+
+
+def test_seed_bands_draw_the_mean_and_spread_over_seeds(tmp_path):
+    from fedpeptao.report.plots import _seed_curve, seed_bands
+
+    def history(vals, every=1):  # seed 1 skips round 2's evaluation: only rounds both seeds have are drawn
+        return [{"round": t, "metric": v, "total_bytes": 1000 * (t + 1)} for t, v in enumerate(vals) if t % every == 0]
+
+    groups = {"a": [history([0.5, 0.6, 0.7]), history([0.7, 0.8, 0.9], every=2)], "b": [history([0.4, 0.5, 0.6])]}
+    xs, mean, std = _seed_curve(groups["a"], "metric", "mb")
+    assert xs == [0.001, 0.003] and list(mean) == pytest.approx([0.6, 0.8]) and list(std) == pytest.approx([0.1414214] * 2)
+    xb, _, std_b = _seed_curve(groups["b"], "metric", "round")
+    assert xb == [1, 2, 3] and std_b is None  # one seed: a line without a band
+    assert_png(seed_bands(groups, tmp_path / "mb.png", x="mb", target=0.8))
+    assert seed_bands(groups, tmp_path / "none.png", key="val_metric") is None

@@ -9,12 +9,14 @@ import sys
 
 from pathlib import Path
 
-from fedpeptao.compare.runner import add_arguments as add_compare_arguments
+from fedpeptao.compare.runner import add_arguments as add_compare_arguments, parse_seeds
 from fedpeptao.config import ConfigError, load_config
 from fedpeptao.utils.checkpoint import CheckpointError
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.seeds:
+        return _run_seeds(args)
     if args.resume:
         if args.config:
             raise ConfigError("--resume takes the run directory's own config; give only overrides such as federated.rounds=N")
@@ -26,6 +28,37 @@ def _run(args: argparse.Namespace) -> int:
         from fedpeptao.sim.simulator import run_experiment  # noqa: PLC0415 - keep `--help` and config errors instant
 
         sim, run_dir = run_experiment(cfg)
+    _print_result(sim, run_dir)
+    return 0
+
+
+def _run_seeds(args: argparse.Namespace) -> int:
+    """``run --seeds 0,1,2``: one run per seed in ``OUTPUT_DIR/<run name>/seed-<s>``, then the test
+    metric's mean, std and Student-t interval over the seeds. Every run directory is checked before
+    the first trains, so a clash does not surface after hours of the earlier seeds."""
+    if args.resume:
+        raise ConfigError("--seeds starts new runs; continue one seed's run with --resume RUN_DIR/seed-<s>")
+    configs = [load_config(args.config, [*args.overrides, f"seed={seed}"]) for seed in args.seeds]
+    from fedpeptao.report.stats import t_interval  # noqa: PLC0415
+    from fedpeptao.sim.simulator import check_run_dir, run_experiment  # noqa: PLC0415
+
+    group = check_run_dir(configs[0])  # run_name, or the method and a timestamp, as a single run's
+    for cfg in configs:
+        cfg.output_dir, cfg.run_name = str(group), f"seed-{cfg.seed}"
+        check_run_dir(cfg)
+    values, metric = [], None
+    for cfg in configs:
+        sim, run_dir = run_experiment(cfg)
+        summary = _print_result(sim, run_dir)
+        values.append(summary["test_metric_at_selected"])
+        metric = summary["metric"]
+    print(f"over seeds {', '.join(map(str, args.seeds))} ({group}): test {metric} at the round selected on validation "
+          f"{t_interval(values).describe()}; mean ± sample std, Student t interval over seeds")
+    return 0
+
+
+def _print_result(sim, run_dir: Path) -> dict:
+    """One finished run in four lines; returns its summary."""
     from fedpeptao.report.summary import describe_compute  # noqa: PLC0415
 
     s = sim.summary()
@@ -35,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"ran on {describe_compute(s['compute'])}")
     print(f"test {s['metric']}: {s['test_metric_at_selected']:.4f} at {selected}; {s['final_metric']:.4f} at the end "
           f"(majority-class rate {s['majority_rate']:.4f}); {s['total_mb']:.2f} MB communicated in {s['elapsed_s']:.0f} s")
-    return 0
+    return s
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="TOML or YAML config file (defaults apply without one)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federated.rounds=5 method.name=fedavg")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest valid checkpoint")
+    run.add_argument("--seeds", type=parse_seeds,
+                     help="one run per seed (0,1,2) in OUTPUT_DIR/<run name>/seed-<s>, then the test metric's mean ± "
+                          "std and Student t 95%% interval over them; a seed changes the data subsamples, the "
+                          "partition, the initial tensors, the client sampling and the data order")
     run.set_defaults(func=_run)
     compare = sub.add_parser("compare", help="run several methods on one shared partition, seed and budget")
     add_compare_arguments(compare)

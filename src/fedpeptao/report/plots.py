@@ -9,8 +9,11 @@ Rounds are drawn counted from 1, as the report's tables count them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -97,6 +100,54 @@ def metric_vs_communication(runs: list[RunData], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _save(fig, path)
+
+
+def seed_bands(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], path: Path, *, key: str = "metric",
+               x: Literal["round", "mb"] = "round", ylabel: str = "metric", title: str = "",
+               target: float | None = None) -> Path | None:
+    """One curve per method over its seeds' histories (``groups``: label -> one row list per seed):
+    the mean of ``key`` at every round all its seeds evaluated, shaded mean ± std (sample std, n - 1;
+    no shade for one seed), against the round or the seeds' mean cumulative MB at that round.
+
+    Bands rather than one line per seed: with several methods, seed lines tangle, while a band shows
+    at a glance whether two methods' spreads overlap. ``target`` draws a dotted line at it."""
+    curves = {label: _seed_curve(histories, key, x) for label, histories in groups.items()}
+    if not any(xs for xs, _, _ in curves.values()):
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, (label, (xs, mean, std)) in enumerate(curves.items()):
+        if not xs:
+            continue
+        ax.plot(xs, mean, color=f"C{i}", marker="o", markersize=3, label=f"{label} (n = {len(groups[label])})")
+        if std is not None:
+            ax.fill_between(xs, mean - std, mean + std, color=f"C{i}", alpha=0.2, linewidth=0)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.4g}")
+    ax.set(ylabel=ylabel, title=f"{title} (mean ± std over seeds)")
+    if x == "round":
+        _round_axis(ax)
+    else:
+        ax.set_xlabel("MB communicated (cumulative, up + down)")
+        ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _seed_curve(histories: Sequence[Sequence[Mapping[str, Any]]], key: str, x: Literal["round", "mb"]
+                ) -> tuple[list[float], np.ndarray, np.ndarray | None]:
+    """x, mean and std (None for one seed) of ``key`` over the rounds where every seed has it."""
+    per_seed = [{int(r["round"]): r for r in rows if isinstance(r.get(key), (int, float))} for rows in histories]
+    rounds = sorted(set.intersection(*(set(d) for d in per_seed))) if per_seed else []
+    if not rounds:
+        return [], np.array([]), None
+    values = np.array([[d[t][key] for t in rounds] for d in per_seed], dtype=float)  # seeds x rounds
+    if x == "round":
+        xs = [t + 1 for t in rounds]
+    else:
+        xs = np.mean([[d[t].get("total_bytes", 0) / 1e6 for t in rounds] for d in per_seed], axis=0).tolist()
+    std = values.std(axis=0, ddof=1) if len(per_seed) > 1 else None
+    return xs, values.mean(axis=0), std
 
 
 def client_spread(runs: list[RunData], path: Path) -> Path | None:
