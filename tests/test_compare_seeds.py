@@ -8,7 +8,9 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
+import torch
 from conftest import write_task
 from scipy import stats
 
@@ -150,3 +152,19 @@ def test_run_seeds_makes_one_run_directory_per_seed(task, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "over seeds 3, 4" in printed and "95% CI" in printed and "Student t" in printed
     assert main(["run", *tiny(task, rounds=1), f"output_dir={tmp_path}", "run_name=rep", "--seeds", "5"]) == 2  # exists
+
+
+def test_a_fixed_partition_holds_the_data_across_seeds_and_the_rest_varies(task_dir):
+    """``data.partition_seed`` (what ``--fixed-partition`` sets) fixes what each client holds; the
+    run's seed still changes the initial tensors."""
+    from fedpeptao.config import load_config
+    from fedpeptao.experiment import build_federation
+
+    base = ["model.name=tiny-bert", f"data.task={task_dir}", "federated.num_clients=3",
+            "federated.clients_per_round=2", "data.partition_seed=0"]
+    one, two = (build_federation(load_config(None, [*base, f"seed={s}"])) for s in (0, 1))
+    free = build_federation(load_config(None, [*base[:-1], "seed=1"]))
+    same = all(np.array_equal(a, b) for a, b in zip(one.train_parts, two.train_parts))
+    assert same and all(np.array_equal(a, b) for a, b in zip(one.val_parts, two.val_parts))
+    assert not all(np.array_equal(a, b) for a, b in zip(one.train_parts, free.train_parts))
+    assert not torch.equal(one.initial["head.weight"], two.initial["head.weight"])

@@ -69,6 +69,9 @@ class DataConfig(_Section):
     size_alpha: float = Field(5.0, gt=0.0)
     max_train_examples: int | None = Field(None, ge=1)
     max_eval_examples: int | None = Field(None, ge=1)
+    #: seeds what each client holds (subsamples, partition, validation hold-out); None: the run's ``seed``.
+    #: Fix it to repeat a study over seeds on one partition (``compare --seeds ... --fixed-partition``).
+    partition_seed: int | None = None
 
     @field_validator("text_a", "text_b", "label", mode="before")
     @classmethod
@@ -203,6 +206,10 @@ class ExperimentConfig(_Section):
         if privacy.adaptive:
             update_noise_multiplier(z, privacy.resolved_count_stddev(fed.clients_per_round))
         return self
+
+    def data_seed(self) -> int:
+        """The seed of what each client holds: ``data.partition_seed``, else the run's ``seed``."""
+        return self.seed if self.data.partition_seed is None else self.data.partition_seed
 
     def private_releases(self) -> int:
         """Selection releases the accountant counts (none unless central DP privatises them)."""

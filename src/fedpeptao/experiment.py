@@ -134,7 +134,7 @@ def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, ow
     """Everything a device needs, built from its config. ``own_data``: the data set is one client's, not partitioned."""
     torch.manual_seed(cfg.seed)
     backbone = backbone or load_configured_backbone(cfg)
-    train_set, val_set, eval_set = load_splits(cfg.data, cfg.seed)
+    train_set, val_set, eval_set = load_splits(cfg.data, cfg.data_seed())
     tokenizer = backbone.tokenizer
     built = build_tuned_model(cfg, backbone, train_set.label_names, train_set.is_pair)
     model, head, length = built.model, built.head, built.max_length
@@ -147,15 +147,15 @@ def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, ow
     else:
         train_parts, eval_parts = partition(
             train_set.labels, eval_set.labels, cfg.data.partition, cfg.federated.num_clients, cfg.data.alpha,
-            cfg.seed, min_size=2, size_alpha=cfg.data.size_alpha)
+            cfg.data_seed(), min_size=2, size_alpha=cfg.data.size_alpha)
     if val_set is not None:
         val_data = encode(val_set, tokenizer, layout, length, cfg.model.template)
         val_parts = ([np.arange(len(val_set), dtype=np.int64)] if own_data else
                      partition(train_set.labels, val_set.labels, cfg.data.partition, cfg.federated.num_clients,
-                               cfg.data.alpha, cfg.seed, min_size=2, size_alpha=cfg.data.size_alpha)[1])
+                               cfg.data.alpha, cfg.data_seed(), min_size=2, size_alpha=cfg.data.size_alpha)[1])
         validation = f"validation split ({val_set.source or 'dev'})"
     else:
-        train_parts, val_parts = hold_out(train_parts, cfg.data.validation_fraction, cfg.seed)
+        train_parts, val_parts = hold_out(train_parts, cfg.data.validation_fraction, cfg.data_seed())
         val_data = train_data
         validation = f"{cfg.data.validation_fraction:g} of each client's training data, held out (seeded)"
     splits = {"validation": validation, "test": f"test split ({eval_set.source or cfg.data.task})"}

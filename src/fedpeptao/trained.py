@@ -97,7 +97,7 @@ class TrainedModel:
         """The run's metric (and accuracy) on ``data``: a task folder, a labelled table, a
         TextDataset, or by default the run's own test split."""
         if data is None:
-            dataset = load_splits(self.cfg.data, self.cfg.seed)[2]
+            dataset = load_splits(self.cfg.data, self.cfg.data_seed())[2]
         elif isinstance(data, TextDataset):
             dataset = data
         else:

@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "mean ± std, Student t 95%% intervals and paired differences to the first method. A seed "
                              "changes the data subsamples, the partition, the initial tensors, the client sampling and "
                              "the data order, alike for every method (default: the config's seed, one run per method)")
+    parser.add_argument("--fixed-partition", action="store_true",
+                        help="with --seeds: every seed trains on the first seed's data and partition "
+                             "(data.partition_seed), so the seeds differ only in the initial tensors, the client "
+                             "sampling, the data order, dropout and DP noise")
     parser.add_argument("--target", type=_parse_target, default=None,
                         help="cost to target, judged on the validation metric: rounds, MB and seconds until it "
                              "reaches an absolute value (0.8) or a share of the best method's mean best validation "
@@ -114,10 +118,16 @@ def compare_main(args: argparse.Namespace) -> int:
     command = shlex.join(["fedpeptao", "compare", *([args.config] if args.config else []), *args.overrides,
                           "--methods", ",".join(methods), "--out", str(args.out)]
                          + (["--seeds", ",".join(map(str, seeds))] if seeds else [])
+                         + (["--fixed-partition"] if getattr(args, "fixed_partition", False) else [])
                          + (["--target", f"{target.value:.0%}" if target.relative else f"{target.value:g}"]
                             if target else [])
                          + (["--resume"] if args.resume else []))
-    out = run_comparison(args.config, methods, args.overrides, args.out, command=command, resume=args.resume,
+    overrides = list(args.overrides)
+    if getattr(args, "fixed_partition", False):
+        if not seeds:
+            raise ValueError("--fixed-partition needs --seeds")
+        overrides.append(f"data.partition_seed={seeds[0]}")
+    out = run_comparison(args.config, methods, overrides, args.out, command=command, resume=args.resume,
                          seeds=seeds, target=target)
     print((out / "compare.md").read_text())
     print(f"written to {out}")
@@ -286,9 +296,11 @@ def _preamble(records: list[dict], command: str, environment: dict, repeated: bo
     metric, splits = summary["metric"], summary.get("splits", {})
     partitions = {r["config"]["seed"]: (r["partition"], r["summary"]["majority_rate"]) for r in records}
     if repeated:
-        from fedpeptao.compare.seeds import SEED_CHANGES  # noqa: PLC0415
+        from fedpeptao.compare.seeds import SEED_CHANGES, SEED_CHANGES_FIXED  # noqa: PLC0415
 
-        seeds = f"seeds {', '.join(map(str, partitions))} (a seed changes {SEED_CHANGES}; alike for every method)"
+        fixed = data.get("partition_seed")
+        changes = SEED_CHANGES if fixed is None else SEED_CHANGES_FIXED.format(fixed)
+        seeds = f"seeds {', '.join(map(str, partitions))} (a seed changes {changes}; alike for every method)"
         shared = "Same partition for every method under each seed (" + "; ".join(
             f"seed {s}: fingerprint `{p}`, majority-class rate {m:.4f}" for s, (p, m) in partitions.items()) + ")."
         columns = ""

@@ -25,6 +25,8 @@ from fedpeptao.report.stats import CONFIDENCE, Interval, paired_interval, t_inte
 
 SEED_CHANGES = ("the data subsamples, the partition (train, validation and test shares), the initial tensors, "
                 "the client sampling, each client's shuffling, dropout and batch order, and DP noise")
+SEED_CHANGES_FIXED = ("the initial tensors, the client sampling, each client's shuffling, dropout and batch order, "
+                      "and DP noise; the data and partition are seed {}'s for every seed (--fixed-partition)")
 T_FOOTER = (f"Mean ± std: the sample standard deviation (n - 1) over seeds. {CONFIDENCE:.0%} CI: Student t over "
             f"seeds, mean ± t(0.975, n - 1) · s / √n (scipy.stats.t); none with one seed.")
 SEED_COLUMNS = ["method", "seeds", *(f"{name}_{part}" for name in ("test", "difference", "validation")
