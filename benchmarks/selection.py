@@ -117,7 +117,7 @@ def hessian_table(overrides: list[str], clients: int = 3) -> list[tuple[str, flo
     """FedPepTAO's Hessian-ratio task for ``clients`` clients at the default config's tensors, one
     client at a time and in one shared pass per Lanczos step: (mode, seconds, ratios)."""
     from fedpeptao.algorithms.base import ClientTask, ClientWork
-    from fedpeptao.algorithms.fedpeptao import HESSIAN_TASK
+    from fedpeptao.algorithms.fedpeptao.selection import HESSIAN_TASK
     from fedpeptao.core.federation import HESSIAN_STREAM, round_seed
     from fedpeptao.sim.simulator import Simulation
 

@@ -1,4 +1,5 @@
-"""The algorithm protocol: server rules against NumPy references, and a package without import cycles."""
+"""The algorithm protocol: server rules against NumPy references, messages and their extras, a population's
+mean, and a package without import cycles."""
 
 import ast
 from pathlib import Path
@@ -7,8 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from fedpeptao.algorithms import make_algorithm
+from fedpeptao.algorithms.base import ServerContext
+from fedpeptao.algorithms.fedavg import FedAvgSettings
 from fedpeptao.algorithms.fedopt import fedopt_update
-from fedpeptao.algorithms.scaffold import scaffold_client_control, scaffold_server
+from fedpeptao.algorithms.fedpeptao import POPULATION, step_clients
+from fedpeptao.algorithms.scaffold import (CONTROL, DELTA_CONTROL, ScaffoldSettings, scaffold_client_control,
+                                          scaffold_server)
+from fedpeptao.core.aggregation import ClientUpdate, PopulationUpdate, averaging
+from fedpeptao.core.payload import Message, flatten, message_bytes
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedpeptao"
 
@@ -32,6 +40,54 @@ def test_scaffold_rules():
     assert torch.allclose(scaffold_client_control(c_k, c, x, y, 4, 0.5), c_k - c + (x - y) / 2.0)
     x_new, c_new = scaffold_server(x, c, [y, y * 3], [torch.ones(3), torch.ones(3)], [0.5, 0.5], 4)
     assert torch.allclose(x_new, x) and torch.allclose(c_new, c + 0.5)
+
+
+SHARED = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
+
+
+def server(settings):
+    ctx = ServerContext(num_clients=4, local_lr=0.1, seed=0, rounds=3, layer_groups={0: ["w"]}, head_names=["b"],
+                        average=averaging("weighted_mean"))
+    return make_algorithm(settings, ctx, dict(SHARED))
+
+
+def reply(extras) -> ClientUpdate:
+    return ClientUpdate(1, dict(SHARED), 5, 2, extras)
+
+
+def test_scaffold_sends_and_checks_its_own_extras():
+    algo = server(ScaffoldSettings())
+    message = algo.client_message(0)
+    assert message.model.keys() == message.extras[CONTROL].keys() == SHARED.keys() and len(message.extras) == 1
+    dc = {n: torch.zeros_like(t) for n, t in SHARED.items()}
+    assert algo.extras_problem(reply({DELTA_CONTROL: dc})) is None
+    assert "expected ['scaffold.delta_control']" in algo.extras_problem(reply({}))
+    assert "shape" in algo.extras_problem(reply({DELTA_CONTROL: {**dc, "w": torch.zeros(3)}}))
+    assert "non-finite" in algo.extras_problem(reply({DELTA_CONTROL: {**dc, "b": torch.full((3,), float("nan"))}}))
+    with pytest.raises(TypeError, match="every client"):
+        algo.aggregate(0, [1], PopulationUpdate(dict(SHARED), 3, 2))
+
+
+def test_a_reply_without_expected_extras_carries_none():
+    algo = server(FedAvgSettings())
+    assert algo.extras_problem(reply({})) is None
+    assert "expected none" in algo.extras_problem(reply({"other": {"w": torch.zeros(2, 3)}}))
+
+
+def test_a_population_mean_is_taken_as_released():
+    population = PopulationUpdate({"w": torch.ones(2)}, 3, 2)
+    for rule in ("weighted_mean", "median", "trimmed_mean"):
+        assert averaging(rule)(population) is population.params
+    (client,) = step_clients(population)  # FedPepTAO's step: the population as one client of weight one
+    assert (client.client_id, client.params, client.num_examples, client.num_steps) == (POPULATION, population.params, 1, 2)
+    updates = [ClientUpdate(3, {"w": torch.ones(2)}, 4, 1)]
+    assert step_clients(updates) is updates
+
+
+def test_a_message_counts_its_extras_under_their_group():
+    message = Message({"w": torch.zeros(4)}, {"scaffold.control": {"w": torch.zeros(4)}})
+    assert sorted(flatten(message)) == ["scaffold.control/w", "w"]
+    assert message_bytes(message) > message_bytes(Message(message.model)) + 16
 
 
 def _module_imports(path: Path, modules: set[str]) -> set[str]:

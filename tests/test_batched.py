@@ -211,7 +211,7 @@ def test_slot_mode_gives_each_example_its_clients_tensors(task_dir):
 def test_pooled_layer_scoring_equals_one_client_at_a_time(task_dir):
     """FedPepTAO's round-0 layer scores from one shared pass (batched) match scoring each client
     on its own, and so does the ranking that decides what travels."""
-    from fedpeptao.algorithms.fedpeptao import SCORE_TASK
+    from fedpeptao.algorithms.fedpeptao.selection import SCORE_TASK
     from fedpeptao.algorithms.base import ClientTask
     from fedpeptao.core.federation import SCORE_STREAM
 

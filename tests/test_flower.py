@@ -30,7 +30,9 @@ from flower_helpers import (REPO, FlowerDeployment, InProcessGrid, keep_process_
 
 from fedpeptao.compare.presets import DEFAULT_PRESETS, PRESETS, preset_config  # noqa: E402
 from fedpeptao.config import ConfigError, ExperimentConfig  # noqa: E402
+from fedpeptao.core.payload import Message  # noqa: E402
 from fedpeptao.experiment import build_federation  # noqa: E402
+from fedpeptao.flower import records as R  # noqa: E402
 from fedpeptao.flower.node_state import ClientStore  # noqa: E402
 from fedpeptao.flower.settings import RUN_CONFIG_DEFAULTS, NodeSettings, ServerSettings  # noqa: E402
 from fedpeptao.sim.simulator import Simulation  # noqa: E402
@@ -77,6 +79,17 @@ def forgetful(grid: InProcessGrid) -> None:
 
 
 # -- in-process: the app logic --------------------------------------------------------------------
+
+def test_a_message_and_its_extras_travel_as_records():
+    message = Message({"w": torch.arange(3.0)}, {"scaffold.control": {"w": torch.ones(3)},
+                                                  "fedpeptao.switch": {"round": torch.tensor(2)}})
+    content = RecordDict({**R.message_records(R.UPDATE, message), R.INIT: R.to_record({"w": torch.zeros(3)})})
+    back = R.read_message(R.UPDATE, content)
+    assert back.model.keys() == {"w"} and torch.equal(back.model["w"], message.model["w"])
+    assert back.extras.keys() == message.extras.keys()
+    assert torch.equal(back.extras["scaffold.control"]["w"], torch.ones(3))
+    assert int(back.extras["fedpeptao.switch"]["round"]) == 2
+
 
 def test_app_matches_simulator_with_sampling_warmup_and_hessian_ratio(tmp_path):
     """4 clients, 2 per round, FedAvg warm-up, Hessian-estimated ratio, then FedPepTAO: same as the simulator."""

@@ -15,7 +15,8 @@ from dp_accounting.rdp import RdpAccountant
 from safetensors.torch import load_file
 
 from fedpeptao.config import ConfigError, load_config
-from fedpeptao.core.server import ClientUpdate
+from fedpeptao.core.aggregation import ClientUpdate, PopulationUpdate
+from fedpeptao.core.payload import Message
 from fedpeptao.privacy.accountant import epsilon_of
 from fedpeptao.privacy.engine import ClientPrivacy
 from fedpeptao.privacy.mechanism import clip, gaussian_noise, l2_norm
@@ -75,7 +76,8 @@ def test_without_noise_central_dp_is_the_mean_of_clipped_updates():
     for name, ref in REF.items():
         clipped = [clip({n: u.params[n] - REF[n] for n in REF}, 0.5)[0][name] for u in updates]
         assert torch.allclose(result.params[name], ref + sum(clipped) / 3, atol=1e-6)
-    assert result.num_examples == 1 and result.num_steps == 3  # one population update, uniform weight
+    assert isinstance(result, PopulationUpdate)  # the population's mean, no client's update
+    assert result.num_clients == 3 and result.num_steps == 3
 
 
 def test_the_noise_has_the_configured_standard_deviation():
@@ -95,12 +97,15 @@ def test_local_dp_noises_on_the_device_and_the_server_only_averages():
                                public_data="x")
     privacy = ClientPrivacy(settings, num_clients=4, per_round=2, seed=0, noise_multiplier=0.0)
     (update,) = updates_around(REF, [2.0])
-    sent = privacy.device_reply(update.params, REF, client_id=0, round_index=0)
-    assert l2_norm({n: sent[n] - REF[n] for n in REF}) == pytest.approx(0.1, rel=1e-5)
+    reply = Message(update.params, {"algorithm.own": {"c": torch.ones(2)}})
+    sent = privacy.device_reply(reply, REF, client_id=0, round_index=0)
+    assert l2_norm({n: sent.model[n] - REF[n] for n in REF}) == pytest.approx(0.1, rel=1e-5)
+    assert sent.extras == reply.extras  # only the model tensors are privatised
     noisy = ClientPrivacy(settings.model_copy(update={"noise_multiplier": 2.0}), 4, 2, 0, 2.0)
-    a = noisy.device_reply(update.params, REF, 0, 0)
-    assert not torch.allclose(a["a"], sent["a"]) and torch.equal(a["a"], noisy.device_reply(update.params, REF, 0, 0)["a"])
-    assert not torch.equal(a["a"], noisy.device_reply(update.params, REF, 1, 0)["a"])  # each device its own noise
+    a = noisy.device_reply(reply, REF, 0, 0).model
+    assert not torch.allclose(a["a"], sent.model["a"])
+    assert torch.equal(a["a"], noisy.device_reply(reply, REF, 0, 0).model["a"])
+    assert not torch.equal(a["a"], noisy.device_reply(reply, REF, 1, 0).model["a"])  # each device its own noise
 
 
 def test_adaptive_clipping_follows_the_target_quantile():
@@ -198,7 +203,7 @@ def test_a_nan_update_under_dp_does_not_reach_the_global_state(task_dir):
     def poisoned(round_index, jobs):
         replies = real(round_index, jobs)
         if round_index == 0:  # the first client sends NaN
-            replies[0].sent = {n: torch.full_like(t, float("nan")) for n, t in replies[0].sent.items()}
+            replies[0].sent = Message({n: torch.full_like(t, float("nan")) for n, t in replies[0].sent.model.items()})
         return replies
 
     sim.worker.train = poisoned

@@ -12,9 +12,9 @@ from fedpeptao.algorithms import make_algorithm
 from fedpeptao.algorithms.base import ServerContext
 from fedpeptao.algorithms.fedavg import FedAvgSettings
 from fedpeptao.algorithms.fedpeptao import FedPepTAOSettings
-from fedpeptao.core.federation import averaging
-from fedpeptao.core.server import ClientUpdate, ServerState
-from fedpeptao.core.validation import ValidationPolicy, filter_model_updates
+from fedpeptao.core.aggregation import ClientUpdate, averaging
+from fedpeptao.core.server import ServerState
+from fedpeptao.core.validation import ValidationPolicy, filter_updates
 from fedpeptao.data.dataset import DataError
 from fedpeptao.models.loading import ModelError
 from fedpeptao.sim.simulator import resume_experiment, run_experiment
@@ -71,8 +71,8 @@ class Server:
         return self.algo.server_state
 
     def aggregate(self, updates: list[ClientUpdate], sampled: list[int] | None = None) -> None:
-        accepted, self.rejected = filter_model_updates(updates, self.algo.global_shared(),
-                                                       ValidationPolicy(max_norm=100.0), logging.getLogger("fedpeptao"))
+        accepted, self.rejected = filter_updates(updates, self.algo.global_shared(), ValidationPolicy(max_norm=100.0),
+                                                 logging.getLogger("fedpeptao"), self.algo.extras_problem)
         if accepted:
             self.algo.aggregate(0, sampled or [u.client_id for u in updates], accepted)
         self.params = self.algo.params

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedpeptao.core.server import ClientUpdate, ServerState, ServerStepConfig, fedpeptao_step, weighted_average
+from fedpeptao.core.aggregation import ClientUpdate, weighted_average
+from fedpeptao.core.server import ServerState, ServerStepConfig, fedpeptao_step
 
 SHAPES = {"prompt.2": (3, 2, 4), "prompt.5": (3, 2, 4), "head.bias": (2,)}
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import write_task
 
-from fedpeptao.algorithms.scaffold import CONTROL_PREFIX, DELTA_CONTROL_PREFIX
+from fedpeptao.algorithms.scaffold import CONTROL, DELTA_CONTROL
 from fedpeptao.compare.presets import DEFAULT_PRESETS, PRESETS, WEIGHT_LR, preset_config
 from fedpeptao.core import payload
 from fedpeptao.models.tuned import TunedModel
@@ -146,14 +146,14 @@ def test_payload_has_the_documented_size(task, name, monkeypatch):
     for per in (per_up, per_down):
         # float32 values plus a safetensors header (8-byte length + JSON of names, dtypes, shapes, offsets)
         assert 4 * copies * count < per <= 4 * copies * count + 8 + 160 * copies * len(shared)
-    assert per_down == real(message)
+    assert per_down == real(payload.flatten(message))
     down_keys, up_keys = sent[:n], sent[n:]  # the round encodes every message, then every reply
     assert len(up_keys) == n
-    extra_down = {CONTROL_PREFIX + k for k in shared} if name == "scaffold" else set()
-    extra_up = {DELTA_CONTROL_PREFIX + k for k in shared} if name == "scaffold" else set()
+    extra_down = {f"{CONTROL}/{k}" for k in shared} if name == "scaffold" else set()
+    extra_up = {f"{DELTA_CONTROL}/{k}" for k in shared} if name == "scaffold" else set()
     assert all(set(keys) == set(shared) | extra_down for keys in down_keys)
     assert all(set(keys) == set(shared) | extra_up for keys in up_keys)
-    assert sum(t.numel() for t in message.values()) == copies * count
+    assert sum(t.numel() for t in payload.flatten(message).values()) == copies * count
 
 
 def test_rules_change_training(task):
@@ -326,7 +326,7 @@ def test_every_preset_has_a_documented_payload(task):
         assert _documented_count(preset.parameters, sizes) == trained, (preset.name, preset.parameters)
     assert len(DEFAULT_PRESETS) == len(set(DEFAULT_PRESETS)) and set(DEFAULT_PRESETS) <= set(PRESETS)
     assert DEFAULT_PRESETS[0] == "fedpeptao" and len(DEFAULT_PRESETS) == 14  # FedPepTAO and the 13 baselines
-    assert DELTA_CONTROL_PREFIX != CONTROL_PREFIX
+    assert DELTA_CONTROL != CONTROL
 
 
 def test_compare_writes_table_plots_and_records(task, tmp_path):

@@ -4,32 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from fedpeptao.core.validation import (
-    UpdateRejected,
-    ValidationPolicy,
-    coordinate_median,
-    filter_updates,
-    trimmed_mean,
-    update_norm,
-    validate_update,
-)
-
-try:  # the real types once server.py exists; a structural stand-in until then
-    from fedpeptao.core.server import ClientUpdate
-except ImportError:  # pragma: no cover - only while server.py is being written
-    @dataclass
-    class ClientUpdate:  # type: ignore[no-redef]
-        client_id: int
-        params: dict[str, torch.Tensor]
-        num_examples: int
-        num_steps: int
+from fedpeptao.core.aggregation import ClientUpdate, coordinate_median, trimmed_mean
+from fedpeptao.core.aggregation import weighted_average as aggregate
+from fedpeptao.core.validation import UpdateRejected, ValidationPolicy, filter_updates, update_norm, validate_update
 
 
 def reference_weighted_average(updates) -> dict[str, torch.Tensor]:
@@ -37,11 +20,6 @@ def reference_weighted_average(updates) -> dict[str, torch.Tensor]:
     return {name: sum(u.params[name].double() * (u.num_examples / total) for u in updates).float()
             for name in updates[0].params}
 
-
-try:
-    from fedpeptao.core.server import weighted_average as aggregate
-except ImportError:  # pragma: no cover
-    aggregate = reference_weighted_average
 
 LOG = logging.getLogger("test.validation")
 
@@ -155,6 +133,18 @@ def test_all_rejected_leaves_nothing_to_aggregate():
     bad = [corrupt("nan", good_update(k, expected))[0] for k in range(3)]
     accepted, rejected = filter_updates(bad, expected, POLICY, LOG)
     assert accepted == [] and [cid for cid, _ in rejected] == [0, 1, 2]
+
+
+def test_extras_are_the_algorithms_to_check():
+    expected = expected_tensors()
+    update = good_update(1, expected)
+    update.extras = {"algo.own": {"c": torch.ones(2)}}
+    with pytest.raises(UpdateRejected, match="extras"):
+        validate_update(update, expected, POLICY)  # by default a reply carries none
+    validate_update(update, expected, POLICY, lambda u: None)
+    accepted, rejected = filter_updates([update], expected, POLICY, LOG, lambda u: "dc is stale")
+    assert accepted == [] and rejected == [(1, "dc is stale")]
+    assert filter_updates([update], expected, None, LOG) == ([update], [])  # validation off: all accepted
 
 
 @pytest.mark.parametrize("max_norm", [0.0, -1.0, math.inf, math.nan])

@@ -17,7 +17,7 @@ import torch
 
 from fedpeptao.algorithms import Algorithm, ServerContext, make_algorithm
 from fedpeptao.config import ExperimentConfig
-from fedpeptao.core.federation import averaging
+from fedpeptao.core.aggregation import averaging
 from fedpeptao.core.client import LocalTrainConfig
 from fedpeptao.core.metrics import MetricName, default_metric
 from fedpeptao.data.dataset import TextDataset

@@ -2,27 +2,33 @@
 
 Modelled on FedJAX's ``FederatedAlgorithm`` (server ``init``/``apply``, client init/step/final)
 and Flower's strategy hooks. An algorithm never sees how messages travel; the embedded simulator
-(:mod:`fedpeptao.sim`) and the Flower apps (:mod:`fedpeptao.flower`) call the same hooks:
+(:mod:`fedpeptao.sim`) and the Flower apps (:mod:`fedpeptao.flower`) call the same hooks. What
+travels either way is a :class:`~fedpeptao.core.payload.Message`: the model tensors, plus the
+algorithm's own groups of tensors (``extras``), which only the algorithm reads and checks.
 
 server side
-    ``prepare_round(t, run_task)``  phases before round ``t`` (FedPepTAO's layer scoring, Hessian
-                                    ratio and switch); ``run_task`` asks clients for numbers
-    ``client_message(k)``           what client ``k`` receives (the shared tensors, plus SCAFFOLD's
-                                    ``c`` or FedPepTAO's warmed-up base once after its switch)
+    ``prepare_round(t, run_task)``  phases before round ``t``, and with ``t = rounds`` after the
+                                    last one (FedPepTAO's layer selection); ``run_task`` asks
+                                    clients for numbers
+    ``client_message(k)``           what client ``k`` receives
     ``acknowledge(k)``              client ``k`` answered a message (so it holds what was sent)
-    ``aggregate(t, sampled, ups)``  the server step on the validated updates of round ``t``
-    ``state()`` / ``load_state()``  ALL server state, for exact resume
+    ``extras_problem(update)``      why a reply's extras are unusable (validation asks; None: fine)
+    ``aggregate(t, sampled, updates)``  the server step on the round's validated updates: every
+                                    client's, or only their privatised mean (central DP)
+    ``state()`` / ``load_state()``  ALL server state, for exact resume; ``summary()`` for the run's
 device side (pure functions of what the device received and what it keeps, a :class:`ClientState`)
-    ``client_start(received, client)``   the tensors the device trains or evaluates from
-    ``client_training(model, received, client)``  a context yielding the local objective's extra
+    ``client_start(message, client)``    the tensors the device trains or evaluates from
+    ``client_training(model, message, client)``  a context yielding the local objective's extra
                                     term (FedProx, MOON) and hooking the step (SCAFFOLD)
-    ``client_reply(received, update, steps, client)``  what travels back up
+    ``client_reply(message, trained, steps, client)``  what travels back up
     ``run_tasks(task, works)``      a client-side computation a phase asked for, on one pass's
                                     clients (one shared pass where the algorithm can pool them)
 
-Update validation and robust averaging are runtime-wide: the runtime validates every update
-against ``shared_names()`` before ``aggregate``; averaging algorithms call ``ctx.average``, which
-is the configured weighted mean, coordinate median or trimmed mean.
+Update validation and robust averaging are runtime-wide: the runtime validates every update's
+model tensors against :meth:`Algorithm.global_shared` and its extras with
+:meth:`Algorithm.extras_problem` before ``aggregate``; averaging algorithms call ``ctx.average``,
+which is the configured weighted mean, coordinate median or trimmed mean (and a population's
+mean as released).
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from fedpeptao.core.aggregation import ClientUpdate, RoundUpdates
 from fedpeptao.core.federation import ClientState
-from fedpeptao.core.server import ClientUpdate
+from fedpeptao.core.payload import Message
+from fedpeptao.core.validation import no_extras
 
 Tensors = dict[str, Tensor]
 #: a term added to the local loss: ``extra(model, batch, output)``, where ``model`` is the client's
@@ -74,7 +82,8 @@ class ServerContext:
     rounds: int
     layer_groups: dict[int, list[str]]  # tuning's per-layer trainable tensors (empty: none)
     head_names: list[str]
-    average: Callable[[Sequence[ClientUpdate]], Tensors]  # the runtime's averaging rule
+    #: the runtime's averaging rule (:func:`~fedpeptao.core.aggregation.averaging`)
+    average: Callable[[RoundUpdates], Tensors]
     #: under central DP with private selection: ``(vectors, bound, count) -> privatised mean``
     #: (:meth:`~fedpeptao.privacy.engine.ClientPrivacy.private_mean`); None without DP
     private_mean: Callable[[Sequence[np.ndarray], float, int], np.ndarray] | None = None
@@ -116,40 +125,36 @@ class Algorithm:
 
     name: ClassVar[str]
     settings_class: ClassVar[type[AlgorithmSettings]]
-    #: name prefixes of what a reply carries besides the shared tensors (validated by the algorithm)
-    reply_prefixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: AlgorithmSettings, ctx: ServerContext, initial: Tensors) -> None:
         self.settings = settings
         self.ctx = ctx
         self.params: Tensors = dict(initial)  # every trainable tensor the server holds
-        self.shared: list[str] = list(initial)
-
-    # -- server ---------------------------------------------------------------------------
-    def shared_names(self) -> list[str]:
-        return list(self.shared)
+        self.shared: list[str] = list(initial)  # the names that travel
 
     def global_shared(self) -> Tensors:
         return {name: self.params[name] for name in self.shared}
 
+    def _set_shared(self, new: Mapping[str, Tensor]) -> None:
+        self.params.update({name: new[name].to(self.params[name].dtype) for name in self.shared})
+
+    # -- server ---------------------------------------------------------------------------
     def prepare_round(self, round_index: int, run_task: RunTask) -> None:
-        """Phases before round ``round_index`` (none by default)."""
+        """Phases before round ``round_index`` (none by default); the runtime also calls it once
+        with ``round_index = rounds`` after the last round."""
 
-    def finish(self, run_task: RunTask) -> None:
-        """After the last round (FedPepTAO: a run that ended in its warm-up still selects layers)."""
-
-    def client_message(self, client_id: int) -> Tensors:
-        return self.global_shared()
+    def client_message(self, client_id: int) -> Message:
+        return Message(self.global_shared())
 
     def acknowledge(self, client_id: int) -> None:
         """Client ``client_id`` answered a message; nothing to remember by default."""
 
-    def aggregate(self, round_index: int, sampled: Sequence[int], updates: Sequence[ClientUpdate]) -> None:
-        new = self.ctx.average(updates)
-        self._set_shared(new)
+    def extras_problem(self, update: ClientUpdate) -> str | None:
+        """Why ``update``'s extras are unusable (None: they are fine); by default a reply carries none."""
+        return no_extras(update)
 
-    def _set_shared(self, new: Mapping[str, Tensor]) -> None:
-        self.params.update({name: new[name].to(self.params[name].dtype) for name in self.shared})
+    def aggregate(self, round_index: int, sampled: Sequence[int], updates: RoundUpdates) -> None:
+        self._set_shared(self.ctx.average(updates))
 
     def state(self) -> dict[str, Any]:
         """Everything needed to continue exactly (nested dicts of tensors and JSON values)."""
@@ -164,26 +169,18 @@ class Algorithm:
         return {}
 
     # -- device ---------------------------------------------------------------------------
-    def model_part(self, received: Mapping[str, Tensor]) -> Tensors:
-        """The model tensors of a message (without the algorithm's own entries)."""
-        return dict(received)
-
-    def received_copy(self, received: Mapping[str, Tensor]) -> Tensors:
-        """A detached copy of the received model tensors: the global model a local objective refers to."""
-        return {n: t.detach().clone() for n, t in self.model_part(received).items()}
-
-    def client_start(self, received: Mapping[str, Tensor], client: ClientState) -> Tensors:
+    def client_start(self, message: Message, client: ClientState) -> Tensors:
         """The trainable tensors the device works from: its own, overwritten by the shared ones."""
-        return {**client.params, **self.model_part(received)}
+        return {**client.params, **message.model}
 
     @contextmanager
-    def client_training(self, model: torch.nn.Module, received: Mapping[str, Tensor], client: ClientState
+    def client_training(self, model: torch.nn.Module, message: Message, client: ClientState
                         ) -> Iterator[ExtraLoss | None]:
         yield None
 
-    def client_reply(self, received: Mapping[str, Tensor], update: Tensors, num_steps: int,
-                     client: ClientState) -> Tensors:
-        return update
+    def client_reply(self, message: Message, trained: Tensors, num_steps: int, client: ClientState) -> Message:
+        """What travels back: ``trained`` (the received model tensors after local training)."""
+        return Message(trained)
 
     def run_tasks(self, task: ClientTask, works: Sequence[ClientWork]) -> list[dict[str, Any]]:
         """A phase's client computation on one pass's clients (whose model holds ``task.params``);

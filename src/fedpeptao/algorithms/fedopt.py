@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import Tensor
 
 from fedpeptao.algorithms.base import Algorithm, AlgorithmSettings, register
-from fedpeptao.core.server import ClientUpdate, work_dtype
+from fedpeptao.core.aggregation import RoundUpdates, work_dtype
 
 FedOptKind = Literal["adam", "yogi", "adagrad"]
 
@@ -55,7 +55,7 @@ class FedOpt(Algorithm):
         self.m: dict[str, Tensor] = {}
         self.v: dict[str, Tensor] = {}
 
-    def aggregate(self, round_index: int, sampled: Sequence[int], updates: Sequence[ClientUpdate]) -> None:
+    def aggregate(self, round_index: int, sampled: Sequence[int], updates: RoundUpdates) -> None:
         s = self.settings
         avg = self.ctx.average(updates)
         new = {}

@@ -24,11 +24,11 @@ class FedProx(Algorithm):
     settings_class = FedProxSettings
 
     @contextmanager
-    def client_training(self, model, received, client) -> Iterator[ExtraLoss | None]:
+    def client_training(self, model, message, client) -> Iterator[ExtraLoss | None]:
         """The local loss gains ``mu/2 ||w - w_global||^2`` over the received tensors."""
         params = dict(model.named_parameters())
         mu = self.settings.mu
-        anchor = {n: a.to(params[n].device) for n, a in self.received_copy(received).items()}
+        anchor = {n: a.detach().to(params[n].device, copy=True) for n, a in message.model.items()}
 
         def proximal(m: torch.nn.Module, _batch, _out) -> Tensor:
             params = dict(m.named_parameters())

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from fedpeptao.algorithms.base import Algorithm, AlgorithmSettings, ExtraLoss, register
 from fedpeptao.core.federation import ClientState
+from fedpeptao.core.payload import Message
 
 
 class MoonSettings(AlgorithmSettings):
@@ -33,11 +34,11 @@ class Moon(Algorithm):
     settings_class = MoonSettings
 
     @contextmanager
-    def client_training(self, model: torch.nn.Module, received: Mapping[str, Tensor], client: ClientState
+    def client_training(self, model: torch.nn.Module, message: Message, client: ClientState
                         ) -> Iterator[ExtraLoss | None]:
         mu, tau = self.settings.mu, self.settings.tau
         device = next(model.parameters()).device
-        glob = {n: t.to(device) for n, t in self.received_copy(received).items()}  # positive: the global model
+        glob = {n: t.detach().to(device, copy=True) for n, t in message.model.items()}  # positive: the global model
         prev = {n: client.params[n].detach().to(device, copy=True) for n in glob}  # negative: this device's last model
 
         def contrastive(m, batch: Mapping[str, Tensor], out) -> Tensor:

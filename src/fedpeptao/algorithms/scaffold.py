@@ -18,11 +18,13 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fedpeptao.algorithms.base import Algorithm, AlgorithmSettings, ExtraLoss, register
+from fedpeptao.core.aggregation import ClientUpdate, PopulationUpdate, RoundUpdates, aggregation_weights, work_dtype
 from fedpeptao.core.federation import ClientState
-from fedpeptao.core.server import ClientUpdate, aggregation_weights, work_dtype
+from fedpeptao.core.payload import Message
+from fedpeptao.core.validation import groups_problem
 
-CONTROL_PREFIX = "scaffold.control/"  # c, sent down
-DELTA_CONTROL_PREFIX = "scaffold.delta_control/"  # dc_k, sent up
+CONTROL = "scaffold.control"  # extras group sent down: c
+DELTA_CONTROL = "scaffold.delta_control"  # extras group sent up: dc_k
 
 
 class ScaffoldSettings(AlgorithmSettings):
@@ -52,7 +54,6 @@ def scaffold_server(x: Tensor, c: Tensor, ys: Sequence[Tensor], delta_cs: Sequen
 class Scaffold(Algorithm):
     name = "scaffold"
     settings_class = ScaffoldSettings
-    reply_prefixes = (DELTA_CONTROL_PREFIX,)
 
     def __init__(self, settings, ctx, initial) -> None:
         super().__init__(settings, ctx, initial)
@@ -61,11 +62,17 @@ class Scaffold(Algorithm):
     def _c(self, name: str, ref: Tensor) -> Tensor:
         return self.control.get(name, torch.zeros_like(ref, dtype=work_dtype(ref)))
 
-    def client_message(self, client_id: int) -> dict[str, Tensor]:
+    def client_message(self, client_id: int) -> Message:
         shared = self.global_shared()
-        return {**shared, **{CONTROL_PREFIX + n: self._c(n, t).to(t.dtype) for n, t in shared.items()}}
+        return Message(shared, {CONTROL: {n: self._c(n, t).to(t.dtype) for n, t in shared.items()}})
 
-    def aggregate(self, round_index: int, sampled: Sequence[int], updates: Sequence[ClientUpdate]) -> None:
+    def extras_problem(self, update: ClientUpdate) -> str | None:
+        """A reply carries ``dc_k`` for every shared tensor, shaped and typed like it, finite."""
+        return groups_problem(update.extras, {DELTA_CONTROL: self.global_shared()})
+
+    def aggregate(self, round_index: int, sampled: Sequence[int], updates: RoundUpdates) -> None:
+        if isinstance(updates, PopulationUpdate):
+            raise TypeError("SCAFFOLD needs every client's update (its control-variate delta), not only their mean")
         weights = aggregation_weights(updates)
         new = {}
         for name in self.shared:
@@ -73,7 +80,7 @@ class Scaffold(Algorithm):
             dtype = work_dtype(x)
             x_new, self.control[name] = scaffold_server(
                 x.to(dtype), self._c(name, x), [u.params[name].to(dtype) for u in updates],
-                [u.params[DELTA_CONTROL_PREFIX + name].to(dtype) for u in updates], weights, self.ctx.num_clients,
+                [u.extras[DELTA_CONTROL][name].to(dtype) for u in updates], weights, self.ctx.num_clients,
                 self.settings.server_lr)
             new[name] = x_new
         self._set_shared(new)
@@ -86,21 +93,18 @@ class Scaffold(Algorithm):
         self.control = dict(state["control"])
 
     # -- device ---------------------------------------------------------------------------
-    def model_part(self, received):
-        return {n: t for n, t in received.items() if not n.startswith(CONTROL_PREFIX)}
-
     @staticmethod
     def _ck(client: ClientState, name: str, ref: Tensor) -> Tensor:
         """The device's ``c_k`` for one tensor (zeros before its first round)."""
         return client.algo_state.get(name, torch.zeros_like(ref, dtype=work_dtype(ref)))
 
     @contextmanager
-    def client_training(self, model: torch.nn.Module, received: Mapping[str, Tensor], client: ClientState
+    def client_training(self, model: torch.nn.Module, message: Message, client: ClientState
                         ) -> Iterator[ExtraLoss | None]:
-        params = dict(model.named_parameters())
-        corrections = {id(params[name]): (received[CONTROL_PREFIX + name].to(work_dtype(ref))
-                                          - self._ck(client, name, ref)).to(params[name])
-                       for name, ref in self.model_part(received).items()}
+        params, control = dict(model.named_parameters()), message.extras[CONTROL]
+        corrections = {id(params[name]): (control[name].to(work_dtype(ref)) - self._ck(client, name, ref)
+                                          ).to(params[name])
+                       for name, ref in message.model.items()}
 
         def after_step(optimizer, _args, _kwargs) -> None:
             with torch.no_grad():
@@ -119,13 +123,15 @@ class Scaffold(Algorithm):
         finally:
             handle.remove()
 
-    def client_reply(self, received, update, num_steps, client):
-        deltas, new_state = {}, dict(client.algo_state)
-        for name, x in self.model_part(received).items():
+    def client_reply(self, message: Message, trained: dict[str, Tensor], num_steps: int, client: ClientState
+                     ) -> Message:
+        """The trained tensors, and ``dc_k = c_k+ - c_k`` (the device keeps ``c_k+``)."""
+        control, deltas, new_state = message.extras[CONTROL], {}, dict(client.algo_state)
+        for name, x in message.model.items():
             old = self._ck(client, name, x)
-            new = scaffold_client_control(old, received[CONTROL_PREFIX + name].to(old.dtype), x.to(old.dtype),
-                                          update[name].to(old.dtype), num_steps, self.ctx.local_lr)
+            new = scaffold_client_control(old, control[name].to(old.dtype), x.to(old.dtype),
+                                          trained[name].to(old.dtype), num_steps, self.ctx.local_lr)
             new_state[name] = new
-            deltas[DELTA_CONTROL_PREFIX + name] = (new - old).to(x.dtype)
+            deltas[name] = (new - old).to(x.dtype)
         client.algo_state = new_state
-        return {**update, **deltas}
+        return Message(trained, {DELTA_CONTROL: deltas})

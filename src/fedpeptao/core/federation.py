@@ -1,23 +1,17 @@
 """Pieces of one federated round that do not depend on the algorithm or on how messages travel.
 
-Both runtimes seed a client's work with :func:`round_seed`, keep a device's state in a
-:class:`ClientState`, and average with the rule from :func:`averaging`, so the embedded
-simulator and the Flower app compute the same thing for the same seed.
+Both runtimes seed a client's work with :func:`round_seed` and keep a device's state in a
+:class:`ClientState`, so the embedded simulator and the Flower app compute the same thing for the
+same seed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
 
-from fedpeptao.core.server import ClientUpdate, weighted_average
-from fedpeptao.core.validation import coordinate_median, trimmed_mean
-
-Averaging = Literal["weighted_mean", "median", "trimmed_mean"]
 Tensors = dict[str, torch.Tensor]
 
 TRAIN_STREAM, SCORE_STREAM, HESSIAN_STREAM, PRIVACY_STREAM, COUNT_STREAM, ORDER_STREAM = 0, 1, 2, 3, 4, 5
@@ -48,11 +42,3 @@ class ClientState:
     rounds_trained: int = 0
     algo_state: dict = field(default_factory=dict)
 
-
-def averaging(kind: Averaging, trim_ratio: float = 0.1) -> Callable[[Sequence[ClientUpdate]], Tensors]:
-    """The runtime-wide averaging rule an algorithm's server step calls (``server.aggregation``)."""
-    if kind == "median":
-        return coordinate_median
-    if kind == "trimmed_mean":
-        return lambda updates: trimmed_mean(updates, trim_ratio)
-    return weighted_average

@@ -1,7 +1,9 @@
 """Device-side measurements that decide which prompt layers travel (SPEC section 2).
 
 The maths lives in :mod:`fedpeptao.core.scoring` and :mod:`fedpeptao.core.hessian`; this module
-only feeds them a client's batch through the prompted model.
+only feeds them a client's batch through the prompted model. When to measure, on which clients,
+and what to decide is FedPepTAO's
+:class:`~fedpeptao.algorithms.fedpeptao.selection.LayerSelection`.
 """
 
 from __future__ import annotations

@@ -34,15 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Params = dict[str, Tensor]
-
-
-@dataclass
-class ClientUpdate:
-    client_id: int
-    params: dict[str, Tensor]  # the client's shared parameters after local training
-    num_examples: int
-    num_steps: int  # K_k, local optimiser steps this round
+from fedpeptao.core.aggregation import ClientUpdate, aggregation_weights, work_dtype
 
 
 @dataclass
@@ -116,32 +108,6 @@ class ServerState:
             else:
                 raise ValueError(f"unexpected server state entry {key!r}")
         return state
-
-
-def aggregation_weights(updates: Sequence[ClientUpdate]) -> list[float]:
-    sizes = [u.num_examples for u in updates]
-    if any(n < 0 for n in sizes) or sum(sizes) <= 0:
-        raise ValueError(f"num_examples must be >= 0 with a positive total, got {sizes}")
-    total = sum(sizes)
-    return [n / total for n in sizes]
-
-
-def work_dtype(tensor: Tensor) -> torch.dtype:
-    return torch.promote_types(tensor.dtype, torch.float32)
-
-
-def weighted_average(updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
-    """FedAvg ``sum_k p_k theta_k`` with ``p_k = n_k / sum_j n_j``, in the first update's dtypes.
-
-    Accumulates in float64 so the result does not depend on the order of the clients.
-    """
-    if not updates:
-        raise ValueError("weighted_average needs at least one update")
-    weights = aggregation_weights(updates)
-    first = updates[0].params
-    return {name: sum(w * u.params[name].to(device=ref.device, dtype=torch.float64) for w, u in zip(weights, updates)
-                      ).to(ref.dtype)
-            for name, ref in first.items()}
 
 
 def _validate(global_params: Mapping[str, Tensor], updates: Sequence[ClientUpdate], cfg: ServerStepConfig) -> None:

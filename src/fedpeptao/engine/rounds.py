@@ -7,13 +7,14 @@ strategy wraps them in Flower messages. Either way a round reads::
     if engine.budget_spent(t): stop              # privacy.target_epsilon reached, state saved
     engine.prepare(t, run_task)                  # the algorithm's phases (FedPepTAO's selection)
     sampled = engine.sample(t, online)           # the run's seeded sampling stream
-    messages = engine.train_messages(sampled)    # what each client receives (bytes counted)
+    messages = engine.train_messages(sampled)    # each client's Message (bytes counted)
     ... the transport delivers them and collects TrainReply's ...
     engine.receive_training(replies)             # acknowledge, validate, privacy, algorithm step
     if engine.evaluates(t):
         ... deliver engine.message(k) to the evaluated clients, collect EvalReply's ...
         engine.receive_evaluation(replies)       # pooled metrics, one way
     engine.close_round()                         # totals, metrics.jsonl, checkpoint cadence
+    ... after the last round: engine.finish(run_task)
 
 Checkpoint and resume (with the config check and the changes a resume may make) live here too,
 so the two runtimes cannot drift apart in what they save or accept.
@@ -29,14 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedpeptao.algorithms.base import Algorithm, ClientTask
 from fedpeptao.config import ConfigError, ExperimentConfig
 from fedpeptao.core import payload
+from fedpeptao.core.aggregation import ClientUpdate, RoundUpdates
 from fedpeptao.core.metrics import expand_confusion, score
-from fedpeptao.core.server import ClientUpdate
-from fedpeptao.core.validation import ValidationPolicy, filter_model_updates
+from fedpeptao.core.payload import Message
+from fedpeptao.core.validation import ValidationPolicy, filter_updates
 from fedpeptao.privacy.engine import ClientPrivacy
 from fedpeptao.report.summary import config_difference
 from fedpeptao.utils.checkpoint import (capture_rng_state, flatten_state, list_checkpoints, load_latest_checkpoint,
@@ -45,7 +46,6 @@ from fedpeptao.utils.round_log import RoundLog, close_row
 
 log = logging.getLogger("fedpeptao.server")
 
-Tensors = dict[str, torch.Tensor]
 RunTask = Callable[[ClientTask], dict[int, dict]]
 #: what a resumed run may change: everything else must equal the checkpoint's config
 RESUMABLE_CHANGES = frozenset({"federated.rounds", "progress"})
@@ -57,7 +57,7 @@ class TrainReply:
     """One client's answer to a training message: what it sent, and how its round went."""
 
     client_id: int
-    sent: Tensors
+    sent: Message
     num_examples: int
     num_steps: int
     loss: float
@@ -154,13 +154,13 @@ class RoundEngine:
         self.row["sampled"] = sampled
         return sampled
 
-    def message(self, k: int) -> Tensors:
+    def message(self, k: int) -> Message:
         """What client ``k`` receives now (for training or evaluation)."""
         return self.algorithm.client_message(k)
 
-    def train_messages(self, sampled: Sequence[int]) -> dict[int, Tensors]:
+    def train_messages(self, sampled: Sequence[int]) -> dict[int, Message]:
         messages = {k: self.message(k) for k in sampled}
-        self.row["bytes_down"] = sum(payload.num_bytes(m) for m in messages.values())
+        self.row["bytes_down"] = sum(payload.message_bytes(m) for m in messages.values())
         return messages
 
     def receive_training(self, replies: Sequence[TrainReply]) -> None:
@@ -173,7 +173,7 @@ class RoundEngine:
             algo.acknowledge(reply.client_id)
         replied = [r.client_id for r in replies]
         row.update({"clients": replied, "failed": sorted(set(row["sampled"]) - set(replied)),
-                    "bytes_up": sum(payload.num_bytes(r.sent) for r in replies),
+                    "bytes_up": sum(payload.message_bytes(r.sent) for r in replies),
                     "client_examples": {str(r.client_id): r.num_examples for r in replies},
                     "slowest_client_s": max((r.seconds for r in replies), default=0.0),
                     "train_loss": float(np.nanmean([r.loss for r in replies])) if replies else float("nan")})
@@ -184,18 +184,18 @@ class RoundEngine:
                         "unchanged", t, len(replies), len(row["sampled"]), self.min_replies)
             row["skipped"] = True
             return
-        updates = [ClientUpdate(r.client_id, r.sent, r.num_examples, r.num_steps) for r in replies]
-        updates, rejected = filter_model_updates(updates, algo.global_shared(), self.validation, log,
-                                                 algo.reply_prefixes)
+        updates = [ClientUpdate(r.client_id, r.sent.model, r.num_examples, r.num_steps, r.sent.extras)
+                   for r in replies]
+        updates, rejected = filter_updates(updates, algo.global_shared(), self.validation, log, algo.extras_problem)
         row["rejected"] = [list(r) for r in rejected]
-        if self.privacy is not None:  # one privatised update for the round, even when none was valid
-            updates = [self.privacy.aggregate(t, updates, algo.global_shared(), self._population,
-                                              len(row["sampled"]))]
+        learned: RoundUpdates = updates
+        if self.privacy is not None:  # the population's privatised mean, even when no update was valid
+            learned = self.privacy.aggregate(t, updates, algo.global_shared(), self._population, len(row["sampled"]))
             row["epsilon"] = self.privacy.epsilon()
-        if updates:
-            algo.aggregate(t, row["sampled"], updates)
-        else:
+        elif not updates:
             log.warning("round %d: no valid update; global state unchanged", t)
+            return
+        algo.aggregate(t, row["sampled"], learned)
 
     def evaluates(self, t: int) -> bool:
         """Whether round ``t`` ends with an evaluation (every ``eval_every`` rounds, and the last)."""
@@ -226,7 +226,9 @@ class RoundEngine:
         return row
 
     def finish(self, run_task: RunTask) -> None:
-        self.algorithm.finish(run_task)
+        """After the last round: the algorithm's phases due then (a run that ended inside
+        FedPepTAO's warm-up still selects its layers), and the log closed."""
+        self.algorithm.prepare_round(self.cfg.federated.rounds, run_task)
         if self._log is not None:
             self._log.close()
 

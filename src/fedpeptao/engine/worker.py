@@ -24,6 +24,7 @@ from fedpeptao.config import ExperimentConfig
 from fedpeptao.core.client import LocalJob, local_train, predict
 from fedpeptao.core.federation import ClientState, batch_order_seed, round_seed
 from fedpeptao.core.metrics import confusion
+from fedpeptao.core.payload import Message
 from fedpeptao.data.encoding import EncodedDataset
 from fedpeptao.engine.rounds import EvalReply, SplitResult, TrainReply
 from fedpeptao.experiment import Federation
@@ -33,15 +34,13 @@ from fedpeptao.utils.device import to_device
 
 log = logging.getLogger("fedpeptao.client")
 
-Tensors = dict[str, torch.Tensor]
-
 
 @dataclass
 class Job:
     """One client's part of a call: who, what it received, and what it keeps (updated in place)."""
 
     client_id: int
-    message: Tensors
+    message: Message
     state: ClientState
 
 
@@ -106,10 +105,10 @@ class ClientWorker:
             state, params = job.state, view.trainable_state()
             state.params, state.optimizer = params, result.optimizer_state
             state.rounds_trained += 1
-            model_part = algo.model_part(job.message)
-            sent = algo.client_reply(job.message, {n: params[n] for n in model_part}, result.num_steps, state)
+            trained = {n: params[n] for n in job.message.model}
+            sent = algo.client_reply(job.message, trained, result.num_steps, state)
             if self.privacy is not None:  # local DP: noised before it leaves the device
-                sent = self.privacy.device_reply(sent, model_part, job.client_id, round_index)
+                sent = self.privacy.device_reply(sent, job.message.model, job.client_id, round_index)
             replies.append(TrainReply(job.client_id, sent, result.num_examples, result.num_steps,
                                       result.mean_loss, result.seconds))
         return replies

@@ -104,12 +104,12 @@ def train(message: Message, context: Context) -> Message:
     job = _job(message, context)
     round_index = int(message.content[R.CONFIG][R.ROUND])
     stored = job.load(before=round_index)
-    received = R.from_record(message.content[R.GLOBAL])
+    received = R.read_message(R.GLOBAL, message.content)
     (reply,) = job.worker.train(round_index, [Job(job.node.client_id, received, stored.state)])
     job.store.save(StoredClient(stored.state, round_index))
     metrics = {"client-id": reply.client_id, "num-examples": reply.num_examples, "num-steps": reply.num_steps,
                "train-loss": float(reply.loss), "seconds": float(reply.seconds)}
-    return _reply(message, **{R.UPDATE: R.to_record(reply.sent), R.METRICS: MetricRecord(metrics)})
+    return _reply(message, **R.message_records(R.UPDATE, reply.sent), **{R.METRICS: MetricRecord(metrics)})
 
 
 @app.evaluate()
@@ -120,7 +120,7 @@ def evaluate(message: Message, context: Context) -> Message:
     round_index = int(message.content[R.CONFIG][R.ROUND])
     stored = job.load(before=round_index + 1)
     kept = dict(stored.state.algo_state)
-    (reply,) = job.worker.evaluate([Job(job.node.client_id, R.from_record(message.content[R.GLOBAL]),
+    (reply,) = job.worker.evaluate([Job(job.node.client_id, R.read_message(R.GLOBAL, message.content),
                                         stored.state)])
     if stored.state.algo_state != kept:  # the device kept something of this message
         job.store.save(StoredClient(stored.state, round_index))

@@ -16,6 +16,10 @@ Four exchanges, each a Flower message type (``<category>.<action>``):
 ``evaluate``
     The same message; reply: a confusion matrix and summed loss on the client's eval data.
 
+An algorithm's :class:`~fedpeptao.core.payload.Message` travels as one ArrayRecord for its model
+tensors (``global`` down, ``update`` up) and one more per extra group, named
+``<record>.<group>`` (:func:`message_records`, :func:`read_message`).
+
 Every server message carries the whole ExperimentConfig as JSON, so the config file only has to
 exist on the SuperLink's machine, and the run's key, under which nodes keep this run's state.
 """
@@ -25,15 +29,16 @@ from __future__ import annotations
 import json
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedpeptao.config import ExperimentConfig
+from fedpeptao.core.payload import Message
 
 SETUP, TASK = "query.setup", "query.task"
 
 # record names inside a message's RecordDict
 CONFIG = "config"  # ConfigRecord: experiment JSON, round, ...
-GLOBAL = "global"  # ArrayRecord: what the algorithm sends a client
+GLOBAL = "global"  # ArrayRecord: the model tensors the algorithm sends a client (or a task's tensors)
 UPDATE = "update"  # ArrayRecord: a client's shared tensors after local training
 INIT = "init"  # ArrayRecord: a client's freshly initialised trainable tensors
 METRICS = "metrics"  # MetricRecord: counts, losses, scores
@@ -59,3 +64,19 @@ def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """Owned, writable tensors (the record's buffers are not ours to keep)."""
     return {name: tensor.clone() for name, tensor in record.to_torch_state_dict().items()}
+
+
+def message_records(name: str, message: Message) -> dict[str, ArrayRecord]:
+    """``message`` as records of a RecordDict: its model tensors under ``name``, each extra group
+    under ``<name>.<group>``."""
+    records = {name: to_record(message.model)}
+    records.update({f"{name}.{group}": to_record(tensors) for group, tensors in message.extras.items()})
+    return records
+
+
+def read_message(name: str, content: RecordDict) -> Message:
+    """Inverse of :func:`message_records` on a received message's content."""
+    prefix = f"{name}."
+    extras = {key[len(prefix):]: from_record(record) for key, record in content.array_records.items()
+              if key.startswith(prefix)}
+    return Message(from_record(content[name]), extras)

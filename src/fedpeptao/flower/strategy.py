@@ -39,6 +39,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpeptao.algorithms import Algorithm
 from fedpeptao.algorithms.base import ClientTask
 from fedpeptao.config import ExperimentConfig
+from fedpeptao.core import payload
 from fedpeptao.engine.rounds import SPLITS, EvalReply, RoundEngine, SplitResult, TrainReply
 from fedpeptao.experiment import make_privacy, make_run_algorithm
 from fedpeptao.flower import records as R
@@ -210,8 +211,8 @@ class FederatedStrategy(Strategy):
     def _config(self, **values: int | bool | str) -> ConfigRecord:
         return R.config_record(self.cfg, self.run_key, **values)
 
-    def _content(self, tensors: Tensors, **values: int | str) -> RecordDict:
-        return RecordDict({R.GLOBAL: R.to_record(tensors), R.CONFIG: self._config(**values)})
+    def _content(self, message: payload.Message, **values: int | str) -> RecordDict:
+        return RecordDict({**R.message_records(R.GLOBAL, message), R.CONFIG: self._config(**values)})
 
     def _message(self, content: RecordDict, node: int, message_type: str, group: int | str) -> Message:
         # A message nobody answered within the phase's timeout is dropped rather than run late.
@@ -296,7 +297,7 @@ class FederatedStrategy(Strategy):
             cid = int(metrics["client-id"])
             if self._sampled.get(cid) != node:
                 raise ValueError(f"unexpected reply for client {cid}")
-            return TrainReply(cid, R.from_record(message.content[R.UPDATE]), int(metrics["num-examples"]),
+            return TrainReply(cid, R.read_message(R.UPDATE, message.content), int(metrics["num-examples"]),
                               int(metrics["num-steps"]), float(metrics["train-loss"]), float(metrics["seconds"]))
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("train: unusable reply from node %s: %s", node, exc)

@@ -5,10 +5,11 @@ Central mode (trusted server): each validated update's change ``y_k - x`` is cli
 the server adds ``N(0, (z C)^2)`` to the sum and divides by the *expected* number of clients
 (``federated.clients_per_round``, public), as DP-FedAvg does. Local mode: the device clips and
 noises its own change before it leaves (:meth:`ClientPrivacy.device_reply`); the server only
-averages. Either way the algorithm receives ONE update, ``x + privatised mean change``, standing
-for the round's population, so its server step (FedAvg, FedOpt, FedPepTAO's control variates and
-momentum) is post-processing of privatised quantities only. That update carries uniform weight
-and the rounded mean of the clients' step counts (treated as public, see docs/privacy.md).
+averages. Either way the algorithm receives no client's update, only the population's: a
+:class:`~fedpeptao.core.aggregation.PopulationUpdate`, ``x + privatised mean change`` with the
+rounded mean of the clients' step counts (treated as public, see docs/privacy.md), so its server
+step (FedAvg, FedOpt, FedPepTAO's control variates and momentum) is post-processing of
+privatised quantities only.
 
 Adaptive clipping (Andrew et al., 2021): the server also counts the updates that were not
 clipped, noised with std ``sigma_b``; the clip moves as ``C <- C exp(-eta (b - gamma))``. The two
@@ -25,13 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedpeptao.core.aggregation import ClientUpdate, PopulationUpdate
 from fedpeptao.core.federation import COUNT_STREAM, PRIVACY_STREAM, round_seed
-from fedpeptao.core.server import ClientUpdate
+from fedpeptao.core.payload import Message
 from fedpeptao.privacy.accountant import ACCOUNTANT, PrivacyAccountant, solve_noise_multiplier
 from fedpeptao.privacy.mechanism import change, clip, noisy_sum, privatise_locally
 from fedpeptao.privacy.settings import PrivacySettings
 
-Tensors = dict[str, Tensor]
 RELEASE_ROUND = 1_000_000  # seeds of selection releases: apart from every round's
 
 
@@ -104,23 +105,25 @@ class ClientPrivacy:
 
     # -- server ----------------------------------------------------------------------------
     def aggregate(self, round_index: int, updates: Sequence[ClientUpdate], reference: Mapping[str, Tensor],
-                  population: int, sample: int) -> ClientUpdate:
-        """The round's one privatised update (and the round recorded in the ledger)."""
+                  population: int, sample: int) -> PopulationUpdate:
+        """The round's privatised mean (and the round recorded in the ledger)."""
         self.accountant.record(self.round_event(population, sample))
         changes = [change(u.params, reference) for u in updates]
         if self.mode == "local":  # already private: average what arrived
             mean = {n: sum(c[n] for c in changes) / max(1, len(changes)) for n in reference}
+            count = len(changes)
         else:
             clipped = [clip(c, self.clip_norm) for c in changes]
             like = {n: r.to(torch.promote_types(r.dtype, torch.float32)) for n, r in reference.items()}
             total = noisy_sum([c for c, _ in clipped], like, self.update_multiplier * self.clip_norm,
                               round_seed(self.seed, round_index, self.num_clients, PRIVACY_STREAM))
             mean = {n: t / self.per_round for n, t in total.items()}
+            count = self.per_round
             if self.settings.adaptive:
                 self._adapt([norm for _, norm in clipped], round_index)
         params = {n: (ref + mean[n].to(ref.device)).to(ref.dtype) for n, ref in reference.items()}
         steps = max(1, round(float(np.mean([u.num_steps for u in updates])))) if updates else 1
-        return ClientUpdate(-1, params, 1, steps)
+        return PopulationUpdate(params, count, steps)
 
     def _adapt(self, norms: Sequence[float], round_index: int) -> None:
         unclipped = sum(1.0 for n in norms if n <= self.clip_norm)
@@ -143,15 +146,15 @@ class ClientPrivacy:
         return (total + rng.normal(0.0, self.noise_multiplier * bound, size=total.shape)) / max(1, count)
 
     # -- device ----------------------------------------------------------------------------
-    def device_reply(self, reply: Mapping[str, Tensor], received: Mapping[str, Tensor], client_id: int,
-                     round_index: int) -> Tensors:
-        """Local mode: the reply's model tensors clipped and noised on the device (else unchanged)."""
+    def device_reply(self, reply: Message, received: Mapping[str, Tensor], client_id: int, round_index: int
+                     ) -> Message:
+        """Local mode: the reply's model tensors clipped and noised on the device, around the
+        ``received`` ones (else the reply unchanged)."""
         if self.mode != "local":
-            return dict(reply)
-        model = {n: received[n] for n in received if n in reply}
-        private = privatise_locally(reply, model, self.clip_norm, self.noise_multiplier,
+            return reply
+        private = privatise_locally(reply.model, received, self.clip_norm, self.noise_multiplier,
                                     round_seed(self.seed, round_index, client_id, PRIVACY_STREAM))
-        return {**reply, **private}
+        return Message(private, reply.extras)
 
     # -- state -----------------------------------------------------------------------------
     def state(self) -> dict:
