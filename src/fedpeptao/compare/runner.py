@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from fedpeptao.report.cost import Target
 
 DEFAULT_OUT = "docs/results/compare"
-COLUMNS = ["method", "validation", "test_at_selected", "selected_round", "final", "rounds_to_target", "seconds_to_target", "mb_communicated",
+COLUMNS = ["method", "validation", "test_at_selected", "trained_at_selected", "untrained_at_selected", "selected_round", "final", "rounds_to_target", "seconds_to_target", "mb_communicated",
            "trainable_params", "params_per_message", "wall_s", "cpu_s"]
 RUN_COLUMNS = ["method", "seed", *COLUMNS[1:]]  # compare_runs.csv: one row per (method, seed)
 
@@ -229,6 +229,8 @@ def table_rows(records: list[dict]) -> list[dict]:
         rows.append({
             "method": r["method"], "validation": s.get("validation_metric"),
             "test_at_selected": s.get("test_metric_at_selected", s["best_metric"]),
+            "trained_at_selected": s.get("trained_metric_at_selected"),
+            "untrained_at_selected": s.get("untrained_metric_at_selected"),
             "selected_round": None if s["best_round"] is None else s["best_round"] + 1, "final": s["final_metric"],
             "rounds_to_target": s["rounds_to_target"], "seconds_to_target": s["seconds_to_target"],
             "mb_communicated": s["total_mb"], "trainable_params": s["trainable_parameters"],
@@ -329,11 +331,13 @@ def _preamble(records: list[dict], command: str, environment: dict, repeated: bo
 
 
 def _single_seed_table(rows: list[dict], metric: str) -> list[str]:
-    lines = [f"| method | validation {metric} | test {metric} at selected | selected round | test {metric} at end "
-             f"| rounds to target | s to target | MB communicated | trainable params | params/message | wall s | CPU s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| method | validation {metric} | test {metric} at selected | trained / never-trained clients "
+             f"| selected round | test {metric} at end | rounds to target | s to target | MB communicated "
+             f"| trainable params | params/message | wall s | CPU s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append("| " + " | ".join([row["method"], _fmt(row["validation"]), _fmt(row["test_at_selected"]),
+                                         f"{_fmt(row['trained_at_selected'])} / {_fmt(row['untrained_at_selected'])}",
                                          _fmt(row["selected_round"]), _fmt(row["final"]),
                                          _fmt(row["rounds_to_target"]), _fmt(row["seconds_to_target"], 1),
                                          _fmt(row["mb_communicated"], 2), f"{row['trainable_params']:,}",

@@ -17,6 +17,17 @@ through the sampled clients in the order given, ``u_k = beta u_{k-1} + (1 - beta
 ``u_0 = v_{t-1}`` (its ``Fsgdm`` writes each client's ``u`` into the shared ``global_v`` dict that the
 next client's optimiser starts from).
 
+``correction="published"`` (default, the SPEC's and the reference's) applies ``c - c_k`` with the
+``c`` and ``c_k`` just updated from this round's update. That pushes each ``x_k`` back by about
+``eta_s / (K_k eta_l)`` times client ``k``'s own update: at first contact the server's step along a
+direction every client agrees on is :func:`first_contact_ratio` times the clients' mean update,
+negative once ``K eta_l`` falls under about ``eta_s`` (few local steps: small clients, cross-device),
+and momentum carries the reversal into later rounds. ``correction="previous"`` applies the
+``c - c_k`` the server held before this round (as SCAFFOLD's clients apply the ``c`` and ``c_k``
+they hold during local training): a client's first contact is corrected by the population's ``c``
+alone, and later ones by the drift between it and its earlier updates. ``benchmarks/stability.py``
+measures both.
+
 Server lr: the lr used in round ``t`` is ``max(eta_0 * decay^t, eta_min)``. ``state.server_lr`` holds
 the lr of round ``state.round`` and decays after every round, round 0 included (which does not use
 it), so round 1 uses ``0.99 * eta_0``, as in the reference (it decays just before each use).
@@ -48,6 +59,7 @@ class ServerStepConfig:
     variant: Literal["plain", "reference"] = "plain"
     control_variates: bool = True
     momentum: bool = True  # False: beta = 0
+    correction: Literal["published", "previous"] = "published"  # which c - c_k the step applies
 
     def __post_init__(self) -> None:
         if self.num_clients < 1 or self.local_lr <= 0 or self.server_lr <= 0:
@@ -56,6 +68,17 @@ class ServerStepConfig:
             raise ValueError("need 0 <= beta < 1, 0 < server_lr_decay <= 1 and server_lr_min >= 0")
         if self.variant not in ("plain", "reference"):
             raise ValueError(f"variant must be 'plain' or 'reference', got {self.variant!r}")
+        if self.correction not in ("published", "previous"):
+            raise ValueError(f"correction must be 'published' or 'previous', got {self.correction!r}")
+
+
+def first_contact_ratio(local_steps: float, local_lr: float, server_lr: float, beta: float,
+                        participation: float) -> float:
+    """The published step's move along a direction every client agrees on, over the clients' mean
+    update, for clients the server meets for the first time (``c`` and ``v`` still about zero):
+    ``1 + eta_s (1 - beta) - eta_s (1 - |S|/N) / (K eta_l)``. Below zero the server steps against
+    its clients (derived in the module docstring; measured by ``benchmarks/stability.py``)."""
+    return 1.0 + server_lr * (1.0 - beta) - server_lr * (1.0 - participation) / (local_steps * local_lr)
 
 
 @dataclass
@@ -174,6 +197,7 @@ def fedpeptao_step(global_params: dict[str, Tensor], updates: Sequence[ClientUpd
 
         c = get(state.control)
         c_k = [get(state.client_control.get(u.client_id, {})) for u in updates]
+        held = [c - ck for ck in c_k]  # the correction as the server held it before this round
         if cfg.control_variates:
             c_k_new = [ck - c + (theta - x) / (u.num_steps * cfg.local_lr) for ck, x, u in zip(c_k, locals_, updates)]
             c = c + share * sum(u.num_steps * (new - old) for u, new, old in zip(updates, c_k_new, c_k)) / total_steps
@@ -186,7 +210,7 @@ def fedpeptao_step(global_params: dict[str, Tensor], updates: Sequence[ClientUpd
             new = theta_bar
         else:
             if cfg.control_variates:
-                corrections = [c - ck for ck in c_k]
+                corrections = held if cfg.correction == "previous" else [c - ck for ck in c_k]
             else:
                 corrections = [torch.zeros_like(theta)] * len(updates)
             v = get(state.momentum)

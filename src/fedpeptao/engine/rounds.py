@@ -209,8 +209,13 @@ class RoundEngine:
         pooled = pool_evaluations(replies, self.metric)
         if "accuracy" not in pooled:
             log.warning("evaluate: no client reported results")
+        pooled.update(group_evaluations(replies, self.trained_clients(), self.metric))
         self.row.update(pooled)
         return pooled
+
+    def trained_clients(self) -> set[int]:
+        """Every client that has sent a training reply in this run (this round's included)."""
+        return {int(k) for row in [*self.history, self.row] for k in row.get("clients", ())}
 
     def close_round(self) -> dict[str, Any]:
         """Running totals, the row to ``metrics.jsonl``, and a checkpoint when one is due."""
@@ -268,6 +273,26 @@ class RoundEngine:
         self.algorithm.load_state(state["algorithm"])
         if self.privacy is not None:
             self.privacy.load_state(state["privacy"])
+
+
+#: the two groups every evaluation also reports: clients that have trained at least once (their
+#: personal tensors and the shared ones both learned) and clients that never did (cross-device: most)
+GROUPS = ("trained", "untrained")
+
+
+def group_evaluations(replies: Sequence[EvalReply], trained: set[int], metric: str) -> dict[str, Any]:
+    """The test metric pooled over each group's clients (``trained_metric``, ``untrained_accuracy``,
+    ...) and each group's client count; pooled the same way as the whole, so the two groups'
+    predictions together give the pooled figure."""
+    row: dict[str, Any] = {}
+    for group in GROUPS:
+        members = [r for r in replies if (r.client_id in trained) == (group == "trained")]
+        pooled = pool_evaluations(members, metric) if members else {}
+        row[f"{group}_clients"] = len(members)
+        if "accuracy" in pooled:
+            row.update({f"{group}_accuracy": pooled["accuracy"], f"{group}_metric": pooled["metric"],
+                        f"{group}_examples": pooled["eval_examples"]})
+    return row
 
 
 def pool_evaluations(replies: Sequence[EvalReply], metric: str) -> dict[str, Any]:

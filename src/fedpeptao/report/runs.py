@@ -77,14 +77,16 @@ class RunData:
         last = self.rows[-1]
         goal = self.target(target)
         out: dict[str, Any] = {
-            "best": None, "best_round": None, "final": None, "target": goal, "rounds_to_target": None,
+            "best": None, "best_round": None, "final": None, "trained": None, "untrained": None,
+            "target": goal, "rounds_to_target": None,
             "seconds_to_target": None, "total_mb": last.get("total_bytes", 0) / 1e6,
             "elapsed_s": last.get("elapsed_s"), "rounds": len(self.rows), "epsilon": last.get("epsilon"),
         }
         if ev:
             best = select_round(ev)
             out.update(best=best["metric"], best_round=best["round"] + 1, final=ev[-1]["metric"],
-                       validation=best.get("val_metric"))
+                       validation=best.get("val_metric"), trained=best.get("trained_metric"),
+                       untrained=best.get("untrained_metric"))
             reached = next((r for r in ev if goal is not None and _score(r["metric"]) >= goal), None)
             if reached is not None:
                 out.update(rounds_to_target=reached["round"] + 1, seconds_to_target=reached.get("train_time_s"))

@@ -29,6 +29,9 @@ def run_summary(cfg, metric: str, history: list[dict], algorithm_summary: Mappin
         "selected_round": best["round"] if best else None,
         "validation_metric": best.get("val_metric") if best else None,
         "test_metric_at_selected": best["metric"] if best else None,
+        # the same, over clients that trained at least once by then and over those that never did
+        "trained_metric_at_selected": best.get("trained_metric") if best else None,
+        "untrained_metric_at_selected": best.get("untrained_metric") if best else None,
         # kept for readers of older summaries: the test metric at the round selected on validation
         "best_metric": best["metric"] if best else None, "best_round": best["round"] if best else None,
         "target": target, "rounds_to_target": None if reached is None else reached["round"] + 1,

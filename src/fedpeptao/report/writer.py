@@ -82,6 +82,7 @@ _COLUMNS: list[tuple[str, Callable[[RunData, dict[str, Any]], str]]] = [
     ("metric", lambda run, h: run.metric_name),
     ("validation at selected", lambda run, h: _num(h["validation"], 4)),
     ("test at selected", lambda run, h: _num(h["best"], 4)),
+    ("trained / never-trained clients", lambda run, h: f"{_num(h['trained'], 4)} / {_num(h['untrained'], 4)}"),
     ("selected round", lambda run, h: _num(h["best_round"])),
     ("test at end", lambda run, h: _num(h["final"], 4)),
     ("rounds", lambda run, h: str(h["rounds"])),

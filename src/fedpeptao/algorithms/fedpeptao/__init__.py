@@ -33,9 +33,12 @@ from fedpeptao.algorithms.fedpeptao.settings import FedPepTAOSettings
 from fedpeptao.core.aggregation import ClientUpdate, PopulationUpdate, RoundUpdates
 from fedpeptao.core.federation import ClientState
 from fedpeptao.core.payload import Message
-from fedpeptao.core.server import ServerState, ServerStepConfig, fedpeptao_step
+from fedpeptao.core.server import ServerState, ServerStepConfig, fedpeptao_step, first_contact_ratio
 
 log = logging.getLogger("fedpeptao.server")
+#: below this first-contact ratio the published correction turns the server's steps against the
+#: clients within a few rounds (``benchmarks/stability.py``: 0.21 goes negative by round 2, 0.77 does not)
+STABLE_RATIO = 0.5
 
 BASE = "fedpeptao.base"  # extras group: the warmed-up personal tensors, sent once after the switch
 SWITCH = "fedpeptao.switch"  # extras group: {"round": 0-d int64}, the round of the switch the base belongs to
@@ -65,11 +68,14 @@ class FedPepTAO(Algorithm):
         self.base_version = -1
         self.synced: set[int] = set()  # clients known to hold the base
         self.all_synced = False  # switched at round 0: the base is the initialisation everyone has
+        self.local_steps: float | None = None  # the first round's mean K, for the stability check
+        self.participation = 0.0
         s = settings
         self.step_config = ServerStepConfig(
             num_clients=ctx.num_clients, local_lr=ctx.local_lr, beta=s.momentum, server_lr=s.server_lr,
             server_lr_decay=s.lr_decay, server_lr_min=s.lr_min, variant=s.variant,
-            control_variates=s.use_control_variates, momentum=s.use_momentum)
+            control_variates=s.use_control_variates, momentum=s.use_momentum,
+            correction=s.correction)
 
     @property
     def selection(self) -> dict[str, Any] | None:
@@ -109,6 +115,8 @@ class FedPepTAO(Algorithm):
             self.synced.add(client_id)
 
     def aggregate(self, round_index: int, sampled: Sequence[int], updates: RoundUpdates) -> None:
+        if self.local_steps is None:
+            self._check_stability(updates, len(sampled))
         self.layer_selection.record(sampled)
         if self.server_state is None:  # warm-up: FedAvg on every tensor
             self._set_shared(self.ctx.average(updates))
@@ -132,7 +140,30 @@ class FedPepTAO(Algorithm):
 
     def summary(self) -> dict[str, Any]:
         return {"selection": self.selection, "shared_layers": None if self.selection is None else
-                self.selection["layers"]}
+                self.selection["layers"], "stability": self.stability()}
+
+    def stability(self) -> dict[str, Any] | None:
+        """The first round's mean local steps and the published step's first-contact ratio there."""
+        if self.local_steps is None:
+            return None
+        s, ctx = self.settings, self.ctx
+        ratio = first_contact_ratio(self.local_steps, ctx.local_lr, s.server_lr, s.momentum,
+                                    self.participation)
+        return {"local_steps": self.local_steps, "first_contact_ratio": ratio, "correction": s.correction}
+
+    def _check_stability(self, updates: RoundUpdates, num_sampled: int) -> None:
+        """Warn once where the published correction turns the server's step against the clients."""
+        clients = step_clients(updates)
+        self.local_steps = sum(u.num_steps for u in clients) / max(len(clients), 1)
+        self.participation = num_sampled / self.ctx.num_clients
+        s, ratio = self.settings, self.stability()["first_contact_ratio"]
+        if s.use_control_variates and s.correction == "published" and ratio < STABLE_RATIO:
+            log.warning("fedpeptao: %.1f local steps per client round (client.epochs x examples per client / "
+                        "client.batch_size) at client.lr=%g and method.server_lr=%g put the published control-"
+                        "variate correction in its unstable range (first-contact ratio %.2f < %.1f: the server "
+                        "steps against its clients); train more steps per round, lower method.server_lr, or set "
+                        "method.correction=previous", self.local_steps, self.ctx.local_lr, s.server_lr, ratio,
+                        STABLE_RATIO)
 
     # -- device ---------------------------------------------------------------------------
     def client_start(self, message: Message, client: ClientState) -> dict[str, Tensor]:

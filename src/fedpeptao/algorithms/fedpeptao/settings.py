@@ -28,6 +28,10 @@ class FedPepTAOSettings(AlgorithmSettings):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     variant: Literal["plain", "reference"] = "plain"
     use_control_variates: bool = True
+    #: which ``c - c_k`` the server step applies: ``published`` (SPEC 3, the reference code) or
+    #: ``previous`` (the one held before the round, as SCAFFOLD's clients use it): stable with few
+    #: local steps per round, where the published one turns the step against the clients
+    correction: Literal["published", "previous"] = "published"
     use_momentum: bool = True
     robust_averaging = False
     needs_layer_groups = True
