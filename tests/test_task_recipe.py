@@ -8,21 +8,15 @@ from torch import nn
 
 from fedpeptao.config import ConfigError, load_config
 from fedpeptao.sim.simulator import Simulation
-from fedpeptao.tasks import Batch, Output, Task, register_task
+from fedpeptao.tasks import Batch, Output, register_task
 from fedpeptao.tasks.base import classification_output
+from fedpeptao.tasks.classification import LinearHead
 
 
-# -- recipe: a new task (a linear head on the first token's last hidden state) ---------------------
+# -- recipe: a new task (a linear head, as `linear` trains, on the first token's last hidden state) ---
 @register_task
-class FirstTokenHead(Task):
+class FirstTokenHead(LinearHead):
     name = "first_token"
-
-    def build_head(self, backbone: nn.Module, generator: torch.Generator) -> nn.Linear:
-        head = nn.Linear(backbone.config.get_text_config().hidden_size, self.num_labels)
-        with torch.no_grad():
-            head.weight.normal_(0.0, 0.02, generator=generator)
-            head.bias.zero_()
-        return head
 
     def output(self, out, head: nn.Linear, backbone: nn.Module, batch: Batch) -> Output:
         first = out.last_hidden_state[:, 0]

@@ -55,20 +55,25 @@ def masked_lm_head(model: nn.Module) -> nn.Module | None:
     return None
 
 
+class LabelWordTask(Task):
+    """A readout restricted to one vocabulary word per class (no trainable head)."""
+
+    label_words = True
+
+    def build_head(self, backbone: nn.Module, generator: torch.Generator) -> WordIds:
+        return WordIds(self.label_word_ids)
+
+
 @register_task
-class MaskedLMVerbaliser(Task):
+class MaskedLMVerbaliser(LabelWordTask):
     name = "mlm"
     backbone_class = "masked_lm"
     layout = "mask"
     kinds = ("encoder",)
-    label_words = True
 
     def __init__(self, backbone: nn.Module, num_labels: int, label_word_ids: list[int] | None = None) -> None:
         super().__init__(backbone, num_labels, label_word_ids)
         self.mlm_head = masked_lm_head(backbone)  # frozen, part of the backbone
-
-    def build_head(self, backbone: nn.Module, generator: torch.Generator) -> WordIds:
-        return WordIds(self.label_word_ids)
 
     @property
     def runs_whole(self) -> bool:
@@ -93,15 +98,11 @@ class MaskedLMVerbaliser(Task):
 
 
 @register_task
-class LabelWordScoring(Task):
+class LabelWordScoring(LabelWordTask):
     name = "lm"
     backbone_class = "causal_lm"
     layout = "next_word"
     kinds = ("decoder",)
-    label_words = True
-
-    def build_head(self, backbone: nn.Module, generator: torch.Generator) -> WordIds:
-        return WordIds(self.label_word_ids)
 
     def output(self, out: Any, head: WordIds, backbone: nn.Module, batch: Batch) -> Output:
         # score only the position that predicts the label word (saves a [B, T, V] projection)
