@@ -56,7 +56,7 @@ def main() -> None:
         for name, res in results.items():
             s, sel = res["summary"], res["selection"]
             layers = "all" if sel is None else f"{sel['layers']} ({sel['ratio']:.2f})"
-            print(f"| {name} | {s['selected_round'] + 1} | {fmt(s['validation_metric'], '.4f')} | "
+            print(f"| {name} | {s['selected_round']} | {fmt(s['validation_metric'], '.4f')} | "
                   f"{s['test_metric_at_selected']:.4f} | {s['final_metric']:.4f} | {fmt(s['rounds_to_target'], 'd')} | "
                   f"{fmt(s['seconds_to_target'])} | {s['total_mb']:.2f} | {layers} |")
         print(f"\nsplits: {next(iter(results.values()))['summary'].get('splits')}")

@@ -23,12 +23,12 @@ def per_round_table(title: str, result: dict) -> None:
     for row in result["history"]:
         acc = f"{row['accuracy']:.4f}" if "accuracy" in row else "-"
         val = f"{row['val_accuracy']:.4f}" if "val_accuracy" in row else "-"
-        print(f"{row['round'] + 1:>5} {acc:>9} {val:>9} {row['train_loss']:>10.4f} {row['bytes_up'] / 1e3:>8.1f} "
+        print(f"{row['round']:>5} {acc:>9} {val:>9} {row['train_loss']:>10.4f} {row['bytes_up'] / 1e3:>8.1f} "
               f"{row['bytes_down'] / 1e3:>8.1f} {row['elapsed_s'] - prev:>8.1f}")
         prev = row["elapsed_s"]
     s = result["summary"]
     val = "-" if s["validation_metric"] is None else f"{s['validation_metric']:.4f}"
-    print(f"test {s['metric']} {s['test_metric_at_selected']:.4f} at round {s['selected_round'] + 1} (chosen on "
+    print(f"test {s['metric']} {s['test_metric_at_selected']:.4f} at round {s['selected_round']} (chosen on "
           f"validation: {val}), final {s['final_metric']:.4f}, majority rate {s['majority_rate']:.4f}, "
           f"{s['total_mb']:.2f} MB total, peak memory {result['peak_mb']:.0f} MB")
     print(f"splits: {s.get('splits')}")

@@ -67,7 +67,7 @@ def main() -> None:
         sel = res["selection"]
         layers = "all" if sel is None else str(sel["layers"])
         lines.append(f"| {name} | {'inf' if math.isinf(eps) else f'{eps:g}'} | {fmt(priv.get('epsilon'), '.3f')} | "
-                     f"{fmt(priv.get('noise_multiplier'), '.3f')} | {s['selected_round'] + 1} | "
+                     f"{fmt(priv.get('noise_multiplier'), '.3f')} | {s['selected_round']} | "
                      f"{fmt(s['validation_metric'])} | {fmt(s['test_metric_at_selected'])} | {fmt(s['final_metric'])} | "
                      f"{s['total_mb']:.2f} | {layers} |")
     majority = next(iter(results.values()))["summary"].get("majority_rate")

@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"N = {args.clients} clients, {args.sampled} per round, eta_l = {args.local_lr}, eta_s = {args.server_lr}, "
           f"beta = 0.9, float64; ratio of the server's step to the clients' mean update, per round\n")
-    header = " | ".join(f"round {t}" for t in range(args.rounds))
+    header = " | ".join(f"round {t}" for t in range(1, args.rounds + 1))
     print(f"| correction | K local steps | first contact (formula) | {header} |")
     print("|---|---|---|" + "---|" * args.rounds)
     for correction in ("published", "previous"):

@@ -229,8 +229,9 @@ class ServerCrash(RuntimeError):
     """The ServerApp process died (raised by ``crash_server_after``)."""
 
 
-def crash_server_after(grid: Grid, checkpoint_dir: Path, round_index: int) -> None:
-    """Make the ServerApp die at its first train exchange after round ``round_index``'s checkpoint.
+def crash_server_after(grid: Grid, checkpoint_dir: Path, round_number: int) -> None:
+    """Make the ServerApp die at its first train exchange after round ``round_number``'s checkpoint
+    (rounds numbered from 1, as the checkpoints are).
 
     The train messages reach the nodes first (they train, and keep that round's state), then the
     server dies before it sees a reply: the hardest point to continue from, as the restarted
@@ -242,11 +243,11 @@ def crash_server_after(grid: Grid, checkpoint_dir: Path, round_index: int) -> No
 
     def send_and_receive(messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
-        saved = any(r >= round_index for r, _ in list_checkpoints(checkpoints))
+        saved = any(r >= round_number for r, _ in list_checkpoints(checkpoints))
         if saved and any(m.metadata.message_type == "train" for m in messages):
             grid.send_and_receive = original  # disarmed: a restart runs normally
             original(messages, timeout=timeout)
-            raise ServerCrash(f"ServerApp killed after the checkpoint of round {round_index}")
+            raise ServerCrash(f"ServerApp killed after the checkpoint of round {round_number}")
         return original(messages, timeout=timeout)
 
     grid.send_and_receive = send_and_receive

@@ -1,4 +1,5 @@
-"""Checkpoints: lossless round trips, detection of damage, fallback, and crash safety."""
+"""Checkpoints: a State (named tensors + JSON) round trips exactly; damage is detected and falls
+back; writes are crash-safe; old checkpoints are pruned."""
 
 from __future__ import annotations
 
@@ -12,18 +13,16 @@ import numpy as np
 import pytest
 import torch
 
+from fedpeptao.core.federation import ClientState
 from fedpeptao.utils import checkpoint as ckpt
 from fedpeptao.utils.checkpoint import (
     CheckpointError,
-    capture_rng_state,
-    flatten_state,
     list_checkpoints,
     load_checkpoint,
     load_latest_checkpoint,
-    restore_rng_state,
     save_checkpoint,
-    unflatten_state,
 )
+from fedpeptao.utils.state import add_prefix, join, restore_rng_state, rng_state, split, take_prefix
 
 
 def adamw_after_steps(steps: int = 2) -> tuple[torch.nn.Parameter, torch.optim.AdamW]:
@@ -37,38 +36,31 @@ def adamw_after_steps(steps: int = 2) -> tuple[torch.nn.Parameter, torch.optim.A
     return p, opt
 
 
-def nested_state() -> dict:
+def run_state():
+    """A checkpoint's sections as a run composes them: an algorithm, two clients sharing a tensor, RNGs."""
     p, opt = adamw_after_steps()
     shared = torch.randn(2, 3)
-    return {
-        "server": {"params": {"layer.0": torch.randn(5, 2, 4), "head": torch.arange(6, dtype=torch.bfloat16)},
-                   "momentum": None, "server_lr": 0.0495, "round": 7, "lr_history": [0.05, 0.0495]},
-        "clients": [{"params": {"w": shared}, "optimizer": opt.state_dict(), "rounds_trained": 2},
-                    {"params": {"w": shared}, "optimizer": None, "rounds_trained": 0}],
-        "shared_layers": [3, 1, 4],
-        "odd": {1: "int key", "__tensor__": "tag-like key", 2.5: (1, (2, 3), None)},
-        "flags": torch.tensor([True, False]), "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
-        "not_finite": [math.nan, math.inf, -math.inf], "blob": b"\x00\xffbytes",
-        "np": {"u32": np.arange(5, dtype=np.uint32), "f16": np.ones((2, 2), np.float16), "zero_d": np.array(2.5),
-               "scalar": np.int64(-4)},
-        "rng": capture_rng_state(np.random.default_rng(11)),
-    }
+    params = {"layer.0": torch.randn(5, 2, 4), "head": torch.arange(6, dtype=torch.bfloat16),
+              "flags": torch.tensor([True, False]), "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4)}
+    algorithm = ({**add_prefix("params", params), **add_prefix("momentum", {"layer.0": torch.ones(5, 2, 4)})},
+                 {"shared": ["layer.0", "head"], "round": 7, "server_lr": 0.0495, "lr_history": [0.05, 0.0495],
+                  "layers": [3, 1, 4], "not_finite": [math.nan, math.inf, -math.inf], "none": None})
+    clients = {"0": ClientState({"w": shared, "v": p.detach()}, opt.state_dict(), 2,
+                                {"c": torch.zeros(2), "base_version": 1}).state(),
+               "1": ClientState({"w": shared}).state()}
+    return {"algorithm": algorithm, "clients": join(clients), "engine": rng_state(np.random.default_rng(11))}
 
 
 def assert_same(a, b, path="state"):
-    assert type(a) is type(b), f"{path}: {type(a)} vs {type(b)}"
     if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
         assert torch.equal(a, b), path
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape, path
-        np.testing.assert_array_equal(a, b)
     elif isinstance(a, dict):
-        assert list(a) == list(b), path
+        assert isinstance(b, dict) and list(a) == list(b), path
         for k in a:
             assert_same(a[k], b[k], f"{path}/{k}")
     elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b)):
             assert_same(x, y, f"{path}/{i}")
     elif isinstance(a, float) and math.isnan(a):
@@ -77,29 +69,36 @@ def assert_same(a, b, path="state"):
         assert a == b, path
 
 
-def test_nested_state_round_trips_through_a_checkpoint(tmp_path):
-    state = nested_state()
-    tensors, meta = flatten_state(state)
-    json.dumps(meta, allow_nan=False)  # strict JSON: NaN/Inf are tagged, not written raw
-    save_checkpoint(tmp_path, 7, tensors, {"state": meta, "note": "x"})
+def test_state_round_trips_through_a_checkpoint(tmp_path):
+    sections = run_state()
+    tensors, meta = join(sections)
+    save_checkpoint(tmp_path, 7, tensors, meta)
     r, loaded_tensors, loaded_meta = load_latest_checkpoint(tmp_path)
-    assert r == 7 and loaded_meta["note"] == "x"
-    back = unflatten_state(loaded_tensors, loaded_meta["state"])
-    assert_same(state, back)
+    assert r == 7
+    assert list(loaded_tensors) == list(tensors)  # names, and their order, as saved
+    assert_same(tensors, loaded_tensors)
+    assert_same(json.loads(json.dumps(meta)), loaded_meta)  # the JSON part as JSON reads it
+    back = split((loaded_tensors, loaded_meta))
+    assert list(back) == ["algorithm", "clients", "engine"]
+    assert_same(take_prefix(sections["algorithm"][0], "params"), take_prefix(back["algorithm"][0], "params"))
+    clients = {k: ClientState.from_state(*s) for k, s in split(back["clients"]).items()}
+    assert clients["0"].rounds_trained == 2 and clients["0"].algo_state["base_version"] == 1
+    assert torch.equal(clients["0"].algo_state["c"], torch.zeros(2)) and clients["1"].optimizer is None
     # clients that share one tensor object are stored once and come back sharing it
-    assert back["clients"][0]["params"]["w"] is back["clients"][1]["params"]["w"]
-    assert sum(1 for name in loaded_tensors if name.startswith("clients/")) == 1 + 3  # w + step/exp_avg/exp_avg_sq
+    assert clients["0"].params["w"] is clients["1"].params["w"]
+    body = json.loads((tmp_path / "checkpoints" / "round-00007" / "state.json").read_text())
+    assert body["same_as"] == {"clients/1/params/w": "clients/0/params/w"}
 
 
 def test_restored_adamw_continues_exactly(tmp_path):
     p, opt = adamw_after_steps()
-    tensors, meta = flatten_state({"opt": opt.state_dict(), "p": p.detach()})
-    save_checkpoint(tmp_path, 0, tensors, {"s": meta})
+    tensors, meta = ClientState({"p": p.detach()}, opt.state_dict()).state()
+    save_checkpoint(tmp_path, 1, tensors, meta)
     _, t, m = load_latest_checkpoint(tmp_path)
-    back = unflatten_state(t, m["s"])
-    q = torch.nn.Parameter(back["p"].clone())
+    back = ClientState.from_state(t, m)
+    q = torch.nn.Parameter(back.params["p"].clone())
     opt2 = torch.optim.AdamW([q], lr=1.0, weight_decay=0.0)  # hyper-parameters must come from the checkpoint
-    opt2.load_state_dict(back["opt"])
+    opt2.load_state_dict(back.optimizer)
     assert opt2.param_groups[0]["lr"] == 4e-2 and opt2.param_groups[0]["betas"] == (0.9, 0.999)
     for o, w in ((opt, p), (opt2, q)):
         o.zero_grad()
@@ -111,24 +110,39 @@ def test_restored_adamw_continues_exactly(tmp_path):
 def test_rng_states_restore_every_stream(tmp_path):
     gen = np.random.default_rng(5)
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    tensors, meta = flatten_state(capture_rng_state(gen))
-    save_checkpoint(tmp_path, 1, tensors, {"rng": meta})
-    first = (random.random(), np.random.rand(), gen.integers(1 << 30), torch.rand(2))
+    np.random.standard_normal()  # leaves a cached Gaussian in NumPy's global state
+    tensors, meta = rng_state(gen)
+    save_checkpoint(tmp_path, 1, tensors, meta)
+    first = (random.random(), np.random.rand(), np.random.standard_normal(), gen.integers(1 << 30), torch.rand(2))
     _, t, m = load_latest_checkpoint(tmp_path)
     random.seed(99), np.random.seed(99), torch.manual_seed(99)
     gen2 = np.random.default_rng(12345)
-    restore_rng_state(unflatten_state(t, m["rng"]), gen2)
-    again = (random.random(), np.random.rand(), gen2.integers(1 << 30), torch.rand(2))
-    assert first[:3] == again[:3] and torch.equal(first[3], again[3])
+    restore_rng_state((t, m), gen2)
+    again = (random.random(), np.random.rand(), np.random.standard_normal(), gen2.integers(1 << 30), torch.rand(2))
+    assert first[:4] == again[:4] and torch.equal(first[4], again[4])
 
 
-def test_unsupported_values_are_refused_not_pickled():
+def test_what_is_neither_a_tensor_nor_json_is_refused_not_pickled(tmp_path):
     class Custom:
         pass
 
-    for bad in ({"x": Custom()}, {"x": {1, 2}}, {"x": np.array([object()])}, {(1, 2): 3}):
-        with pytest.raises(TypeError):
-            flatten_state(bad)
+    for bad in ({"x": Custom()}, {"x": {1, 2}}, {"x": torch.zeros(2)}):
+        with pytest.raises(CheckpointError, match="JSON part"):
+            save_checkpoint(tmp_path, 1, {}, bad)
+    with pytest.raises(CheckpointError, match="tensor 'x' is a list"):
+        save_checkpoint(tmp_path, 1, {"x": [1.0]}, {})
+    assert list_checkpoints(tmp_path) == [] and not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_sections_join_and_split_by_name():
+    state = join({"a": ({"x": torch.ones(1), "y/z": torch.zeros(1)}, {"k": 1}), "b": ({}, {})})
+    assert list(state[0]) == ["a/x", "a/y/z"] and state[1] == {"a": {"k": 1}, "b": {}}
+    back = split(state)
+    assert list(back["a"][0]) == ["x", "y/z"] and back["b"] == ({}, {})
+    with pytest.raises(ValueError, match="no section"):
+        split(({"c/x": torch.ones(1)}, {"a": {}}))
+    with pytest.raises(ValueError, match="must not contain"):
+        join({"a/b": ({}, {})})
 
 
 def test_aliased_tensors_can_be_saved(tmp_path):
@@ -143,9 +157,10 @@ def test_layout_keep_and_no_leftovers(tmp_path):
         save_checkpoint(tmp_path, r, {"x": torch.full((2,), float(r))}, {"r": r}, keep=3)
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["round-00003", "round-00004", "round-00005"]
-    assert sorted(p.name for p in (root / "round-00005").iterdir()) == ["meta.json", "state.safetensors"]
-    body = json.loads((root / "round-00005" / "meta.json").read_text())
-    assert len(body["tensors_sha256"]) == 64 and len(body["meta_sha256"]) == 64 and body["round"] == 5
+    assert sorted(p.name for p in (root / "round-00005").iterdir()) == ["state.json", "tensors.safetensors"]
+    body = json.loads((root / "round-00005" / "state.json").read_text())
+    assert len(body["tensors_sha256"]) == 64 and len(body["body_sha256"]) == 64 and body["round"] == 5
+    assert body["version"] == 2 and body["tensors"] == ["x"] and body["state"] == {"r": 5}
     # saving an earlier round (after a resume) drops the later, abandoned ones
     save_checkpoint(tmp_path, 4, {"x": torch.zeros(2)}, {"again": True}, keep=3)
     assert [r for r, _ in list_checkpoints(tmp_path)] == [3, 4]
@@ -159,33 +174,33 @@ def _two_checkpoints(tmp_path):
 
 
 def _truncate(d):
-    f = d / "state.safetensors"
+    f = d / "tensors.safetensors"
     f.write_bytes(f.read_bytes()[:-40])
 
 
 def _flip_byte(d):
-    f = d / "state.safetensors"
+    f = d / "tensors.safetensors"
     data = bytearray(f.read_bytes())
     data[-3] ^= 0x01  # inside the tensor data: the file still parses, only the checksum can tell
     f.write_bytes(bytes(data))
 
 
 def _edit_meta(d):
-    f = d / "meta.json"
+    f = d / "state.json"
     f.write_text(f.read_text().replace('"lr": 0.05', '"lr": 0.5'))
 
 
 def _garble_meta(d):
-    f = d / "meta.json"
+    f = d / "state.json"
     f.write_text(f.read_text()[:30])
 
 
 def _delete_tensors(d):
-    (d / "state.safetensors").unlink()
+    (d / "tensors.safetensors").unlink()
 
 
 @pytest.mark.parametrize(("damage", "words"), [
-    (_truncate, "truncated"), (_flip_byte, "state.safetensors checksum"), (_edit_meta, "meta.json checksum"),
+    (_truncate, "truncated"), (_flip_byte, "tensors.safetensors checksum"), (_edit_meta, "state.json checksum"),
     (_garble_meta, "not valid JSON"), (_delete_tensors, "missing"),
 ])
 def test_damage_is_detected_and_falls_back(tmp_path, caplog, damage, words):
@@ -267,7 +282,7 @@ def test_leftovers_of_a_killed_save_are_ignored_then_cleaned(tmp_path):
     root = tmp_path / "checkpoints"
     junk = root / ".tmp-round-00002-deadbeef"
     junk.mkdir()
-    (junk / "state.safetensors").write_bytes(b"partial")
+    (junk / "tensors.safetensors").write_bytes(b"partial")
     # a checkpoint set aside for replacement when the process died: put back on the next save
     os.replace(root / "round-00001", root / ".old-round-00001-cafebabe")
     with pytest.raises(CheckpointError):
@@ -280,3 +295,14 @@ def test_leftovers_of_a_killed_save_are_ignored_then_cleaned(tmp_path):
 def test_meta_with_int_keys_and_tuples_verifies(tmp_path):
     save_checkpoint(tmp_path, 0, {}, {"by_client": {10: 1.0, 9: 2.0}, "pair": (1, 2)})
     assert load_latest_checkpoint(tmp_path)[2] == {"by_client": {"10": 1.0, "9": 2.0}, "pair": [1, 2]}
+
+
+def test_a_checkpoint_of_the_old_format_is_refused_in_one_line(tmp_path):
+    """Format 1 (``meta.json`` + ``state.safetensors``, a type-tagged codec) is not read any more."""
+    old = tmp_path / "checkpoints" / "round-00002"
+    old.mkdir(parents=True)
+    (old / "meta.json").write_text(json.dumps({"format": "fedpeptao-checkpoint", "version": 1, "round": 2}))
+    (old / "state.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="checkpoint format 1") as info:
+        load_latest_checkpoint(tmp_path)
+    assert "\n" not in str(info.value) and "start the run again" in str(info.value)

@@ -71,7 +71,7 @@ def test_parse_target_and_seeds():
 
 def rows(vals, tests=None):
     """metrics.jsonl rows: 100 kB, 1.5 training s and 2 wall s a round; ``tests`` default to 1.0."""
-    return [{"round": t, "val_metric": v, "metric": 1.0 if tests is None else tests[t], "total_bytes": 100_000 * (t + 1),
+    return [{"round": t + 1, "val_metric": v, "metric": 1.0 if tests is None else tests[t], "total_bytes": 100_000 * (t + 1),
              "train_time_s": 1.5 * (t + 1), "elapsed_s": 2.0 * (t + 1)} for t, v in enumerate(vals)]
 
 
@@ -85,7 +85,7 @@ def test_cost_to_target_is_judged_on_validation():
 def record(method, seed, vals, test):
     return {"method": method, "config": {"seed": seed}, "history": rows(vals), "wall_s": 1.0, "params_per_message": 10,
             "summary": {"metric": "accuracy", "validation_metric": max(vals), "test_metric_at_selected": test,
-                        "best_metric": test, "best_round": vals.index(max(vals)), "total_mb": 0.1 * len(vals),
+                        "best_metric": test, "best_round": vals.index(max(vals)) + 1, "total_mb": 0.1 * len(vals),
                         "trainable_parameters": 10}}
 
 

@@ -205,7 +205,7 @@ def test_node_back_under_a_new_id_is_recognised_by_its_client_id(tmp_path):
     out, grid = run_in_process(tmp_path, experiment, restart_after_first_round)
     assert_same_tensors(simulate(experiment).algorithm.params, load_file(out / "global.safetensors"))
     last_round = [m.metadata.dst_node_id for m in grid.sent
-                  if m.metadata.message_type == "train" and m.metadata.group_id == "2"]
+                  if m.metadata.message_type == "train" and m.metadata.group_id == "3"]
     assert 1077 in last_round and 1001 not in last_round
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+from contextlib import contextmanager
 import sys
 from pathlib import Path
 
@@ -39,8 +41,8 @@ pytestmark = [pytest.mark.skipif(sys.platform != "linux", reason="Flower's simul
 EXACT = 1e-6
 
 METHODS = {
-    # round 1 (0-based) is the last warm-up round: the crash falls on round 2, the switch round, after
-    # its Hessian task ran and the nodes adopted the warmed-up base; all of it is redone on restart
+    # round 2 is the last warm-up round: the crash falls on round 3, the switch round, after its
+    # Hessian task ran and the nodes adopted the warmed-up base; all of it is redone on restart
     "fedpeptao": {"name": "fedpeptao", "ratio": "auto", "warmup_rounds": 2, "lanczos_iters": 6,
                   "hessian_clients": 2},
     "scaffold": {"name": "scaffold"},
@@ -53,8 +55,26 @@ def experiment_for(task: Path, method: dict, rounds: int, **sections) -> dict:
                            federated={"num_clients": 3, "clients_per_round": 2, "rounds": rounds}, **sections)
 
 
+@contextmanager
+def console_lines():
+    """What Flower's logger prints (the package's records reach it through ``route_to_flower``)."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = Collect()
+    logging.getLogger("flwr").addHandler(handler)
+    try:
+        yield lines
+    finally:
+        for name in ("flwr", "fedpeptao"):
+            logging.getLogger(name).removeHandler(handler)
+
+
 def trained_rounds(root: Path, client: int) -> list[int]:
-    """The rounds client ``client``'s node kept a copy of its state for."""
+    """The rounds (from 1) client ``client``'s node kept a copy of its state for."""
     folders = list((root / f"state-{client}").glob(f"run-*/client-{client}"))
     return [r for folder in folders for r, _ in list_checkpoints(folder)]
 
@@ -72,14 +92,14 @@ def test_restarted_server_app_continues_exactly(tmp_path, name):
     config = write_toml(root / "experiment.toml", experiment)
     out, checkpoints = root / "out", Path(run_config.get("checkpoint-dir", root / "out"))
     grid = InProcessGrid(client_app, node_configs(root, 3))
-    crash_server_after(grid, checkpoints, round_index=1)
-    with pytest.raises(ServerCrash):
+    crash_server_after(grid, checkpoints, round_number=2)
+    with pytest.raises(ServerCrash), console_lines() as first_start:
         run_server_app(grid, config, out, **run_config)
-    assert [r for r, _ in list_checkpoints(checkpoints)] == [0, 1]
-    assert [r["round"] for r in metrics(out)] == [0, 1] and not (out / "global.safetensors").exists()
+    assert [r for r, _ in list_checkpoints(checkpoints)] == [1, 2]
+    assert [r["round"] for r in metrics(out)] == [1, 2] and not (out / "global.safetensors").exists()
     replayed = [m.metadata.dst_node_id - 1000 for m in grid.sent
-                if m.metadata.message_type == "train" and m.metadata.group_id == "2"]
-    assert replayed and all(2 in trained_rounds(root, k) for k in replayed), "the nodes trained round 2 already"
+                if m.metadata.message_type == "train" and m.metadata.group_id == "3"]
+    assert replayed and all(3 in trained_rounds(root, k) for k in replayed), "the nodes trained round 3 already"
 
     # a restart with another config is refused, naming what changed
     with pytest.raises(ConfigError, match=r"another config \(client.lr: "):
@@ -87,9 +107,18 @@ def test_restarted_server_app_continues_exactly(tmp_path, name):
 
     # the same run config, the same nodes (their contexts and state folders): it continues
     sent_before = len(grid.sent)
-    run_server_app(grid, config, out, **run_config)
+    with console_lines() as restart:
+        run_server_app(grid, config, out, **run_config)
     assert min(int(m.metadata.group_id) for m in grid.sent[sent_before:]
-               if m.metadata.message_type == "train") == 2, "continued from round 2, not from the start"
+               if m.metadata.message_type == "train") == 3, "continued from round 3, not from the start"
+    # one numbering, from 1 and global, in the rows, the checkpoints, the nodes' copies and the console
+    assert [r["round"] for r in metrics(out)] == [1, 2, 3, 4]
+    assert [r for r, _ in list_checkpoints(checkpoints)] == [1, 2, 3, 4]
+    assert max(trained_rounds(root, replayed[0])) <= 4
+    rounds = [line for line in first_start + restart if line.startswith("[ROUND")]
+    assert rounds == ["[ROUND 1/4]", "[ROUND 2/4]", "[ROUND 3/4]", "[ROUND 3/4]", "[ROUND 4/4]"]
+    assert any("continuing after round 2" in line for line in restart)
+    assert 1 <= json.loads((out / "summary.json").read_text())["selected_round"] <= 4
     diff = max_abs_diff(load_file(full / "global.safetensors"), load_file(out / "global.safetensors"))
     assert diff <= EXACT, f"{name}: the resumed run differs from the uninterrupted one by {diff:.3g}"
     assert rows_without_timing(out) == rows_without_timing(full)
@@ -118,7 +147,7 @@ def ray_available() -> None:
 @pytest.mark.filterwarnings("ignore:Tip. In future versions of Ray:FutureWarning")
 def test_restart_under_flowers_simulation_engine(tmp_path, ray_available, monkeypatch):
     """2 virtual SuperNodes, 3 rounds, one Ray actor; the ServerApp dies after round 2's checkpoint
-    (round index 1) and ``run_simulation`` is called again: equal to the embedded simulator.
+    and ``run_simulation`` is called again: equal to the embedded simulator.
 
     The engine passes the ServerApp no run config and each node only ``partition-id`` and
     ``num-partitions``, so ``configured_server_app`` supplies the run config and
@@ -140,14 +169,14 @@ def test_restart_under_flowers_simulation_engine(tmp_path, ray_available, monkey
     nodes = StateDirClientApp(tmp_path / "state")
 
     with pytest.raises(ServerCrash):
-        run_simulation(configured_server_app(run_config, crash_after=1), nodes, num_supernodes=2,
+        run_simulation(configured_server_app(run_config, crash_after=2), nodes, num_supernodes=2,
                        backend_name="ray", backend_config=backend)
     out = tmp_path / "out"
-    assert [r for r, _ in list_checkpoints(out)] == [0, 1]
-    assert [r["round"] for r in metrics(out)] == [0, 1]
-    for k in (0, 1):  # the nodes trained round 2 before the server died
+    assert [r for r, _ in list_checkpoints(out)] == [1, 2]
+    assert [r["round"] for r in metrics(out)] == [1, 2]
+    for k in (0, 1):  # the nodes trained round 3 before the server died
         (folder,) = (tmp_path / "state" / f"node-{k}").glob(f"run-*/client-{k}")
-        assert [r for r, _ in list_checkpoints(folder)][-1] == 2
+        assert [r for r, _ in list_checkpoints(folder)][-1] == 3
 
     run_simulation(configured_server_app(run_config), nodes, num_supernodes=2, backend_name="ray",
                    backend_config=backend)
@@ -156,7 +185,7 @@ def test_restart_under_flowers_simulation_engine(tmp_path, ray_available, monkey
     diff = max_abs_diff(sim.algorithm.params, load_file(out / "global.safetensors"))
     assert diff <= EXACT, f"the restarted simulation-engine run differs from the simulator by {diff:.3g}"
     rows = metrics(out)
-    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["round"] for r in rows] == [1, 2, 3]
     assert [(r["sampled"], r["clients"], r["bytes_up"], r["bytes_down"]) for r in rows] == \
         [(h["clients"], h["clients"], h["bytes_up"], h["bytes_down"]) for h in sim.history]
     assert [r["accuracy"] for r in rows] == pytest.approx([h["accuracy"] for h in sim.history])

@@ -70,6 +70,6 @@ def test_a_cola_folder_runs_with_mcc_and_no_configuration(tmp_path, capsys):
     summary = sim.summary()
     assert -1.0 <= summary["final_metric"] <= 1.0 and summary["metric"] == "mcc"
     assert "dev.tsv" in summary["splits"]["test"] and "held out" in summary["splits"]["validation"]
-    assert summary["validation_metric"] is not None and summary["selected_round"] == 0
+    assert summary["validation_metric"] is not None and summary["selected_round"] == 1
     chosen = load_config(None, ["data.metric=macro_f1"]).data.metric
     assert chosen == "macro_f1"

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from fedpeptao.algorithms.base import Algorithm, AlgorithmSettings, register
 from fedpeptao.config import ExperimentConfig, load_config
 from fedpeptao.sim.simulator import Simulation
+from fedpeptao.utils.state import add_prefix, take_prefix
 
 
 # -- recipe: a new algorithm (FedAvgM, Hsu et al., 2019: server momentum on the averaged change) --
@@ -39,12 +40,13 @@ class FedAvgM(Algorithm):
             self.velocity[name] = s.momentum * self.velocity.get(name, torch.zeros_like(change)) + change
         self._set_shared({n: self.params[n] - s.server_lr * self.velocity[n] for n in self.shared})
 
-    def state(self):
-        return {**super().state(), "velocity": self.velocity}
+    def state(self):  # named tensors plus JSON: add the velocity as its own group of tensors
+        tensors, meta = super().state()
+        return {**tensors, **add_prefix("velocity", self.velocity)}, meta
 
-    def load_state(self, state) -> None:
-        super().load_state(state)
-        self.velocity = dict(state["velocity"])
+    def load_state(self, tensors, meta) -> None:
+        super().load_state(tensors, meta)
+        self.velocity = take_prefix(tensors, "velocity")
 # -- end of recipe ---------------------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ def make_run(root: Path, name: str, algorithm: str, accs: list[float], *, eval_e
     for t, acc in enumerate(accs):
         total += 250_000
         train_time += 1.5
-        row = {"round": t, "clients": [0, 1, 2], "bytes_up": 125_000, "bytes_down": 125_000, "slowest_client_s": 1.5,
+        row = {"round": t + 1, "clients": [0, 1, 2], "bytes_up": 125_000, "bytes_down": 125_000, "slowest_client_s": 1.5,
                "train_loss": 1.0 / (t + 1)}
         if (t + 1) % eval_every == 0 or t == len(accs) - 1:
             row.update(accuracy=acc, metric=acc, eval_loss=0.9 / (t + 1))
@@ -41,7 +41,7 @@ def make_run(root: Path, name: str, algorithm: str, accs: list[float], *, eval_e
     if summary:
         best = max(range(len(accs)), key=lambda i: accs[i])
         (run / "summary.json").write_text(json.dumps({"algorithm": algorithm, "model": "tiny-bert", "task": "sst2",
-                                                      "metric": "accuracy", "best_round": best, "target": target}))
+                                                      "metric": "accuracy", "best_round": best + 1, "target": target}))
     if selection:
         (run / "selection.json").write_text(json.dumps(
             {"scores": [3.0, 9.5, 1.2, 7.7], "ranking": [1, 3, 0, 2], "ratio": 0.5, "layers": [1, 3]}))
@@ -112,12 +112,21 @@ def test_target_override(tmp_path):
 
 def test_crashed_and_resumed_metrics_are_tolerated(tmp_path):
     run = make_run(tmp_path, "r", "fedavg", [0.4, 0.45, 0.5], summary=False)
-    with (run / "metrics.jsonl").open("a") as fh:  # a resume repeated round 2, then a crash cut a line
-        fh.write(json.dumps({"round": 2, "accuracy": 0.9, "metric": 0.9, "total_bytes": 1}) + "\n")
-        fh.write('{"round": 3, "accur')
+    with (run / "metrics.jsonl").open("a") as fh:  # a resume repeated round 3, then a crash cut a line
+        fh.write(json.dumps({"round": 3, "accuracy": 0.9, "metric": 0.9, "total_bytes": 1}) + "\n")
+        fh.write('{"round": 4, "accur')
     data = read_run(run)
-    assert [r["round"] for r in data.rows] == [0, 1, 2] and data.rows[-1]["metric"] == 0.9
+    assert [r["round"] for r in data.rows] == [1, 2, 3] and data.rows[-1]["metric"] == 0.9
     assert data.headline()["best"] == 0.9
+
+
+def test_rows_of_an_older_run_numbered_from_0_are_reported_from_1(tmp_path):
+    run = make_run(tmp_path, "old", "fedavg", [0.4, 0.8, 0.6], summary=False, target=0.75)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({**r, "round": r["round"] - 1}) + "\n" for r in rows))
+    data = read_run(run)
+    assert [r["round"] for r in data.rows] == [1, 2, 3]
+    assert data.headline()["best_round"] == 3 and data.headline()["rounds_to_target"] == 2
 
 
 def test_same_names_get_distinct_labels(tmp_path):
@@ -144,7 +153,7 @@ def test_seed_bands_draw_the_mean_and_spread_over_seeds(tmp_path):
     from fedpeptao.report.plots import _seed_curve, seed_bands
 
     def history(vals, every=1):  # seed 1 skips round 2's evaluation: only rounds both seeds have are drawn
-        return [{"round": t, "metric": v, "total_bytes": 1000 * (t + 1)} for t, v in enumerate(vals) if t % every == 0]
+        return [{"round": t + 1, "metric": v, "total_bytes": 1000 * (t + 1)} for t, v in enumerate(vals) if t % every == 0]
 
     groups = {"a": [history([0.5, 0.6, 0.7]), history([0.7, 0.8, 0.9], every=2)], "b": [history([0.4, 0.5, 0.6])]}
     xs, mean, std = _seed_curve(groups["a"], "metric", "mb")

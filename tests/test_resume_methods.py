@@ -7,6 +7,7 @@ the uninterrupted run.
 """
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ import torch
 from fedpeptao.compare.presets import DEFAULT_PRESETS, preset_config
 from fedpeptao.config import ConfigError, save_config
 from fedpeptao.sim.simulator import Simulation, resume_experiment, run_experiment
-from fedpeptao.utils.checkpoint import flatten_state
+from fedpeptao.utils.checkpoint import list_checkpoints
+from fedpeptao.utils.state import join
 
 from fedpeptao.utils.round_log import TIMING  # noqa: E402
 
@@ -32,11 +34,11 @@ def tiny_config(tmp_path: Path, task: Path, name: str, run: str, rounds: int = 4
     return preset_config(path, name)
 
 
-def state_tensors(sim: Simulation) -> dict[str, torch.Tensor]:
-    tensors, _ = flatten_state({"algorithm": sim.algorithm.state(), "clients": {
-        str(k): {"params": c.params, "optimizer": c.optimizer, "algo_state": c.algo_state}
-        for k, c in sorted(sim.clients.items())}})
-    return tensors
+def run_state(sim: Simulation) -> tuple[dict[str, torch.Tensor], dict]:
+    """The algorithm's and every client's state: tensors, and the JSON part as JSON gives it back."""
+    tensors, meta = join({"algorithm": sim.algorithm.state(),
+                          "clients": join({str(k): c.state() for k, c in sorted(sim.clients.items())})})
+    return tensors, json.loads(json.dumps(meta))
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -45,18 +47,24 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", DEFAULT_PRESETS + ["fedpeptao-lora"])
-def test_preset_resumes_exactly_after_a_checkpoint(tmp_path, task_dir, name):
+def test_preset_resumes_exactly_after_a_checkpoint(tmp_path, task_dir, name, caplog):
     full, full_dir = run_experiment(tiny_config(tmp_path, task_dir, name, "full"))
-    # the abandoned run: rounds 0..1 done and checkpointed (round 1 is FedPepTAO's last warm-up
+    # the abandoned run: rounds 1 and 2 done and checkpointed (round 2 is FedPepTAO's last warm-up
     # round: its switch, Hessian clients and base download happen after the resume)
     cut = tiny_config(tmp_path, task_dir, name, "cut", rounds=2)
     cut_sim, cut_dir = run_experiment(cut)
     del cut_sim
     save_config(tiny_config(tmp_path, task_dir, name, "cut"), cut_dir / "config.yaml")  # the run it was part of
     (cut_dir / "summary.json").unlink()
-    resumed, _ = resume_experiment(cut_dir)
+    with caplog.at_level(logging.INFO, logger="fedpeptao"):
+        resumed, _ = resume_experiment(cut_dir)
     assert rows(cut_dir) == rows(full_dir)
-    expected, actual = state_tensors(full), state_tensors(resumed)
+    # rounds numbered from 1 and globally in the rows, the checkpoints and the log, also after the resume
+    assert [r["round"] for r in rows(cut_dir)] == [1, 2, 3, 4]
+    assert [r for r, _ in list_checkpoints(cut_dir)] == [1, 2, 3, 4]
+    assert "continuing after round 2" in caplog.text
+    (expected, expected_meta), (actual, actual_meta) = run_state(full), run_state(resumed)
+    assert expected_meta == actual_meta
     assert expected.keys() == actual.keys()
     for key, tensor in expected.items():
         diff = (tensor.double() - actual[key].double()).abs().max().item() if tensor.numel() else 0.0

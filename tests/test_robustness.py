@@ -100,7 +100,8 @@ def test_bad_update_is_left_out_and_named(algorithm, kind, caplog):
     for name in NAMES:
         assert torch.equal(with_bad.params[name], without.params[name]), name
     if algorithm == "fedpeptao":
-        a, b = with_bad.server_state.to_tensors(), without.server_state.to_tensors()
+        (a, meta_a), (b, meta_b) = with_bad.server_state.state(), without.server_state.state()
+        assert meta_a == meta_b
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -187,7 +188,7 @@ def test_damaged_checkpoint_is_refused_or_falls_back(damage, tmp_path, task_dir)
     assert len(checkpoints) == 3
 
     def hurt(folder: Path) -> None:
-        state, meta = folder / "state.safetensors", folder / "meta.json"
+        state, meta = folder / "tensors.safetensors", folder / "state.json"
         if damage == "truncate":
             state.write_bytes(state.read_bytes()[:-50])
         elif damage == "flip byte":

@@ -100,7 +100,7 @@ def test_tensorboard_mirrors_the_jsonl_rows(task_dir, tmp_path):
     events.Reload()
     for key in ("accuracy", "train_loss", "total_bytes"):
         logged = [(e.step, e.value) for e in events.Scalars(f"round/{key}")]
-        assert logged == [(r["round"] + 1, pytest.approx(r[key], rel=1e-6)) for r in sim.history], key
+        assert logged == [(r["round"], pytest.approx(r[key], rel=1e-6)) for r in sim.history], key
 
 
 def test_tensorboard_without_the_package_is_a_config_error(monkeypatch):
@@ -117,12 +117,12 @@ def test_tensorboard_of_a_resumed_run_keeps_checkpointed_rounds_and_replaces_the
     from fedpeptao.utils.round_log import RoundLog
 
     log = RoundLog(tmp_path, tensorboard=True)
-    for r in range(5):  # rounds 3 and 4 ran after the last checkpoint, then the run died
-        log.write({"round": r, "accuracy": 0.1 * r})
+    for r in range(1, 6):  # rounds 4 and 5 ran after the last checkpoint, then the run died
+        log.write({"round": r, "accuracy": 0.1 * (r - 1)})
     log.close()
-    log = RoundLog(tmp_path, tensorboard=True, first_round=3)
-    for r in (3, 4):
-        log.write({"round": r, "accuracy": 0.5 + r})
+    log = RoundLog(tmp_path, tensorboard=True, first_round=4)
+    for r in (4, 5):
+        log.write({"round": r, "accuracy": 0.5 + r - 1})
     log.close()
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()

@@ -23,7 +23,7 @@ _spec.loader.exec_module(stability)
 def test_with_one_local_step_the_published_step_turns_against_every_client_and_previous_does_not():
     published = stability.step_ratios(1000, 50, 4, 1, "published", local_lr=0.02, server_lr=0.05)
     previous = stability.step_ratios(1000, 50, 4, 1, "previous", local_lr=0.02, server_lr=0.05)
-    assert published[0] == pytest.approx(1.0) and previous[0] == pytest.approx(1.0)  # round 0 takes the mean
+    assert published[0] == pytest.approx(1.0) and previous[0] == pytest.approx(1.0)  # the first round takes the mean
     assert all(r < 0 for r in published[1:]) and published[3] < published[1]  # reversed, and growing
     assert all(0.5 < r < 2.0 for r in previous)
     many = stability.step_ratios(1000, 50, 4, 100, "published", local_lr=0.02, server_lr=0.05)
@@ -32,10 +32,10 @@ def test_with_one_local_step_the_published_step_turns_against_every_client_and_p
 
 def test_first_contact_ratio_is_the_formula_and_the_first_contact_step():
     assert first_contact_ratio(1, 0.02, 0.05, 0.9, 0.05) == pytest.approx(1 + 0.005 - 0.05 * 0.95 / 0.02)
-    # one client, met first in round 1 of a run whose round 0 trained another client: c and v are ~0
+    # one client, met first in the second round of a run whose first round trained another client: c and v are ~0
     cfg = ServerStepConfig(num_clients=1000, local_lr=0.02, server_lr=0.05, server_lr_decay=1.0)
     state, theta = ServerState(server_lr=0.05), torch.zeros(4, dtype=torch.float64)
-    far = torch.full((4,), 1e-9, dtype=torch.float64)  # round 0's client barely moved: c stays ~0
+    far = torch.full((4,), 1e-9, dtype=torch.float64)  # the first round's client barely moved: c stays ~0
     theta = fedpeptao_step({"x": theta}, [ClientUpdate(0, {"x": theta - far}, 1, 1)], state, cfg)["x"]
     update = torch.ones(4, dtype=torch.float64) * 0.02  # K = 1 step of 0.02 along the common direction
     new = fedpeptao_step({"x": theta}, [ClientUpdate(1, {"x": theta - update}, 1, 1)], state, cfg)["x"]

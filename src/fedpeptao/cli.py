@@ -62,7 +62,7 @@ def _print_result(sim, run_dir: Path) -> dict:
     from fedpeptao.report.summary import describe_compute  # noqa: PLC0415
 
     s = sim.summary()
-    selected = (f"round {s['selected_round'] + 1}, selected on validation ({s['validation_metric']:.4f})"
+    selected = (f"round {s['selected_round']}, selected on validation ({s['validation_metric']:.4f})"
                 if s["validation_metric"] is not None else "the last round (no validation examples)")
     print(f"run directory: {run_dir}")
     print(f"ran on {describe_compute(s['compute'])}")

@@ -15,7 +15,9 @@ server side
     ``extras_problem(update)``      why a reply's extras are unusable (validation asks; None: fine)
     ``aggregate(t, sampled, updates)``  the server step on the round's validated updates: every
                                     client's, or only their privatised mean (central DP)
-    ``state()`` / ``load_state()``  ALL server state, for exact resume; ``summary()`` for the run's
+    ``state()`` / ``load_state()``  ALL server state, for exact resume, as a
+                                    :data:`~fedpeptao.utils.state.State` (named tensors, JSON);
+                                    ``summary()`` for the run's
 device side (pure functions of what the device received and what it keeps, a :class:`ClientState`)
     ``client_start(message, client)``    the tensors the device trains or evaluates from
     ``client_training(model, message, client)``  a context yielding the local objective's extra
@@ -47,6 +49,7 @@ from fedpeptao.core.aggregation import ClientUpdate, RoundUpdates
 from fedpeptao.core.federation import ClientState
 from fedpeptao.core.payload import Message
 from fedpeptao.core.validation import no_extras
+from fedpeptao.utils.state import State, add_prefix, take_prefix
 
 Tensors = dict[str, Tensor]
 #: a term added to the local loss: ``extra(model, batch, output)``, where ``model`` is the client's
@@ -156,13 +159,15 @@ class Algorithm:
     def aggregate(self, round_index: int, sampled: Sequence[int], updates: RoundUpdates) -> None:
         self._set_shared(self.ctx.average(updates))
 
-    def state(self) -> dict[str, Any]:
-        """Everything needed to continue exactly (nested dicts of tensors and JSON values)."""
-        return {"params": self.params, "shared": self.shared}
+    def state(self) -> State:
+        """Everything needed to continue exactly: ``(tensors, meta)``, the tensors named by group
+        (``params/<name>``; a subclass adds its own groups), the meta JSON only."""
+        return add_prefix("params", self.params), {"shared": list(self.shared)}
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        self.params = dict(state["params"])
-        self.shared = list(state["shared"])
+    def load_state(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Continue from what :meth:`state` returned (read back from a checkpoint)."""
+        self.params = take_prefix(tensors, "params")
+        self.shared = list(meta["shared"])
 
     def summary(self) -> dict[str, Any]:
         """Algorithm-specific lines for the run summary."""

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fedpeptao.algorithms.base import Algorithm, AlgorithmSettings, register
 from fedpeptao.core.aggregation import RoundUpdates, work_dtype
+from fedpeptao.utils.state import State, add_prefix, take_prefix
 
 FedOptKind = Literal["adam", "yogi", "adagrad"]
 
@@ -67,9 +68,10 @@ class FedOpt(Algorithm):
                                                                   s.server_lr, s.beta1, s.beta2, s.eps)
         self._set_shared(new)
 
-    def state(self) -> dict[str, Any]:
-        return {**super().state(), "m": self.m, "v": self.v}
+    def state(self) -> State:
+        tensors, meta = super().state()
+        return {**tensors, **add_prefix("m", self.m), **add_prefix("v", self.v)}, meta
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        super().load_state(state)
-        self.m, self.v = dict(state["m"]), dict(state["v"])
+    def load_state(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        super().load_state(tensors, meta)
+        self.m, self.v = take_prefix(tensors, "m"), take_prefix(tensors, "v")

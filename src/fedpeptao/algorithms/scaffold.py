@@ -22,6 +22,7 @@ from fedpeptao.core.aggregation import ClientUpdate, PopulationUpdate, RoundUpda
 from fedpeptao.core.federation import ClientState
 from fedpeptao.core.payload import Message
 from fedpeptao.core.validation import groups_problem
+from fedpeptao.utils.state import State, add_prefix, take_prefix
 
 CONTROL = "scaffold.control"  # extras group sent down: c
 DELTA_CONTROL = "scaffold.delta_control"  # extras group sent up: dc_k
@@ -85,12 +86,13 @@ class Scaffold(Algorithm):
             new[name] = x_new
         self._set_shared(new)
 
-    def state(self) -> dict[str, Any]:
-        return {**super().state(), "control": self.control}
+    def state(self) -> State:
+        tensors, meta = super().state()
+        return {**tensors, **add_prefix("control", self.control)}, meta
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        super().load_state(state)
-        self.control = dict(state["control"])
+    def load_state(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        super().load_state(tensors, meta)
+        self.control = take_prefix(tensors, "control")
 
     # -- device ---------------------------------------------------------------------------
     @staticmethod

@@ -231,7 +231,7 @@ def table_rows(records: list[dict]) -> list[dict]:
             "test_at_selected": s.get("test_metric_at_selected", s["best_metric"]),
             "trained_at_selected": s.get("trained_metric_at_selected"),
             "untrained_at_selected": s.get("untrained_metric_at_selected"),
-            "selected_round": None if s["best_round"] is None else s["best_round"] + 1, "final": s["final_metric"],
+            "selected_round": s["best_round"], "final": s["final_metric"],
             "rounds_to_target": s["rounds_to_target"], "seconds_to_target": s["seconds_to_target"],
             "mb_communicated": s["total_mb"], "trainable_params": s["trainable_parameters"],
             "params_per_message": r["params_per_message"], "wall_s": r["wall_s"], "cpu_s": r.get("cpu_s"),

@@ -73,8 +73,7 @@ def seed_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "method": method, "seeds": sorted(runs), "test": t_interval(list(test.values())),
             "difference": None if index == 0 else paired_interval([test[s] for s in paired], [baseline[s] for s in paired]),
             "validation": t_interval(list(_values(runs, lambda r: r["summary"].get("validation_metric")).values())),
-            "selected_round": t_interval(list(_values(
-                runs, lambda r: None if r["summary"]["best_round"] is None else r["summary"]["best_round"] + 1).values())),
+            "selected_round": t_interval(list(_values(runs, lambda r: r["summary"]["best_round"]).values())),
             "mb": t_interval(list(_values(runs, lambda r: r["summary"]["total_mb"]).values())),
             "trainable_params": first["summary"]["trainable_parameters"],
             "params_per_message": first["params_per_message"],

@@ -7,10 +7,14 @@ same seed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+
+from fedpeptao.utils.state import State, add_prefix, take_prefix
 
 Tensors = dict[str, torch.Tensor]
 
@@ -38,7 +42,47 @@ class ClientState:
     algorithm's own per-device tensors (SCAFFOLD's ``c_k``, FedPepTAO's adopted base version)."""
 
     params: Tensors
-    optimizer: dict | None = None
+    optimizer: dict | None = None  # torch's ``optimizer.state_dict()``
     rounds_trained: int = 0
-    algo_state: dict = field(default_factory=dict)
+    algo_state: dict = field(default_factory=dict)  # values: tensors or JSON values
+
+    def state(self) -> State:
+        """``(tensors, meta)`` (:mod:`fedpeptao.utils.state`): ``params/<name>``,
+        ``optimizer/<param id>/<key>`` and ``algo_state/<key>`` tensors; the optimiser's param
+        groups and any non-tensor values as JSON."""
+        tensors = add_prefix("params", self.params)
+        meta: dict[str, Any] = {"rounds_trained": self.rounds_trained, "optimizer": None, "algo_state": {}}
+        for key, value in self.algo_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"algo_state/{key}"] = value
+            else:
+                meta["algo_state"][key] = value
+        if self.optimizer is not None:
+            meta["optimizer"] = {"param_groups": self.optimizer["param_groups"], "state": {}}
+            for pid, entries in self.optimizer["state"].items():
+                meta["optimizer"]["state"][str(pid)] = {}
+                for key, value in entries.items():
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"optimizer/{pid}/{key}"] = value
+                    else:
+                        meta["optimizer"]["state"][str(pid)][key] = value
+        return tensors, meta
+
+    @classmethod
+    def from_state(cls, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> ClientState:
+        """Inverse of :meth:`state` (an optimiser's hyper-parameter sequences come back as the
+        tuples torch keeps them as, e.g. AdamW's ``betas``)."""
+        optimizer = None
+        if meta["optimizer"] is not None:
+            saved = meta["optimizer"]
+            state: dict[int, dict[str, Any]] = {int(pid): dict(values) for pid, values in saved["state"].items()}
+            for key, tensor in take_prefix(tensors, "optimizer").items():
+                pid, _, name = key.partition("/")
+                state.setdefault(int(pid), {})[name] = tensor
+            groups = [{k: v if k == "params" or not isinstance(v, list) else tuple(v) for k, v in group.items()}
+                      for group in saved["param_groups"]]
+            optimizer = {"state": state, "param_groups": groups}
+        return cls(params=take_prefix(tensors, "params"), optimizer=optimizer,
+                   rounds_trained=int(meta["rounds_trained"]),
+                   algo_state={**take_prefix(tensors, "algo_state"), **meta["algo_state"]})
 

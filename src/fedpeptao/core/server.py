@@ -40,12 +40,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from fedpeptao.core.aggregation import ClientUpdate, aggregation_weights, work_dtype
+from fedpeptao.utils.state import State, add_prefix, take_prefix
 
 
 @dataclass
@@ -92,45 +93,29 @@ class ServerState:
     client_control: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # c_k
     prev_delta: dict[str, Tensor] | None = None  # Delta_{t-1}
 
-    def to_tensors(self) -> dict[str, Tensor]:
-        """Flat ``name -> tensor`` for safetensors.
-
-        Scalars are 0-d tensors ``"round"`` (int64) and ``"server_lr"`` (float64); dicts are
-        prefixed ``"momentum/<name>"``, ``"control/<name>"``, ``"client_control/<id>/<name>"``,
-        ``"prev_delta/<name>"``. An empty ``prev_delta`` or client dict comes back as absent.
-        """
-        flat = {"round": torch.tensor(self.round, dtype=torch.int64),
-                "server_lr": torch.tensor(self.server_lr, dtype=torch.float64)}
-        groups = {"momentum": self.momentum, "control": self.control, "prev_delta": self.prev_delta or {}}
-        groups.update({f"client_control/{cid}": c for cid, c in self.client_control.items()})
-        for prefix, tensors in groups.items():
-            flat.update({f"{prefix}/{name}": t.detach().contiguous() for name, t in tensors.items()})
-        return flat
+    def state(self) -> State:
+        """``(tensors, meta)`` (:mod:`fedpeptao.utils.state`): ``momentum/<name>``, ``control/<name>``,
+        ``client_control/<id>/<name>``, ``prev_delta/<name>``; the round, the lr and which
+        clients and ``prev_delta`` exist as JSON."""
+        tensors = {**add_prefix("momentum", self.momentum), **add_prefix("control", self.control),
+                   **add_prefix("prev_delta", self.prev_delta or {})}
+        for cid, c in self.client_control.items():
+            tensors.update(add_prefix(f"client_control/{cid}", c))
+        meta = {"round": self.round, "server_lr": self.server_lr, "client_control": list(self.client_control),
+                "prev_delta": self.prev_delta is not None}
+        return tensors, meta
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, Tensor], device: torch.device | str | None = None) -> ServerState:
-        """Inverse of :meth:`to_tensors`, optionally moving the tensors to ``device``."""
-        if "round" not in tensors or "server_lr" not in tensors:
-            raise ValueError("server state tensors lack 'round' or 'server_lr'")
-        state = cls(round=int(tensors["round"]), server_lr=float(tensors["server_lr"]))
-        for key, tensor in tensors.items():
-            if key in ("round", "server_lr"):
-                continue
-            tensor = tensor if device is None else tensor.to(device)
-            prefix, _, rest = key.partition("/")
-            if prefix == "momentum" and rest:
-                state.momentum[rest] = tensor
-            elif prefix == "control" and rest:
-                state.control[rest] = tensor
-            elif prefix == "prev_delta" and rest:
-                state.prev_delta = state.prev_delta or {}
-                state.prev_delta[rest] = tensor
-            elif prefix == "client_control" and "/" in rest:
-                cid, _, name = rest.partition("/")
-                state.client_control.setdefault(int(cid), {})[name] = tensor
-            else:
-                raise ValueError(f"unexpected server state entry {key!r}")
-        return state
+    def from_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> ServerState:
+        """Inverse of :meth:`state`."""
+        client_control: dict[int, dict[str, Tensor]] = {int(cid): {} for cid in meta["client_control"]}
+        for key, tensor in take_prefix(tensors, "client_control").items():  # one pass over every client
+            cid, _, name = key.partition("/")
+            client_control[int(cid)][name] = tensor
+        return cls(round=int(meta["round"]), server_lr=float(meta["server_lr"]),
+                   momentum=take_prefix(tensors, "momentum"), control=take_prefix(tensors, "control"),
+                   client_control=client_control,
+                   prev_delta=take_prefix(tensors, "prev_delta") if meta["prev_delta"] else None)
 
 
 def _validate(global_params: Mapping[str, Tensor], updates: Sequence[ClientUpdate], cfg: ServerStepConfig) -> None:

@@ -18,6 +18,11 @@ strategy wraps them in Flower messages. Either way a round reads::
 
 Checkpoint and resume (with the config check and the changes a resume may make) live here too,
 so the two runtimes cannot drift apart in what they save or accept.
+
+Rounds are numbered two ways. Inside, ``t`` counts from 0 (the seeds, the algorithm's
+``round_index``, FedPepTAO's warm-up); everywhere a user reads a round (the ``round`` of a
+metrics row, checkpoint folders, log lines) it is ``t + 1``, the global 1-based round: round 1
+is the first round of training, and a checkpoint of round ``n`` holds the state after it.
 """
 
 from __future__ import annotations
@@ -40,9 +45,9 @@ from fedpeptao.core.payload import Message
 from fedpeptao.core.validation import ValidationPolicy, filter_updates
 from fedpeptao.privacy.engine import ClientPrivacy
 from fedpeptao.report.summary import config_difference
-from fedpeptao.utils.checkpoint import (capture_rng_state, flatten_state, list_checkpoints, load_latest_checkpoint,
-                                        restore_rng_state, save_checkpoint, unflatten_state)
+from fedpeptao.utils.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from fedpeptao.utils.round_log import RoundLog, close_row
+from fedpeptao.utils.state import State, add_prefix, join, restore_rng_state, rng_state, split, take_prefix
 
 log = logging.getLogger("fedpeptao.server")
 
@@ -89,14 +94,14 @@ class RoundEngine:
 
     def __init__(self, cfg: ExperimentConfig, algorithm: Algorithm | None, privacy: ClientPrivacy | None,
                  metric: str, run_dir: Path | None = None, checkpoint_dir: Path | None = None,
-                 min_replies: int = 1, extra_state: Callable[[], Mapping[str, Any]] = dict) -> None:
+                 min_replies: int = 1, extra_state: Callable[[], Mapping[str, State]] = dict) -> None:
         self.cfg = cfg
         self.algorithm = algorithm  # Flower learns the initial tensors from the nodes: set later
         self.privacy = privacy
         self.metric = metric
         self.run_dir = run_dir
         self.checkpoint_dir = checkpoint_dir  # None: no checkpoints
-        #: the transport's own part of a checkpoint (the simulator's clients, Flower's run key)
+        #: the transport's own sections of a checkpoint (the simulator's clients, Flower's run key)
         self.extra_state = extra_state
         self.min_replies = min_replies
         srv = cfg.server
@@ -104,6 +109,7 @@ class RoundEngine:
         self.rng = np.random.default_rng(cfg.seed)  # the sampling stream (the same in both runtimes)
         self.history: list[dict] = []
         self.row: dict[str, Any] = {}
+        self.t = 0  # the open round's index from 0 (internal); its row's "round" is t + 1
         self.stopped = False  # the privacy budget ended the run early
         self._population = cfg.federated.num_clients  # clients online when the round sampled
         self._started = time.perf_counter()
@@ -116,10 +122,11 @@ class RoundEngine:
         if self.run_dir is not None:
             if self.history:
                 RoundLog(self.run_dir).rewrite(self.history)
-            self._log = RoundLog(self.run_dir, self.cfg.tensorboard, len(self.history))
+            self._log = RoundLog(self.run_dir, self.cfg.tensorboard, len(self.history) + 1)
 
     @property
     def first_round(self) -> int:
+        """The index (from 0) of the next round to run: the number of rounds done."""
         return len(self.history)
 
     def budget_spent(self, t: int) -> bool:
@@ -127,16 +134,17 @@ class RoundEngine:
         reason = None if self.privacy is None else self.privacy.stop_reason(t)
         if reason is None:
             return False
-        log.warning("%s; the state of round %d is saved", reason, t - 1)
+        log.warning("%s; the state after round %d is saved", reason, t)
         self.stopped = True
         if self.history:
             self.save_checkpoint(self.history[-1]["round"])
         return True
 
     def prepare(self, t: int, run_task: RunTask | None) -> None:
-        """Open round ``t``'s row and run the algorithm's phases before it (timed; none without
-        ``run_task``)."""
-        self.row = {"round": t, "sampled": [], "clients": [], "failed": [], "bytes_up": 0, "bytes_down": 0,
+        """Open round ``t``'s row (``round`` = ``t + 1``) and run the algorithm's phases before it
+        (timed; none without ``run_task``)."""
+        self.t = t
+        self.row = {"round": t + 1, "sampled": [], "clients": [], "failed": [], "bytes_up": 0, "bytes_down": 0,
                     "slowest_client_s": 0.0, "train_loss": float("nan"), "rejected": []}
         began = time.perf_counter()
         if run_task is not None:
@@ -167,7 +175,7 @@ class RoundEngine:
         """The round's replies (a sampled client without one failed): acknowledged, validated,
         privatised (central DP), then the algorithm's server step, unless fewer than
         ``min_replies`` came back."""
-        t, algo, row = self.row["round"], self.algorithm, self.row
+        t, algo, row = self.t, self.algorithm, self.row
         replies = sorted(replies, key=lambda r: r.client_id)
         for reply in replies:
             algo.acknowledge(reply.client_id)
@@ -178,10 +186,11 @@ class RoundEngine:
                     "slowest_client_s": max((r.seconds for r in replies), default=0.0),
                     "train_loss": float(np.nanmean([r.loss for r in replies])) if replies else float("nan")})
         if row["failed"]:
-            log.warning("round %d: no usable reply from clients %s (error or timeout); left out", t, row["failed"])
+            log.warning("round %d: no usable reply from clients %s (error or timeout); left out", row["round"],
+                        row["failed"])
         if len(replies) < self.min_replies:
             log.warning("round %d: %d of %d sampled clients replied, fewer than min-replies=%d; global tensors "
-                        "unchanged", t, len(replies), len(row["sampled"]), self.min_replies)
+                        "unchanged", row["round"], len(replies), len(row["sampled"]), self.min_replies)
             row["skipped"] = True
             return
         updates = [ClientUpdate(r.client_id, r.sent.model, r.num_examples, r.num_steps, r.sent.extras)
@@ -193,7 +202,7 @@ class RoundEngine:
             learned = self.privacy.aggregate(t, updates, algo.global_shared(), self._population, len(row["sampled"]))
             row["epsilon"] = self.privacy.epsilon()
         elif not updates:
-            log.warning("round %d: no valid update; global state unchanged", t)
+            log.warning("round %d: no valid update; global state unchanged", row["round"])
             return
         algo.aggregate(t, row["sampled"], learned)
 
@@ -219,7 +228,7 @@ class RoundEngine:
 
     def close_round(self) -> dict[str, Any]:
         """Running totals, the row to ``metrics.jsonl``, and a checkpoint when one is due."""
-        row, t = self.row, self.row["round"]
+        row, t = self.row, self.t
         row["shared_tensors"] = len(self.algorithm.shared)
         close_row(row, self.history[-1] if self.history else {}, time.perf_counter() - self._started)
         self.history.append(row)
@@ -227,7 +236,7 @@ class RoundEngine:
             self._log.write(row)
         every = self.cfg.checkpoint.every
         if (every and (t + 1) % every == 0) or t == self.cfg.federated.rounds - 1:
-            self.save_checkpoint(t)
+            self.save_checkpoint(row["round"])
         return row
 
     def finish(self, run_task: RunTask) -> None:
@@ -238,41 +247,47 @@ class RoundEngine:
             self._log.close()
 
     # -- checkpoint and resume ---------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        return {"algorithm": self.algorithm.state(), "rng": capture_rng_state(self.rng), "history": self.history,
-                "privacy": None if self.privacy is None else self.privacy.state()}
+    def state(self) -> State:
+        """The engine's own section of a checkpoint: every RNG (the sampling stream's included,
+        torch's as ``rng/...`` tensors), the history, the accountant and the config, as JSON."""
+        rng_tensors, rng_meta = rng_state(self.rng)
+        return add_prefix("rng", rng_tensors), {
+            "rng": rng_meta, "history": self.history, "config": self.cfg.model_dump(mode="json"),
+            "privacy": None if self.privacy is None else self.privacy.state()}
 
-    def save_checkpoint(self, round_index: int) -> Path | None:
-        """The whole server state and the transport's :attr:`extra_state` as a crash-safe
-        checkpoint; nothing without a checkpoint directory."""
+    def save_checkpoint(self, round_number: int) -> Path | None:
+        """The checkpoint of round ``round_number`` (from 1: the state after that round): the
+        sections ``engine``, ``algorithm`` and the transport's (:attr:`extra_state`) joined into
+        one State and written crash-safe; nothing without a checkpoint directory."""
         if self.checkpoint_dir is None:
             return None
-        tensors, skeleton = flatten_state({**self.state(), **self.extra_state()})
-        meta = {"state": skeleton, "config": self.cfg.model_dump(mode="json")}
-        return save_checkpoint(self.checkpoint_dir, round_index, tensors, meta, keep=self.cfg.checkpoint.keep)
+        tensors, meta = join({"engine": self.state(), "algorithm": self.algorithm.state(), **self.extra_state()})
+        return save_checkpoint(self.checkpoint_dir, round_number, tensors, meta, keep=self.cfg.checkpoint.keep)
 
     def has_checkpoint(self) -> bool:
         return self.checkpoint_dir is not None and bool(list_checkpoints(self.checkpoint_dir))
 
-    def read_checkpoint(self) -> dict[str, Any]:
-        """The newest valid checkpoint's state; the RNG and history are restored at once. Refused
-        when it was written with another config (continuing it would mix two experiments)."""
-        round_index, tensors, meta = load_latest_checkpoint(self.checkpoint_dir)
-        difference = config_difference(meta.get("config", {}), self.cfg.model_dump(mode="json"), RESUMABLE_CHANGES)
+    def read_checkpoint(self) -> dict[str, State]:
+        """The newest valid checkpoint's sections (``engine``, ``algorithm``, the transport's); the
+        RNGs and the history are restored at once. Refused when it was written with another config
+        (continuing it would mix two experiments)."""
+        number, tensors, meta = load_latest_checkpoint(self.checkpoint_dir)
+        sections = split((tensors, meta))
+        engine_tensors, engine = sections["engine"]
+        difference = config_difference(engine["config"], self.cfg.model_dump(mode="json"), RESUMABLE_CHANGES)
         if difference:
             raise ConfigError(f"{self.checkpoint_dir}: its checkpoint was written with another config ({difference}); "
                               f"resume with the config it was written with")
-        state = unflatten_state(tensors, meta["state"])
-        restore_rng_state(state["rng"], self.rng)
-        self.history = list(state["history"])
-        log.info("continuing from the checkpoint of round %d in %s", round_index, self.checkpoint_dir)
-        return state
+        restore_rng_state((take_prefix(engine_tensors, "rng"), engine["rng"]), self.rng)
+        self.history = list(engine["history"])
+        log.info("continuing after round %d (its checkpoint in %s)", number, self.checkpoint_dir)
+        return sections
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
+    def load_state(self, sections: Mapping[str, State]) -> None:
         """The algorithm's and the accountant's part of a checkpoint (after :meth:`read_checkpoint`)."""
-        self.algorithm.load_state(state["algorithm"])
+        self.algorithm.load_state(*sections["algorithm"])
         if self.privacy is not None:
-            self.privacy.load_state(state["privacy"])
+            self.privacy.load_state(sections["engine"][1]["privacy"])
 
 
 #: the two groups every evaluation also reports: clients that have trained at least once (their

@@ -106,7 +106,7 @@ def train(message: Message, context: Context) -> Message:
     stored = job.load(before=round_index)
     received = R.read_message(R.GLOBAL, message.content)
     (reply,) = job.worker.train(round_index, [Job(job.node.client_id, received, stored.state)])
-    job.store.save(StoredClient(stored.state, round_index))
+    job.store.save(StoredClient(stored.state, round_index + 1))  # the index is from 0, stored rounds from 1
     metrics = {"client-id": reply.client_id, "num-examples": reply.num_examples, "num-steps": reply.num_steps,
                "train-loss": float(reply.loss), "seconds": float(reply.seconds)}
     return _reply(message, **R.message_records(R.UPDATE, reply.sent), **{R.METRICS: MetricRecord(metrics)})
@@ -123,7 +123,7 @@ def evaluate(message: Message, context: Context) -> Message:
     (reply,) = job.worker.evaluate([Job(job.node.client_id, R.read_message(R.GLOBAL, message.content),
                                         stored.state)])
     if stored.state.algo_state != kept:  # the device kept something of this message
-        job.store.save(StoredClient(stored.state, round_index))
+        job.store.save(StoredClient(stored.state, round_index + 1))
     metrics: dict = {"client-id": job.node.client_id}
     for split in SPLITS:
         result = reply.splits.get(split)

@@ -4,10 +4,10 @@ Personal layers never leave the device, the device's AdamW moments carry over be
 and an algorithm may keep per-device tensors of its own (control variates), so a client
 that forgot them would silently become a different algorithm. Flower keeps ``context.state``
 for the life of the SuperNode process; copies on the node's disk (crash-safe checkpoints of
-:mod:`fedpeptao.utils.checkpoint`, keyed by run and client, one per round the client changed)
-let a restarted SuperNode continue, and let a restarted ServerApp that resumes from an older
-checkpoint replay a round exactly: :meth:`ClientStore.load` takes the newest copy from before
-the round asked for.
+:mod:`fedpeptao.utils.checkpoint`, keyed by run and client, one per round the client changed,
+named by the global round from 1 as the server's are) let a restarted SuperNode continue, and
+let a restarted ServerApp that resumes from an older checkpoint replay a round exactly:
+:meth:`ClientStore.load` takes the newest copy from before the round asked for.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedpeptao.core.federation import ClientState
 from fedpeptao.flower.records import from_record, to_record
-from fedpeptao.utils.checkpoint import (CheckpointError, flatten_state, list_checkpoints, load_checkpoint,
-                                        save_checkpoint, unflatten_state)
+from fedpeptao.utils.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("fedpeptao.flower.client")
 
@@ -31,10 +30,11 @@ TENSORS_KEY, META_KEY = "fedpeptao.client.tensors", "fedpeptao.client.meta"
 
 @dataclass
 class StoredClient:
-    """A client's :class:`ClientState` as of the end of round ``round`` (-1: never changed)."""
+    """A client's :class:`ClientState` as of the end of round ``round`` (the global round, from
+    1; 0: never changed)."""
 
     state: ClientState
-    round: int = -1
+    round: int = 0
 
 
 class ClientStore:
@@ -49,42 +49,35 @@ class ClientStore:
         self.keep = keep
 
     def load(self, before: int) -> StoredClient | None:
-        """The newest state saved in a round before ``before`` (None: the client starts fresh)."""
+        """The newest state from before the round of index ``before`` (from 0) ran: saved at the
+        end of round ``before`` or earlier, as rounds are numbered from 1 (None: the client
+        starts fresh)."""
         stored = self._from_context()
-        if stored is not None and stored.round < before:
+        if stored is not None and stored.round <= before:
             return stored
         if self.directory is None:
             return None
-        for round_index, path in reversed(list_checkpoints(self.directory)):
-            if round_index >= before:
+        for number, path in reversed(list_checkpoints(self.directory)):
+            if number > before:
                 continue
             try:
                 _, tensors, meta = load_checkpoint(path)
             except CheckpointError as exc:
                 log.warning("ignoring unusable client state in %s: %s", path, exc)
                 continue
-            return _restore(tensors, meta["state"], round_index)
+            return StoredClient(ClientState.from_state(tensors, meta), number)
         return None
 
     def save(self, stored: StoredClient) -> None:
-        state = stored.state
-        tensors, skeleton = flatten_state({"params": state.params, "optimizer": state.optimizer,
-                                           "rounds_trained": state.rounds_trained, "algo_state": state.algo_state})
+        tensors, meta = stored.state.state()
         self.context_state[TENSORS_KEY] = to_record(tensors)
-        self.context_state[META_KEY] = ConfigRecord({"skeleton": json.dumps(skeleton), "round": stored.round})
+        self.context_state[META_KEY] = ConfigRecord({"state": json.dumps(meta), "round": stored.round})
         if self.directory is not None:  # a later round's copy belongs to an abandoned timeline and goes
-            save_checkpoint(self.directory, stored.round, tensors, {"state": skeleton}, keep=self.keep)
+            save_checkpoint(self.directory, stored.round, tensors, meta, keep=self.keep)
 
     def _from_context(self) -> StoredClient | None:
         if TENSORS_KEY not in self.context_state or META_KEY not in self.context_state:
             return None
         meta = self.context_state[META_KEY]
-        return _restore(from_record(self.context_state[TENSORS_KEY]), json.loads(str(meta["skeleton"])),
-                        int(meta["round"]))
-
-
-def _restore(tensors, skeleton, round_index: int) -> StoredClient:
-    data = unflatten_state(tensors, skeleton)
-    return StoredClient(ClientState(params=data["params"], optimizer=data["optimizer"],
-                                    rounds_trained=int(data["rounds_trained"]), algo_state=dict(data["algo_state"])),
-                        round_index)
+        state = ClientState.from_state(from_record(self.context_state[TENSORS_KEY]), json.loads(str(meta["state"])))
+        return StoredClient(state, int(meta["round"]))

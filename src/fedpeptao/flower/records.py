@@ -3,7 +3,7 @@
 Four exchanges, each a Flower message type (``<category>.<action>``):
 
 ``query.setup``
-    Server -> every node once, before round 0 (and to nodes that join later). The node builds its
+    Server -> every node once, before the first round (and to nodes that join later). The node builds its
     model and data and replies with its client id, data sizes, its freshly initialised trainable
     tensors (the server checks that all nodes agree and starts from them, so the server never
     loads the language model or any data) and the names of its per-layer and head tensors.

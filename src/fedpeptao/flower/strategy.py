@@ -17,7 +17,11 @@ before a round), so this strategy is a transport around the run's
   otherwise leaves them unchanged. A client that just failed is not asked to evaluate in the
   same round, so a dead node costs one timeout per round, not two;
 * every ``checkpoint.every`` rounds the whole server state (algorithm, sampling stream, history)
-  goes to a crash-safe checkpoint; a restarted ServerApp continues from the newest one.
+  goes to a crash-safe checkpoint; a restarted ServerApp continues from the newest one;
+* rounds are numbered as everywhere a user reads them, globally from 1: a message's group is its
+  round's number, and Flower's console line ``[ROUND n/N]`` counts this start's rounds from 1 (its
+  ``start`` loop knows no earlier rounds), so :meth:`FederatedStrategy.start` has it show the run's
+  round and total instead (``[ROUND 4/5]`` for the first round after a resume from round 3).
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ from fedpeptao.core import payload
 from fedpeptao.engine.rounds import SPLITS, EvalReply, RoundEngine, SplitResult, TrainReply
 from fedpeptao.experiment import make_privacy, make_run_algorithm
 from fedpeptao.flower import records as R
+from fedpeptao.flower.logs import global_round_numbers
 from fedpeptao.report.summary import run_summary
+from fedpeptao.utils.state import State
 
 log = logging.getLogger("fedpeptao.flower.server")
 
@@ -59,7 +65,7 @@ class FederatedStrategy(Strategy):
         self.timeout = timeout
         # the algorithm is made at setup, from the initial tensors the nodes report
         self.engine = RoundEngine(cfg, None, make_privacy(cfg), cfg.data.metric or "accuracy", run_dir,
-                                  checkpoint_dir, min_replies, extra_state=lambda: {"run_key": self.run_key})
+                                  checkpoint_dir, min_replies, extra_state=self._checkpoint_section)
         self.clients: dict[int, int] = {}  # client id -> Flower node id
         self.refused: set[int] = set()  # node ids whose initial tensors disagree with the federation's
         self.initial: Tensors = {}
@@ -89,6 +95,11 @@ class FederatedStrategy(Strategy):
                  self.cfg.describe(), fed.clients_per_round, fed.num_clients, self.first_round + 1, fed.rounds,
                  self.engine.min_replies, self.timeout)
 
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *args, **kwargs):
+        """Flower's round loop, its ``[ROUND n/N]`` lines showing the run's global round and total."""
+        with global_round_numbers(self.first_round, self.cfg.federated.rounds):
+            return super().start(grid, initial_arrays, num_rounds, *args, **kwargs)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         engine, t = self._engine(), self._round(server_round)
@@ -101,7 +112,7 @@ class FederatedStrategy(Strategy):
         sampled = engine.sample(self._online(grid))
         self._sampled = {cid: self.clients[cid] for cid in sampled}
         messages = engine.train_messages(sampled)
-        return [self._message(self._content(messages[cid], round=t), node, MessageType.TRAIN, t)
+        return [self._message(self._content(messages[cid], round=t), node, MessageType.TRAIN, t + 1)
                 for cid, node in self._sampled.items()]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -129,7 +140,7 @@ class FederatedStrategy(Strategy):
         online = set(grid.get_node_ids())
         targets = {cid: node for cid, node in sorted(self.clients.items())
                    if node in online and node not in self._failed_nodes}
-        return [self._message(self._content(engine.message(cid), round=t), node, MessageType.EVALUATE, t)
+        return [self._message(self._content(engine.message(cid), round=t), node, MessageType.EVALUATE, t + 1)
                 for cid, node in targets.items()]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -185,14 +196,18 @@ class FederatedStrategy(Strategy):
                            privacy=None if privacy is None else privacy.summary())
 
     # -- checkpoints -----------------------------------------------------------------------
-    def _resume(self) -> dict | None:
-        """The newest checkpoint's state, if the checkpoint directory holds one (config checked)."""
+    def _checkpoint_section(self) -> dict[str, State]:
+        """Flower's section of a checkpoint: the run key, under which the nodes keep their state."""
+        return {"flower": ({}, {"run_key": self.run_key})}
+
+    def _resume(self) -> dict[str, State] | None:
+        """The newest checkpoint's sections, if the checkpoint directory holds one (config checked)."""
         if not self.engine.has_checkpoint():
             return None
-        state = self.engine.read_checkpoint()
-        self.run_key = str(state["run_key"])
+        sections = self.engine.read_checkpoint()
+        self.run_key = str(sections["flower"][1]["run_key"])
         self.first_round = self.engine.first_round
-        return state
+        return sections
 
     # -- internals ---------------------------------------------------------------------------
     def _engine(self) -> RoundEngine:
@@ -201,7 +216,7 @@ class FederatedStrategy(Strategy):
         return self.engine
 
     def _round(self, server_round: int) -> int:
-        """Flower counts this start's rounds from 1; ours count the whole run's from 0."""
+        """The internal index (from 0) of this start's round ``server_round`` (Flower's, from 1)."""
         return self.first_round + server_round - 1
 
     def _online(self, grid: Grid) -> list[int]:

@@ -70,7 +70,7 @@ def cost_to_target(rows: Iterable[Mapping[str, Any]], goal: float) -> Cost | Non
     for row in rows:
         value = row.get("val_metric")
         if isinstance(value, (int, float)) and value >= goal:
-            return Cost(rounds=int(row["round"]) + 1, mb=row.get("total_bytes", 0) / 1e6,
+            return Cost(rounds=int(row["round"]), mb=row.get("total_bytes", 0) / 1e6,
                         train_s=float(row.get("train_time_s", 0.0)), wall_s=float(row.get("elapsed_s", 0.0)))
     return None
 

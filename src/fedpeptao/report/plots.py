@@ -55,7 +55,7 @@ def metric_per_round(runs: list[RunData], path: Path, target: float | None = Non
         ev = run.evaluated
         if not ev:
             continue
-        x = [r["round"] + 1 for r in ev]
+        x = [r["round"] for r in ev]
         ax.plot(x, [r["metric"] for r in ev], color=f"C{i}", marker="o", markersize=3, label=run.label)
         if run.metric_name != "accuracy" and all("accuracy" in r for r in ev):
             ax.plot(x, [r["accuracy"] for r in ev], color=f"C{i}", linestyle="--", label=f"{run.label} (accuracy)")
@@ -74,8 +74,8 @@ def loss_per_round(runs: list[RunData], path: Path) -> Path | None:
     fig = _figure()
     ax = fig.add_subplot()
     for i, run in enumerate(runs):
-        train = [(r["round"] + 1, r["train_loss"]) for r in run.rows if "train_loss" in r]
-        evals = [(r["round"] + 1, r["eval_loss"]) for r in run.rows if "eval_loss" in r]
+        train = [(r["round"], r["train_loss"]) for r in run.rows if "train_loss" in r]
+        evals = [(r["round"], r["eval_loss"]) for r in run.rows if "eval_loss" in r]
         if train:
             ax.plot(*zip(*train), color=f"C{i}", label=f"{run.label} train")
         if evals:
@@ -143,7 +143,7 @@ def _seed_curve(histories: Sequence[Sequence[Mapping[str, Any]]], key: str, x: L
         return [], np.array([]), None
     values = np.array([[d[t][key] for t in rounds] for d in per_seed], dtype=float)  # seeds x rounds
     if x == "round":
-        xs = [t + 1 for t in rounds]
+        xs = list(rounds)
     else:
         xs = np.mean([[d[t].get("total_bytes", 0) / 1e6 for t in rounds] for d in per_seed], axis=0).tolist()
     std = values.std(axis=0, ddof=1) if len(per_seed) > 1 else None
@@ -158,7 +158,7 @@ def client_spread(runs: list[RunData], path: Path) -> Path | None:
         values = finite(list(row["client_accuracy"].values())) if row else []
         if values:
             data.append(values)
-            labels.append(f"{run.label}\n(round {row['round'] + 1}, {len(values)} clients)")
+            labels.append(f"{run.label}\n(round {row['round']}, {len(values)} clients)")
     if not data:
         return None
     fig = _figure(max(5.0, 1.8 * len(data) + 2), 4.2)

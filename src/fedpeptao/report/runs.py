@@ -72,7 +72,8 @@ class RunData:
 
     def headline(self, target: float | None = None) -> dict[str, Any]:
         """Test metric at the round selected on validation ("best"; the last round for runs without
-        validation rows), that round (1-based), the final test metric, time to target, MB."""
+        validation rows), that round (rows number rounds from 1), the final test metric, rounds
+        (a count: round ``n`` ends after ``n`` rounds) and time to target, MB."""
         ev = self.evaluated
         last = self.rows[-1]
         goal = self.target(target)
@@ -84,12 +85,12 @@ class RunData:
         }
         if ev:
             best = select_round(ev)
-            out.update(best=best["metric"], best_round=best["round"] + 1, final=ev[-1]["metric"],
+            out.update(best=best["metric"], best_round=best["round"], final=ev[-1]["metric"],
                        validation=best.get("val_metric"), trained=best.get("trained_metric"),
                        untrained=best.get("untrained_metric"))
             reached = next((r for r in ev if goal is not None and _score(r["metric"]) >= goal), None)
             if reached is not None:
-                out.update(rounds_to_target=reached["round"] + 1, seconds_to_target=reached.get("train_time_s"))
+                out.update(rounds_to_target=reached["round"], seconds_to_target=reached.get("train_time_s"))
         return out
 
 
@@ -112,6 +113,9 @@ def read_run(path: Path) -> RunData:
             log.warning("%s line %d is not a metrics row (truncated by a crash?); skipped", metrics, number)
     if not by_round:
         raise ReportError(f"{metrics}: no rounds recorded")
+    if 0 in by_round:  # written before rounds were numbered from 1 as everywhere else: renumbered
+        log.info("%s numbers its rounds from 0 (an older fedpeptao); reported from 1", metrics)
+        by_round = {r + 1: {**row, "round": r + 1} for r, row in by_round.items()}
     rows = [by_round[r] for r in sorted(by_round)]
     summary = _json(path / "summary.json")
     selection = (summary or {}).get("selection") or _json(path / "selection.json")  # older runs kept a file

@@ -9,7 +9,8 @@ from typing import Any
 def run_summary(cfg, metric: str, history: list[dict], algorithm_summary: Mapping[str, Any], *, runtime: str,
                 **extra: Any) -> dict[str, Any]:
     """Headline numbers of a run: the selected round and its metrics, the final metric, time and
-    rounds to target, bytes, time.
+    rounds to target, bytes, time. Rounds are numbered from 1, as in the rows: round ``n`` is the
+    ``n``-th, so the round that first reached the target is also how many rounds it took.
 
     Honest selection: the round is selected on the validation split only (``val_metric``; the
     earliest of equals), and the test split is reported at that round and at the end. A run
@@ -34,7 +35,7 @@ def run_summary(cfg, metric: str, history: list[dict], algorithm_summary: Mappin
         "untrained_metric_at_selected": best.get("untrained_metric") if best else None,
         # kept for readers of older summaries: the test metric at the round selected on validation
         "best_metric": best["metric"] if best else None, "best_round": best["round"] if best else None,
-        "target": target, "rounds_to_target": None if reached is None else reached["round"] + 1,
+        "target": target, "rounds_to_target": None if reached is None else reached["round"],
         "seconds_to_target": None if reached is None else reached["train_time_s"],
         "total_mb": history[-1]["total_bytes"] / 1e6 if history else 0.0,
         "elapsed_s": history[-1]["elapsed_s"] if history else 0.0,

@@ -34,6 +34,7 @@ from fedpeptao.experiment import (build_federation, device_algorithm, make_priva
 from fedpeptao.models.loading import Backbone
 from fedpeptao.report.summary import run_summary
 from fedpeptao.utils.device import describe_device
+from fedpeptao.utils.state import State, join, split
 
 log = logging.getLogger("fedpeptao.server")
 
@@ -129,19 +130,20 @@ class Simulation:
         return self.history
 
     # -- checkpoint and resume ---------------------------------------------------------------
-    def _clients_state(self) -> dict:
-        """The simulator's part of a checkpoint: every contacted client's state."""
-        return {"clients": {str(k): {"params": c.params, "optimizer": c.optimizer, "rounds_trained": c.rounds_trained,
-                                     "algo_state": c.algo_state} for k, c in sorted(self.clients.items())}}
+    def _clients_state(self) -> dict[str, State]:
+        """The simulator's section of a checkpoint: every contacted client's state, under
+        ``clients/<k>/`` (a tensor two clients share is stored once)."""
+        return {"clients": join({str(k): c.state() for k, c in sorted(self.clients.items())})}
 
-    def save_checkpoint(self, round_index: int) -> Path | None:
-        return self.engine.save_checkpoint(round_index)
+    def save_checkpoint(self, round_number: int) -> Path | None:
+        return self.engine.save_checkpoint(round_number)
 
     def resume(self) -> int:
-        """Load the newest valid checkpoint of ``run_dir`` (same config); returns the round it ended."""
-        state = self.engine.read_checkpoint()
-        self.engine.load_state(state)
-        self.clients = {int(k): ClientState(**c) for k, c in state["clients"].items()}
+        """Load the newest valid checkpoint of ``run_dir`` (same config); returns the round it
+        ended with (from 1)."""
+        sections = self.engine.read_checkpoint()
+        self.engine.load_state(sections)
+        self.clients = {int(k): ClientState.from_state(*s) for k, s in split(sections["clients"]).items()}
         return self.history[-1]["round"]
 
     def summary(self) -> dict:

@@ -1,31 +1,33 @@
-"""Crash-safe checkpoints of a federated run: safetensors for tensors, JSON for everything else.
+"""Crash-safe checkpoints of a federated run: a :data:`~fedpeptao.utils.state.State` on disk.
 
-Layout: ``RUN_DIR/checkpoints/round-00042/{state.safetensors, meta.json}``.
+Layout: ``RUN_DIR/checkpoints/round-00042/{tensors.safetensors, state.json}``: the state after
+round 42 (rounds are numbered from 1, as everywhere a user reads them); a resumed run continues
+with round 43.
 
 Why this shape:
 
-* **No pickle.** A checkpoint may be copied between machines and users; ``torch.load`` of a pickle
-  runs arbitrary code. Tensors go to safetensors, the rest (scalars, lists, optimiser
-  hyper-parameters, RNG states) to JSON through :func:`flatten_state`, which has a closed set of
-  types and refuses anything else.
+* **No pickle, no codec.** A checkpoint may be copied between machines and users; ``torch.load``
+  of a pickle runs arbitrary code. A State is already a flat dict of tensors (to safetensors) and
+  a JSON-able dict (to JSON); its owners say how their state maps onto the two
+  (:mod:`fedpeptao.utils.state`).
 * **Atomic.** A checkpoint is written into a hidden temporary directory, flushed to disk, then
   moved into place with one ``os.replace``. A crash at any point leaves either the old set of
   checkpoints or the old set plus the complete new one, never a half-written ``round-*``.
-* **Verified.** ``meta.json`` records the SHA-256 of the safetensors file and of its own body, so
-  a truncated, bit-flipped or hand-edited checkpoint is detected on load; :func:`load_latest_checkpoint`
-  then falls back to the previous good one with a warning, and raises :class:`CheckpointError`
-  (naming every directory tried and why it was refused) only when none is usable.
+* **Verified.** ``state.json`` records the SHA-256 and size of the tensor file, the tensors' names
+  (in order) and the SHA-256 of its own body, so a truncated, bit-flipped or hand-edited
+  checkpoint is detected on load; :func:`load_latest_checkpoint` then falls back to the previous
+  good one with a warning, and raises :class:`CheckpointError` (naming every directory tried and
+  why it was refused) only when none is usable.
+* **Shared tensors stored once.** The same tensor under two names (simulated clients that have
+  not trained since they received the same tensors) is written once and comes back as one object.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
-import math
 import os
-import random
 import re
 import shutil
 import uuid
@@ -34,7 +36,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -42,185 +43,70 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger(__name__)
 
 FORMAT = "fedpeptao-checkpoint"
-VERSION = 1
-TENSORS_FILE = "state.safetensors"
-META_FILE = "meta.json"
+VERSION = 2
+TENSORS_FILE = "tensors.safetensors"
+STATE_FILE = "state.json"
+_OLD_FILES = ("meta.json", "state.safetensors")  # format 1 (a type-tagged codec), no longer read
 _ROUND_DIR = re.compile(r"^round-(\d+)$")
-_REQUIRED = ("round", "tensors_sha256", "tensors_bytes", "meta")
+_REQUIRED = ("round", "tensors_sha256", "tensors_bytes", "tensors", "same_as", "state")
 
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint (or a state that cannot be stored); the message says where and why."""
 
 
-# -- nested state <-> (tensors, JSON) ----------------------------------------------------------
-
-def flatten_state(nested: Any) -> tuple[dict[str, torch.Tensor], Any]:
-    """Split a nested structure into named tensors and a JSON-able skeleton referring to them.
-
-    Carries: dicts (any JSON-scalar keys, so an optimiser's ``{int: {...}}`` state survives),
-    lists, tuples (``random.getstate()``), ``None``/bool/int/str, floats including NaN/Inf,
-    bytes, NumPy arrays and scalars (any fixed-size dtype, e.g. an MT19937 ``uint32`` key) and
-    torch tensors (any dtype, 0-d included; moved to CPU, ``requires_grad`` is not kept).
-
-    The same tensor object reachable twice (simulated clients that have not trained yet share
-    their initial tensors) is stored once and comes back as one shared object.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
-
-    def name_for(path: list[str]) -> str:
-        base = "/".join(path) or "root"
-        name, n = base, 1
-        while name in tensors:
-            name, n = f"{base}~{n}", n + 1
-        return name
-
-    def enc(obj: Any, path: list[str]) -> Any:
-        if obj is None or isinstance(obj, (bool, int, str)):
-            return obj
-        if isinstance(obj, float):
-            return obj if math.isfinite(obj) else {"__float__": repr(obj)}
-        if isinstance(obj, torch.Tensor):
-            if id(obj) not in seen:
-                name = name_for(path)
-                tensors[name] = obj.detach().cpu()
-                seen[id(obj)] = name
-            return {"__tensor__": seen[id(obj)]}
-        if isinstance(obj, np.ndarray):
-            if obj.dtype.hasobject:
-                raise TypeError(f"{'/'.join(path)}: NumPy object arrays cannot be stored without pickle")
-            name = name_for(path)
-            tensors[name] = torch.from_numpy(np.frombuffer(np.ascontiguousarray(obj).tobytes(), dtype=np.uint8).copy())
-            return {"__ndarray__": name, "dtype": obj.dtype.str, "shape": list(obj.shape)}
-        if isinstance(obj, np.generic):
-            return {"__npscalar__": obj.dtype.str, "value": enc(obj.item(), path)}
-        if isinstance(obj, bytes):
-            return {"__bytes__": base64.b64encode(obj).decode("ascii")}
-        if isinstance(obj, tuple):
-            return {"__tuple__": [enc(v, [*path, str(i)]) for i, v in enumerate(obj)]}
-        if isinstance(obj, list):
-            return [enc(v, [*path, str(i)]) for i, v in enumerate(obj)]
-        if isinstance(obj, Mapping):
-            if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-                return {k: enc(v, [*path, k]) for k, v in obj.items()}
-            for k in obj:
-                if not (k is None or isinstance(k, (bool, int, float, str))):
-                    raise TypeError(f"{'/'.join(path)}: dict key {k!r} of type {type(k).__name__} cannot be stored")
-            return {"__dict__": [[k, enc(v, [*path, str(k)])] for k, v in obj.items()]}
-        raise TypeError(f"{'/'.join(path) or 'state'}: values of type {type(obj).__name__} cannot be stored "
-                        "(convert to dicts, lists, numbers, arrays or tensors)")
-
-    return tensors, enc(nested, [])
-
-
-def unflatten_state(tensors: Mapping[str, torch.Tensor], meta: Any) -> Any:
-    """Inverse of :func:`flatten_state`; raises :class:`CheckpointError` if a referenced tensor is missing."""
-    def tensor(name: str) -> torch.Tensor:
-        if name not in tensors:
-            raise CheckpointError(f"checkpoint metadata refers to tensor '{name}', which the tensor file lacks")
-        return tensors[name]
-
-    def dec(obj: Any) -> Any:
-        if isinstance(obj, list):
-            return [dec(v) for v in obj]
-        if not isinstance(obj, dict):
-            return obj
-        if "__tensor__" in obj:
-            return tensor(obj["__tensor__"])
-        if "__ndarray__" in obj:
-            raw = tensor(obj["__ndarray__"]).numpy().tobytes()
-            return np.frombuffer(raw, dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
-        if "__npscalar__" in obj:
-            return np.dtype(obj["__npscalar__"]).type(dec(obj["value"]))
-        if "__float__" in obj:
-            return float(obj["__float__"])
-        if "__bytes__" in obj:
-            return base64.b64decode(obj["__bytes__"])
-        if "__tuple__" in obj:
-            return tuple(dec(v) for v in obj["__tuple__"])
-        if "__dict__" in obj:
-            return {k: dec(v) for k, v in obj["__dict__"]}
-        return {k: dec(v) for k, v in obj.items()}
-
-    return dec(meta)
-
-
-# -- RNG states -------------------------------------------------------------------------------
-
-def capture_rng_state(generator: np.random.Generator | None = None) -> dict[str, Any]:
-    """Python, NumPy (global and ``generator``), torch CPU and CUDA RNG states; storable by :func:`flatten_state`."""
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy_global": np.random.get_state(legacy=False),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["torch_cuda"] = torch.cuda.get_rng_state_all()
-    if generator is not None:
-        state["numpy_generator"] = generator.bit_generator.state
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any], generator: np.random.Generator | None = None) -> None:
-    """Put back what :func:`capture_rng_state` took. CUDA states are restored only when the device
-    count matches (a run resumed on a CPU machine simply continues with fresh CUDA RNGs)."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy_global"])
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("torch_cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    if generator is not None:
-        if "numpy_generator" not in state:
-            raise CheckpointError("checkpoint has no NumPy generator state to restore")
-        generator.bit_generator.state = state["numpy_generator"]
-
-
 # -- save / load --------------------------------------------------------------------------------
 
 def save_checkpoint(
-    run_dir: Path, round_index: int, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], keep: int | None = 3
+    run_dir: Path, round_number: int, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+    keep: int | None = 3
 ) -> Path:
-    """Write ``run_dir/checkpoints/round-{round_index:05d}`` atomically and return its path.
+    """Write the State ``(tensors, meta)`` as ``run_dir/checkpoints/round-{round_number:05d}``,
+    atomically, and return its path.
 
-    ``meta`` must be JSON-able (use :func:`flatten_state` for anything richer). ``round_index``
-    orders checkpoints; the simulator's convention should be "the last completed round", resuming
-    at ``round_index + 1``. After the write, checkpoints of *later* rounds are deleted (they belong
-    to a timeline abandoned by a resume) and only the newest ``keep`` are kept (``None``: all).
+    ``round_number`` orders checkpoints: the number of the last completed round (from 1), so a
+    resume continues with round ``round_number + 1``. ``meta`` must be JSON-able. After the
+    write, checkpoints of *later* rounds are deleted (they belong to a timeline abandoned by a
+    resume) and only the newest ``keep`` are kept (``None``: all).
     """
-    if round_index < 0:
-        raise ValueError(f"round_index must be >= 0, got {round_index}")
+    if round_number < 0:
+        raise ValueError(f"round_number must be >= 0, got {round_number}")
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(root)
-    final = root / f"round-{round_index:05d}"
+    final = root / f"round-{round_number:05d}"
     tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        try:
+            state = json.loads(json.dumps(meta))  # normalise (tuples -> lists, keys -> str) before hashing
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"the state's JSON part cannot be stored ({exc}); tensors belong in its "
+                                  "tensor dict") from None
+        stored, same_as = _storable(tensors)
         tensor_path = tmp / TENSORS_FILE
-        save_file(_storable(tensors), str(tensor_path))
+        save_file(stored, str(tensor_path))
         _fsync_file(tensor_path)
         body = {
-            "format": FORMAT, "version": VERSION, "round": round_index,
+            "format": FORMAT, "version": VERSION, "round": round_number,
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "tensors_file": TENSORS_FILE, "tensors_sha256": _sha256_file(tensor_path),
-            "tensors_bytes": tensor_path.stat().st_size, "num_tensors": len(tensors),
-            "meta": json.loads(json.dumps(meta)),  # normalise (tuples -> lists, keys -> str) before hashing
+            "tensors_bytes": tensor_path.stat().st_size, "tensors": list(tensors), "same_as": same_as,
+            "state": state,
         }
-        body["meta_sha256"] = _meta_digest(body)
-        meta_path = tmp / META_FILE
-        meta_path.write_text(json.dumps(body, indent=1), encoding="utf-8")
-        _fsync_file(meta_path)
+        body["body_sha256"] = _meta_digest(body)
+        state_path = tmp / STATE_FILE
+        state_path.write_text(json.dumps(body, indent=1), encoding="utf-8")
+        _fsync_file(state_path)
         _fsync_dir(tmp)
         _move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(root)
-    _prune(root, round_index, keep)
+    _prune(root, round_number, keep)
     return final
 
 
@@ -234,28 +120,34 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
-    """Load and verify one checkpoint directory; raise :class:`CheckpointError` saying what is wrong."""
+    """Load and verify one checkpoint directory: ``(round, tensors, meta)``, the tensors in the
+    order they were saved; raise :class:`CheckpointError` saying what is wrong."""
     path = Path(path)
-    meta_path, tensor_path = path / META_FILE, path / TENSORS_FILE
-    if not meta_path.is_file():
-        raise CheckpointError(f"{path}: {META_FILE} is missing")
+    state_path, tensor_path = path / STATE_FILE, path / TENSORS_FILE
+    if not state_path.is_file():
+        if any((path / name).is_file() for name in _OLD_FILES):
+            raise CheckpointError(f"{path}: written by an older fedpeptao in checkpoint format 1, which this version "
+                                  f"no longer reads (format {VERSION}); start the run again, or finish it with the "
+                                  "version that wrote it")
+        raise CheckpointError(f"{path}: {STATE_FILE} is missing")
     try:
-        body = json.loads(meta_path.read_text(encoding="utf-8"))
+        body = json.loads(state_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: {META_FILE} is not valid JSON ({exc})") from None
+        raise CheckpointError(f"{path}: {STATE_FILE} is not valid JSON ({exc})") from None
     if not isinstance(body, dict) or body.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: {META_FILE} is not a {FORMAT} file")
+        raise CheckpointError(f"{path}: {STATE_FILE} is not a {FORMAT} file")
     if body.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {body.get('version')} is not supported (expected {VERSION})")
-    recorded = body.pop("meta_sha256", None)
+        raise CheckpointError(f"{path}: checkpoint format {body.get('version')} is not supported (expected {VERSION})")
+    recorded = body.pop("body_sha256", None)
     if recorded != _meta_digest(body):
-        raise CheckpointError(f"{path}: {META_FILE} checksum mismatch (file was edited or damaged)")
+        raise CheckpointError(f"{path}: {STATE_FILE} checksum mismatch (file was edited or damaged)")
     missing = [key for key in _REQUIRED if key not in body]
     if missing:
-        raise CheckpointError(f"{path}: {META_FILE} lacks {', '.join(missing)}")
+        raise CheckpointError(f"{path}: {STATE_FILE} lacks {', '.join(missing)}")
     match = _ROUND_DIR.match(path.name)
     if match and int(match.group(1)) != body["round"]:
-        raise CheckpointError(f"{path}: directory name says round {int(match.group(1))}, {META_FILE} says {body['round']}")
+        raise CheckpointError(f"{path}: directory name says round {int(match.group(1))}, {STATE_FILE} says "
+                              f"{body['round']}")
     if not tensor_path.is_file():
         raise CheckpointError(f"{path}: {TENSORS_FILE} is missing")
     size = tensor_path.stat().st_size
@@ -264,10 +156,14 @@ def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str,
     if _sha256_file(tensor_path) != body["tensors_sha256"]:
         raise CheckpointError(f"{path}: {TENSORS_FILE} checksum mismatch (file is damaged)")
     try:
-        tensors = load_file(str(tensor_path))
+        stored = load_file(str(tensor_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: {TENSORS_FILE} cannot be read ({exc})") from None
-    return int(body["round"]), tensors, body["meta"]
+    same_as = body["same_as"]
+    if set(stored) != set(body["tensors"]) - set(same_as) or not set(same_as.values()) <= set(stored):
+        raise CheckpointError(f"{path}: {TENSORS_FILE} does not hold the tensors {STATE_FILE} names")
+    tensors = {name: stored[same_as.get(name, name)] for name in body["tensors"]}
+    return int(body["round"]), tensors, body["state"]
 
 
 def load_latest_checkpoint(run_dir: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
@@ -276,9 +172,10 @@ def load_latest_checkpoint(run_dir: Path) -> tuple[int, dict[str, torch.Tensor],
     Bad checkpoints are left on disk (evidence); the next :func:`save_checkpoint` of an equal or
     earlier round removes or replaces them.
     """
+    root = Path(run_dir) / "checkpoints"
     found = list_checkpoints(run_dir)
     if not found:
-        raise CheckpointError(f"no checkpoints in {Path(run_dir) / 'checkpoints'}")
+        raise CheckpointError(f"no checkpoints in {root}")
     problems = []
     for _, path in reversed(found):
         try:
@@ -290,19 +187,35 @@ def load_latest_checkpoint(run_dir: Path) -> tuple[int, dict[str, torch.Tensor],
         if problems:
             log.warning("resuming from %s (round %d) instead of a newer, damaged checkpoint", path, result[0])
         return result
-    raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / 'checkpoints'}:\n  " + "\n  ".join(problems))
+    if all("checkpoint format 1" in p for p in problems):
+        raise CheckpointError(f"{root}: every checkpoint was written by an older fedpeptao in checkpoint format 1, "
+                              f"which this version no longer reads; start the run again, or finish it with the "
+                              "version that wrote it")
+    raise CheckpointError(f"no usable checkpoint in {root}:\n  " + "\n  ".join(problems))
 
 
 # -- helpers ------------------------------------------------------------------------------------
 
-def _storable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, and no two entries sharing memory (safetensors refuses aliased storage)."""
+def _storable(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """CPU and contiguous tensors, and ``{name: earlier name}`` for a tensor stored under an
+    earlier name already (the same tensor twice); other tensors that share memory are copied
+    (safetensors refuses aliased storage)."""
     out: dict[str, torch.Tensor] = {}
+    same_as: dict[str, str] = {}
+    views: dict[tuple, str] = {}
     storages: set[int] = set()
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"tensor '{name}' is a {type(t).__name__}; use flatten_state for non-tensor values")
-        t = t.detach().cpu().contiguous()
+            raise CheckpointError(f"tensor '{name}' is a {type(t).__name__}; non-tensor values belong in the JSON part")
+        t = t.detach()
+        if t.untyped_storage().nbytes():
+            view = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                    t.dtype)
+            if view in views:
+                same_as[name] = views[view]
+                continue
+            views[view] = name
+        t = t.cpu().contiguous()
         if t.untyped_storage().nbytes():
             ptr = t.untyped_storage().data_ptr()
             if ptr in storages:
@@ -310,7 +223,7 @@ def _storable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 ptr = t.untyped_storage().data_ptr()
             storages.add(ptr)
         out[name] = t
-    return out
+    return out, same_as
 
 
 def _meta_digest(body: Mapping[str, Any]) -> str:

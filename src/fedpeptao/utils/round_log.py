@@ -1,5 +1,8 @@
 """Per-round metrics: one JSON line per round in ``metrics.jsonl``, optionally mirrored to TensorBoard.
 
+A row's ``round`` is the global round as users read it everywhere, from 1 (round 1: after the
+first round of training); it is also the row's TensorBoard step.
+
 The JSONL file is the source of truth (reports and resume read it); TensorBoard is a live view for
 people who already watch their runs there. Both runtimes (simulator and Flower strategy) write
 through :class:`RoundLog`, so the two files never disagree on what a round row holds.
@@ -25,11 +28,6 @@ def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
-def _step(round_index: int) -> int:
-    """TensorBoard step of a round: rounds are shown from 1, as in reports."""
-    return round_index + 1
-
-
 def close_row(row: dict[str, Any], previous: Mapping[str, Any], elapsed_s: float) -> dict[str, Any]:
     """Add the running totals to a finished round's row: training time (the slowest client of each
     round, SPEC section 4), bytes up + down, wall seconds since the run started."""
@@ -42,8 +40,9 @@ def close_row(row: dict[str, Any], previous: Mapping[str, Any], elapsed_s: float
 class RoundLog:
     """Appends round rows to ``run_dir/metrics.jsonl`` (and ``run_dir/tensorboard/`` when asked)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False, first_round: int = 0) -> None:
-        """``first_round``: index of the first round this log will write (a resumed run's next round).
+    def __init__(self, run_dir: Path, tensorboard: bool = False, first_round: int = 1) -> None:
+        """``first_round``: the number of the first round this log will write (from 1; a resumed
+        run's next round).
 
         ``tensorboard=True`` assumes the config validated that the package is installed.
         """
@@ -53,14 +52,14 @@ class RoundLog:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops the events of rounds a resumed run is about to train again
-            purge = _step(first_round) if first_round else None
+            purge = first_round if first_round > 1 else None
             self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def write(self, row: Mapping[str, Any]) -> None:
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         if self._writer is not None:
-            step = _step(int(row["round"]))
+            step = int(row["round"])
             for key in SCALARS:
                 value = row.get(key)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):

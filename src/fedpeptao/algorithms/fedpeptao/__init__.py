@@ -34,6 +34,7 @@ from fedpeptao.core.aggregation import ClientUpdate, PopulationUpdate, RoundUpda
 from fedpeptao.core.federation import ClientState
 from fedpeptao.core.payload import Message
 from fedpeptao.core.server import ServerState, ServerStepConfig, fedpeptao_step, first_contact_ratio
+from fedpeptao.utils.state import State, add_prefix, take_prefix
 
 log = logging.getLogger("fedpeptao.server")
 #: below this first-contact ratio the published correction turns the server's steps against the
@@ -100,7 +101,7 @@ class FedPepTAO(Algorithm):
         self.synced = set()
         self.server_state = ServerState(server_lr=self.settings.server_lr)
         choice = self.selection
-        log.info("FedPepTAO from round %d: sharing layers %s (ratio %.3f)", round_index, choice["layers"],
+        log.info("FedPepTAO from round %d: sharing layers %s (ratio %.3f)", round_index + 1, choice["layers"],
                  choice["ratio"])
 
     def client_message(self, client_id: int) -> Message:
@@ -124,19 +125,27 @@ class FedPepTAO(Algorithm):
         self._set_shared(fedpeptao_step(self.global_shared(), step_clients(updates), self.server_state,
                                         self.step_config, num_sampled=len(sampled)))
 
-    def state(self) -> dict[str, Any]:
-        return {**super().state(), "layer_selection": self.layer_selection.state(),
-                "server_state": None if self.server_state is None else self.server_state.to_tensors(),
-                "base": self.base, "base_version": self.base_version, "synced": sorted(self.synced),
-                "all_synced": self.all_synced}
+    def state(self) -> State:
+        """Adds ``base/<name>`` and the selective step's ``server/...`` tensors; the layer
+        selection and the base's bookkeeping as JSON."""
+        tensors, meta = super().state()
+        tensors.update(add_prefix("base", self.base))
+        meta.update(layer_selection=self.layer_selection.state(), server_state=None, base_version=self.base_version,
+                    synced=sorted(self.synced), all_synced=self.all_synced, local_steps=self.local_steps,
+                    participation=self.participation)
+        if self.server_state is not None:
+            server_tensors, meta["server_state"] = self.server_state.state()
+            tensors.update(add_prefix("server", server_tensors))
+        return tensors, meta
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        super().load_state(state)
-        self.layer_selection.load_state(state["layer_selection"])
-        tensors = state["server_state"]
-        self.server_state = None if tensors is None else ServerState.from_tensors(tensors)
-        self.base, self.base_version = dict(state["base"]), int(state["base_version"])
-        self.synced, self.all_synced = set(state["synced"]), bool(state["all_synced"])
+    def load_state(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        super().load_state(tensors, meta)
+        self.layer_selection.load_state(meta["layer_selection"])
+        server = meta["server_state"]
+        self.server_state = None if server is None else ServerState.from_state(take_prefix(tensors, "server"), server)
+        self.base, self.base_version = take_prefix(tensors, "base"), int(meta["base_version"])
+        self.synced, self.all_synced = set(meta["synced"]), bool(meta["all_synced"])
+        self.local_steps, self.participation = meta["local_steps"], float(meta["participation"])
 
     def summary(self) -> dict[str, Any]:
         return {"selection": self.selection, "shared_layers": None if self.selection is None else

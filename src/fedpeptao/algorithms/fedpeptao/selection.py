@@ -120,12 +120,13 @@ class LayerSelection:
         return sum(values) / len(values)
 
     def state(self) -> dict[str, Any]:
+        """JSON only (scores, ranking, choice, last clients): the algorithm's meta carries it."""
         return {"scores": self.scores, "ranking": self.ranking, "choice": self.choice,
                 "last_sampled": self.last_sampled}
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        self.scores, self.ranking, self.choice = state["scores"], state["ranking"], state["choice"]
-        self.last_sampled = list(state["last_sampled"])
+    def load_state(self, meta: Mapping[str, Any]) -> None:
+        self.scores, self.ranking, self.choice = meta["scores"], meta["ranking"], meta["choice"]
+        self.last_sampled = list(meta["last_sampled"])
 
     # -- device ---------------------------------------------------------------------------
     def run_tasks(self, task: ClientTask, works: Sequence[ClientWork]) -> list[dict[str, Any]]:
