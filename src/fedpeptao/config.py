@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedpeptao.algorithms import REGISTERED, REGISTRY, MethodConfig, method_config
 from fedpeptao.algorithms.fedpeptao import FedPepTAOSettings
 from fedpeptao.core.metrics import MetricName
+from fedpeptao.models.quantization import TINY_MODELS, quantization_refusal
 from fedpeptao.privacy.engine import resolve_noise_multiplier, update_noise_multiplier
 from fedpeptao.privacy.settings import PrivacySettings
 from fedpeptao.tasks import TASKS
@@ -43,6 +44,9 @@ class ModelConfig(_Section):
     template: str | None = None
     gradient_checkpointing: bool = False  # recompute the backbone's activations in backward (long sequences)
     random_init: bool = False  # benchmarks only: model.name is an architecture (roberta-large-config, ...) built untrained
+    #: the frozen backbone's linear layers quantized by bitsandbytes while it loads (fedpeptao.models.quantization):
+    #: int8 (LLM.int8) or nf4 (4-bit NormalFloat); trainables and optimiser state stay fp32
+    quantization: Literal["none", "int8", "nf4"] = "none"
 
     @field_validator("head")
     @classmethod
@@ -51,6 +55,15 @@ class ModelConfig(_Section):
         if value != "auto" and value not in TASKS:
             raise ValueError(f"unknown head '{value}' (expected auto, {', '.join(TASKS)})")
         return value
+
+    @model_validator(mode="after")
+    def _quantization_fits(self) -> "ModelConfig":
+        """A quantization that cannot load this backbone, refused in one line naming the key."""
+        tiny = self.name if self.name in TINY_MODELS else None
+        refusal = quantization_refusal(self.quantization, random_init=self.random_init, from_config=tiny)
+        if refusal:
+            raise ValueError(refusal)
+        return self
 
 
 class DataConfig(_Section):

@@ -41,6 +41,7 @@ from fedpeptao.models.builtin import (
     _quiet_transformers,
     resolve_builtin,
 )
+from fedpeptao.models.quantization import bitsandbytes_config, check_quantized, quantization_refusal
 from fedpeptao.tasks import TASKS
 
 
@@ -157,12 +158,21 @@ def _sdpa_or_eager(build):
         return build("eager")
 
 
-def _from_pretrained(cls, source: str, name: str, head: str, dtype: torch.dtype, **kwargs):
-    """``cls.from_pretrained`` with sdpa, float32, and a ModelError for random (missing) weights."""
+def _from_pretrained(cls, source: str, name: str, head: str, dtype: torch.dtype, quantization: str = "none",
+                     device: str | torch.device | None = None, **kwargs):
+    """``cls.from_pretrained`` with sdpa, float32, and a ModelError for random (missing) weights.
+
+    ``quantization`` (``int8``, ``nf4``): bitsandbytes quantizes the linear layers while they load,
+    on ``device`` (a quantized model is placed where it loads, not moved afterwards).
+    """
+    if quantization != "none":
+        kwargs["quantization_config"] = bitsandbytes_config(quantization, dtype)
+        kwargs["device_map"] = {"": str(device or "cpu")}
     with _quiet_transformers():
         model, info = _sdpa_or_eager(lambda attention: cls.from_pretrained(
             source, dtype=dtype, attn_implementation=attention, output_loading_info=True, **kwargs))
     missing = sorted(k for k in (info.get("missing_keys") or ()) if not k.startswith("pooler."))
+    check_quantized(model, quantization, name)
     if missing:
         what = {"masked_lm": "masked-LM head", "causal_lm": "language-model head"}.get(TASKS[head].backbone_class,
                                                                                      "weights")
@@ -172,7 +182,8 @@ def _from_pretrained(cls, source: str, name: str, head: str, dtype: torch.dtype,
     return model
 
 
-def _load_checkpoint(source: str, name: str, head: str, dtype: torch.dtype, **hub_kwargs) -> Backbone:
+def _load_checkpoint(source: str, name: str, head: str, dtype: torch.dtype, quantization: str = "none",
+                     device: str | torch.device | None = None, **hub_kwargs) -> Backbone:
     """Load a checkpoint folder or hub id (``hub_kwargs`` go to every from_pretrained call)."""
     try:
         config = AutoConfig.from_pretrained(source, **hub_kwargs)
@@ -184,7 +195,7 @@ def _load_checkpoint(source: str, name: str, head: str, dtype: torch.dtype, **hu
     head = default_head(kind) if head == "auto" else head
     check_head(kind, head, name)
     try:
-        model = _from_pretrained(model_class(head), source, name, head, dtype, **hub_kwargs)
+        model = _from_pretrained(model_class(head), source, name, head, dtype, quantization, device, **hub_kwargs)
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
     except ModelError:
@@ -222,27 +233,37 @@ def _looks_like_path(text: str) -> bool:
 
 
 def load_backbone(name_or_path: str | os.PathLike, head: str = "linear",
-                  dtype: torch.dtype = torch.float32) -> Backbone:
+                  dtype: torch.dtype = torch.float32, quantization: str = "none",
+                  device: str | torch.device | None = None) -> Backbone:
     """Load a frozen-to-be backbone and its tokenizer as the task ``head`` reads it.
 
     The task's ``backbone_class`` picks the transformers class: ``linear`` loads the base model
     (``AutoModel``) for a small trainable head on top, ``mlm`` ``AutoModelForMaskedLM`` (encoders
     whose checkpoint has the MLM head weights), ``lm`` ``AutoModelForCausalLM`` (decoders);
     ``head="auto"``: linear for encoders, lm for decoders. The kind is inferred from the config.
+
+    ``quantization`` (``model.quantization``: ``none``, ``int8``, ``nf4``): the linear layers are
+    quantized by bitsandbytes while they load (:mod:`fedpeptao.models.quantization`), on ``device``
+    (default: the CPU), computing in ``dtype``; a combination that cannot work is one ModelError line.
     """
     if head not in TASKS and head != "auto":
         raise ModelError(f"unknown head '{head}' (expected one of {', '.join(TASKS)})")
     text = os.fspath(name_or_path)
+    refusal = quantization_refusal(quantization)
+    if refusal:
+        raise ModelError(refusal)
     if text in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[text]
         head = default_head(builtin.kind) if head == "auto" else head
         check_head(builtin.kind, head, text)
-        return _load_checkpoint(str(resolve_builtin(text)), text, head, dtype)
+        return _load_checkpoint(str(resolve_builtin(text)), text, head, dtype, quantization, device)
     if text.startswith("tiny-"):
         from fedpeptao.models.tiny import TINY_ARCHS, tiny_backbone  # noqa: PLC0415 - avoids an import cycle
 
         arch = text[len("tiny-"):]
         if arch in TINY_ARCHS:
+            if quantization != "none":
+                raise ModelError(quantization_refusal(quantization, from_config=text))
             backbone = tiny_backbone(arch, head=None if head == "auto" else head)
             backbone.model.to(dtype)
             return backbone
@@ -250,23 +271,31 @@ def load_backbone(name_or_path: str | os.PathLike, head: str = "linear",
     if path.exists():
         if path.is_file():
             if path.suffix == ".gguf":
+                _refuse_gguf(quantization, text)
                 return _load_gguf(path, text, head, dtype)
             raise ModelError(f"'{text}' is a file, not a model directory (expected a folder with config.json)")
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
+                _refuse_gguf(quantization, text)
                 return _load_gguf(ggufs[0], text, head, dtype)
             raise ModelError(f"'{text}' is not a model directory (no config.json)")
-        return _load_checkpoint(str(path), text, head, dtype)
+        return _load_checkpoint(str(path), text, head, dtype, quantization, device)
     if _looks_like_path(text):
         raise ModelError(f"model path '{text}' does not exist")
-    return _load_hub(text, head, dtype)
+    return _load_hub(text, head, dtype, quantization, device)
 
 
-def _load_hub(model_id: str, head: str, dtype: torch.dtype) -> Backbone:
+def _refuse_gguf(quantization: str, name: str) -> None:
+    if quantization != "none":
+        raise ModelError(quantization_refusal(quantization, gguf=name))
+
+
+def _load_hub(model_id: str, head: str, dtype: torch.dtype, quantization: str = "none",
+              device: str | torch.device | None = None) -> Backbone:
     """From the Hugging Face cache first; the network only where the hub is enabled."""
     try:
-        return _load_checkpoint(model_id, model_id, head, dtype, local_files_only=True)
+        return _load_checkpoint(model_id, model_id, head, dtype, quantization, device, local_files_only=True)
     except ModelError as error:
         cached_error = error
     from huggingface_hub import constants  # noqa: PLC0415
@@ -278,7 +307,7 @@ def _load_hub(model_id: str, head: str, dtype: torch.dtype) -> Backbone:
         raise ModelError(f"model '{model_id}' is not available locally (not a builtin [{names}], not a local "
                          f"directory, not in the Hugging Face cache; hub access is off)")
     try:
-        return _load_checkpoint(model_id, model_id, head, dtype)
+        return _load_checkpoint(model_id, model_id, head, dtype, quantization, device)
     except ModelError as error:
         if _is_missing(error):
             raise ModelError(f"model '{model_id}' is not available locally (not a builtin [{names}], not a "
