@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedpeptao.algorithms import REGISTERED, REGISTRY, MethodConfig, method_config
 from fedpeptao.algorithms.fedpeptao import FedPepTAOSettings
-from fedpeptao.core.metrics import MetricName
+from fedpeptao.core.metrics import GENERATION_METRICS, MetricName
 from fedpeptao.models.quantization import TINY_MODELS, quantization_refusal
 from fedpeptao.privacy.engine import resolve_noise_multiplier, update_noise_multiplier
 from fedpeptao.privacy.settings import PrivacySettings
@@ -127,6 +127,13 @@ class ServerConfig(_Section):
     trim_ratio: float = Field(0.1, ge=0.0, lt=0.5)
 
 
+class GenerationConfig(_Section):
+    """Evaluation by generating (``model.head=generate``): greedy decoding."""
+
+    max_new_tokens: int = Field(16, ge=1, le=2048)
+    batch_size: int = Field(16, ge=1)
+
+
 class CheckpointConfig(_Section):
     every: int = Field(10, ge=0)  # rounds between checkpoints; 0 = only the final state
     keep: int = Field(3, ge=1)
@@ -153,6 +160,7 @@ class ExperimentConfig(_Section):
     method: MethodConfig = FedPepTAOSettings()  # the federated algorithm and its settings (method.name)
     tuning: TuningConfig = DeepPromptSettings()  # what trains on the frozen backbone (tuning.name)
     checkpoint: CheckpointConfig = CheckpointConfig()
+    generation: GenerationConfig = GenerationConfig()
     privacy: PrivacySettings = PrivacySettings()  # client-level differential privacy (privacy.mode)
 
     @field_validator("device")
@@ -194,6 +202,13 @@ class ExperimentConfig(_Section):
         if self.server.aggregation != "weighted_mean" and not method.robust_averaging:
             raise ValueError(f"server.aggregation: {self.server.aggregation} does not apply to {method.name}, whose "
                              f"server step weights clients by data size")
+        generative = self.model.head in TASKS and TASKS[self.model.head].generative
+        if self.data.metric is not None and generative != (self.data.metric in GENERATION_METRICS):
+            fits = ", ".join(GENERATION_METRICS) if generative else "a classification metric"
+            raise ValueError(f"data.metric: {self.data.metric} does not score model.head={self.model.head} (use {fits})")
+        if generative and tuning.name in ("idpg", "attempt"):
+            raise ValueError(f"tuning.name: {tuning.name} builds its prompt from the whole sequence, which in "
+                             f"instruction tuning holds the answer it is trained to predict")
         if method.needs_layer_groups and not tuning.per_layer:
             per_layer = ", ".join(n for n in TUNINGS if _tuning_class(n).per_layer)
             raise ValueError(f"tuning.name: {method.name} selects among per-layer groups, which {tuning.name} does not "

@@ -23,6 +23,7 @@ from fedpeptao.core.metrics import MetricName, default_metric
 from fedpeptao.data.dataset import TextDataset
 from fedpeptao.data.encoding import EncodedDataset, default_label_words, encode, label_word_ids
 from fedpeptao.data.partition import partition
+from fedpeptao.data.instruct import encode_instruct, load_instruct_splits
 from fedpeptao.data.tasks import load_splits
 from fedpeptao.models.tuned import TunedModel
 from fedpeptao.models.loading import Backbone, default_head, load_backbone, load_random_backbone
@@ -94,7 +95,7 @@ def build_tuned_model(cfg: ExperimentConfig, backbone: Backbone, label_names: li
     head = resolve_head(cfg, backbone)
     task_type = task_class(head)
     words = ids = None
-    if task_type.label_words:
+    if task_type.label_words:  # (a generative task reads no classes: label_names are its answers)
         words = cfg.model.label_words or default_label_words(label_names, is_pair)
         if len(words) != len(label_names):
             raise ValueError(f"model.label_words: expected {len(label_names)} words, got {len(words)}")
@@ -134,13 +135,19 @@ def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, ow
     """Everything a device needs, built from its config. ``own_data``: the data set is one client's, not partitioned."""
     torch.manual_seed(cfg.seed)
     backbone = backbone or load_configured_backbone(cfg)
-    train_set, val_set, eval_set = load_splits(cfg.data, cfg.data_seed())
+    generative = task_class(resolve_head(cfg, backbone)).generative
+    load = load_instruct_splits if generative else load_splits
+    train_set, val_set, eval_set = load(cfg.data, cfg.data_seed())
     tokenizer = backbone.tokenizer
     built = build_tuned_model(cfg, backbone, train_set.label_names, train_set.is_pair)
     model, head, length = built.model, built.head, built.max_length
-    layout = model.task.layout
-    train_data = encode(train_set, tokenizer, layout, length, cfg.model.template)
-    eval_data = encode(eval_set, tokenizer, layout, length, cfg.model.template)
+
+    def encode_split(dataset):
+        if generative:
+            return encode_instruct(dataset, tokenizer, length, model=backbone.model)
+        return encode(dataset, tokenizer, model.task.layout, length, cfg.model.template)
+
+    train_data, eval_data = encode_split(train_set), encode_split(eval_set)
     if own_data:
         train_parts = [np.arange(len(train_set), dtype=np.int64)]
         eval_parts = [np.arange(len(eval_set), dtype=np.int64)]
@@ -149,7 +156,7 @@ def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, ow
             train_set.labels, eval_set.labels, cfg.data.partition, cfg.federated.num_clients, cfg.data.alpha,
             cfg.data_seed(), min_size=2, size_alpha=cfg.data.size_alpha)
     if val_set is not None:
-        val_data = encode(val_set, tokenizer, layout, length, cfg.model.template)
+        val_data = encode_split(val_set)
         val_parts = ([np.arange(len(val_set), dtype=np.int64)] if own_data else
                      partition(train_set.labels, val_set.labels, cfg.data.partition, cfg.federated.num_clients,
                                cfg.data.alpha, cfg.data_seed(), min_size=2, size_alpha=cfg.data.size_alpha)[1])
@@ -159,8 +166,9 @@ def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, ow
         val_data = train_data
         validation = f"{cfg.data.validation_fraction:g} of each client's training data, held out (seeded)"
     splits = {"validation": validation, "test": f"test split ({eval_set.source or cfg.data.task})"}
+    metric = cfg.data.metric or ("exact_match" if generative else default_metric(train_set.layout))
     return Federation(cfg, model, model.trainable_state(), train_data, eval_data, train_parts, eval_parts,
-                      local_config(cfg), cfg.data.metric or default_metric(train_set.layout), train_set.num_labels,
+                      local_config(cfg), metric, len(train_set.label_names),
                       backbone, head, train_set, eval_set, built.label_words, val_data, val_parts, splits)
 
 

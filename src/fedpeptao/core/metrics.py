@@ -12,7 +12,9 @@ from typing import Literal, get_args
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-MetricName = Literal["accuracy", "f1", "macro_f1", "mcc", "acc_f1"]
+MetricName = Literal["accuracy", "f1", "macro_f1", "mcc", "acc_f1", "exact_match", "choice_accuracy"]
+#: the metrics of generated answers (:class:`fedpeptao.generation.GenerationScore`), not of classes
+GENERATION_METRICS: tuple[str, ...] = ("exact_match", "choice_accuracy")
 METRICS: tuple[str, ...] = get_args(MetricName)
 LAYOUT_METRICS: dict[str, MetricName] = {"cola": "mcc", "mrpc": "acc_f1"}
 

@@ -36,6 +36,7 @@ import torch
 
 from fedpeptao.data.dataset import DataError
 from fedpeptao.data.encoding import EncodedDataset, special_wrap
+from fedpeptao.data.tasks import cap_examples
 
 log = logging.getLogger("fedpeptao.data")
 
@@ -55,6 +56,12 @@ class InstructDataset:
     layout: InstructLayout
     columns: dict[str, list] = field(default_factory=dict)  # every other column, row-aligned
     source: str | None = None
+    #: the distinct answers (case and spacing folded) of the run's splits, and each example's index
+    #: among them: what a Dirichlet partition over the answer and the majority rate read
+    #: (:func:`answer_classes`); a run without them partitions as one class
+    label_names: list[str] = field(default_factory=list)
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    is_pair = False
 
     def __post_init__(self) -> None:
         if len(self.prompts) != len(self.completions):
@@ -88,6 +95,35 @@ class InstructDataset:
         names = sorted(set(values))
         index = {name: i for i, name in enumerate(names)}
         return np.asarray([index[v] for v in values], dtype=np.int64), names
+
+
+def answer_classes(*datasets: InstructDataset | None) -> None:
+    """Give every dataset the same answer classes (``label_names``, ``labels``): the distinct
+    completions of all of them, case and spacing folded."""
+    present = [d for d in datasets if d is not None]
+    names = sorted({" ".join(c.lower().split()) for d in present for c in d.completions})
+    index = {name: i for i, name in enumerate(names)}
+    for d in present:
+        d.label_names = names
+        d.labels = np.asarray([index[" ".join(c.lower().split())] for c in d.completions], dtype=np.int64)
+
+
+def load_instruct_splits(cfg, seed: int) -> tuple[InstructDataset, InstructDataset | None, InstructDataset]:
+    """(train, validation or None, test) of instruction data (``cfg`` is a DataConfig: a task folder,
+    or ``train_file``/``eval_file``/``validation_file``), capped as classification data is, with
+    shared answer classes."""
+    if cfg.train_file:
+        if not cfg.eval_file:
+            raise DataError("data.eval_file: required when data.train_file is given")
+        train, evaluation = read_instruct(cfg.train_file), read_instruct(cfg.eval_file)
+        validation = read_instruct(cfg.validation_file) if cfg.validation_file else None
+    else:
+        train, validation, evaluation = load_instruct_dir(cfg.task)
+    train = cap_examples(train, cfg.max_train_examples, seed)
+    validation = None if validation is None else cap_examples(validation, cfg.max_eval_examples, seed + 2)
+    evaluation = cap_examples(evaluation, cfg.max_eval_examples, seed + 1)
+    answer_classes(train, validation, evaluation)
+    return train, validation, evaluation
 
 
 # -- reading ------------------------------------------------------------------------------

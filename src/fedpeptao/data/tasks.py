@@ -19,8 +19,9 @@ from fedpeptao.data.readers import load_task_dir, read_table
 BUNDLED = {"rotten_tomatoes": rotten_tomatoes}
 
 
-def _cap(dataset: TextDataset, limit: int | None, seed: int) -> TextDataset:
-    """A seeded random subset, for quick studies on large tasks."""
+def cap_examples(dataset, limit: int | None, seed: int):
+    """A seeded random ``limit`` of a dataset's examples (anything with ``subset``), in their
+    original order: quick studies on large tasks."""
     if limit is None or len(dataset) <= limit:
         return dataset
     keep = np.sort(np.random.default_rng(seed).choice(len(dataset), size=limit, replace=False))
@@ -48,10 +49,10 @@ def load_splits(cfg, seed: int) -> tuple[TextDataset, TextDataset | None, TextDa
         raise DataError(f"data.task: '{cfg.task}' is neither a bundled task ({', '.join(BUNDLED)}) nor a folder")
     _require_two_labels(train, "")
     if validation is not None:
-        validation = _cap(validation, cfg.max_eval_examples, seed + 2)
-    capped = _cap(train, cfg.max_train_examples, seed)
+        validation = cap_examples(validation, cfg.max_eval_examples, seed + 2)
+    capped = cap_examples(train, cfg.max_train_examples, seed)
     _require_two_labels(capped, f" after data.max_train_examples={cfg.max_train_examples}")
-    return capped, validation, _cap(evaluation, cfg.max_eval_examples, seed + 1)
+    return capped, validation, cap_examples(evaluation, cfg.max_eval_examples, seed + 1)
 
 
 def _require_two_labels(train: TextDataset, after: str) -> None:

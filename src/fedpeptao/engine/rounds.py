@@ -43,6 +43,7 @@ from fedpeptao.core.aggregation import ClientUpdate, RoundUpdates
 from fedpeptao.core.metrics import expand_confusion, score
 from fedpeptao.core.payload import Message
 from fedpeptao.core.validation import ValidationPolicy, filter_updates
+from fedpeptao.generation import GenerationScore
 from fedpeptao.privacy.engine import ClientPrivacy
 from fedpeptao.report.summary import config_difference
 from fedpeptao.utils.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
@@ -71,14 +72,22 @@ class TrainReply:
 
 @dataclass
 class SplitResult:
-    """One client's evaluation on one split: ``[true, predicted]`` counts and the summed loss."""
+    """One client's evaluation on one split, as counts that pool by adding: ``[true, predicted]``
+    counts (classification) or generated answers' counts (:class:`~fedpeptao.generation.GenerationScore`'s,
+    plus the completion ``tokens`` the loss is summed over), and the summed loss."""
 
-    confusion: np.ndarray
+    confusion: np.ndarray | None
     loss_sum: float
+    generation: dict[str, int] | None = None
 
     @property
     def count(self) -> int:
-        return int(self.confusion.sum())
+        return int(self.confusion.sum()) if self.generation is None else int(self.generation["examples"])
+
+    @property
+    def loss_weight(self) -> int:
+        """What the loss is a sum over: examples, or completion tokens."""
+        return self.count if self.generation is None else int(self.generation["tokens"])
 
 
 @dataclass
@@ -314,24 +323,35 @@ def pool_evaluations(replies: Sequence[EvalReply], metric: str) -> dict[str, Any
     """Every client's predictions pooled per split (as confusion counts, which give accuracy, F1
     and MCC exactly), the mean loss over the pooled examples, and each evaluated client's test
     accuracy (``{client id: accuracy}``)."""
-    totals: dict[str, np.ndarray] = {}
-    losses = dict.fromkeys(SPLITS, 0.0)
+    pooled: dict[str, list[SplitResult]] = {}
     per_client: dict[str, float] = {}  # by client id (a Flower node may serve any id)
     for reply in sorted(replies, key=lambda r: r.client_id):
         for split, result in reply.splits.items():
             if result.count == 0:
                 continue
-            totals[split] = result.confusion if split not in totals else totals[split] + result.confusion
-            losses[split] += result.loss_sum
+            pooled.setdefault(split, []).append(result)
             if split == "test":
-                per_client[str(reply.client_id)] = float(np.trace(result.confusion) / result.count)
+                per_client[str(reply.client_id)] = split_metrics([result], "accuracy")["accuracy"]
     row: dict[str, Any] = {}
     for split, prefix in (("test", ""), ("validation", "val_")):
-        if split in totals:
-            preds, labels = expand_confusion(totals[split])
-            row.update({f"{prefix}accuracy": score("accuracy", preds, labels),
-                        f"{prefix}metric": score(metric, preds, labels),
-                        f"{prefix}loss" if prefix else "eval_loss": losses[split] / len(labels)})
-    if "test" in totals:
-        row.update({"client_accuracy": per_client, "eval_examples": int(totals["test"].sum())})
+        if split in pooled:
+            values = split_metrics(pooled[split], metric)
+            row.update({f"{prefix}{name}" if name != "loss" or prefix else "eval_loss": value
+                        for name, value in values.items()})
+    if "test" in pooled:
+        row.update({"client_accuracy": per_client, "eval_examples": sum(r.count for r in pooled["test"])})
     return row
+
+
+def split_metrics(results: Sequence[SplitResult], metric: str) -> dict[str, float]:
+    """``accuracy``, ``metric`` and ``loss`` of clients' results on one split, pooled: classes from
+    the summed confusion counts; generated answers from the summed counts (``accuracy`` is the
+    exact match, and ``exact_match`` / ``choice_accuracy`` are reported too)."""
+    loss = sum(r.loss_sum for r in results) / max(sum(r.loss_weight for r in results), 1)
+    if results[0].generation is None:
+        preds, labels = expand_confusion(sum(r.confusion for r in results))
+        return {"accuracy": score("accuracy", preds, labels), "metric": score(metric, preds, labels), "loss": loss}
+    counts = {key: sum(r.generation[key] for r in results) for key in results[0].generation if key != "tokens"}
+    values = GenerationScore.from_counts(counts).metrics()
+    return {"accuracy": values["exact_match"], "metric": values.get(metric, values["exact_match"]), **values,
+            "loss": loss}

@@ -28,6 +28,7 @@ from fedpeptao.core.payload import Message
 from fedpeptao.data.encoding import EncodedDataset
 from fedpeptao.engine.rounds import EvalReply, SplitResult, TrainReply
 from fedpeptao.experiment import Federation
+from fedpeptao.generation import completion_loss, evaluate_generation
 from fedpeptao.models.slots import ClientView, batch_refusal
 from fedpeptao.privacy.engine import ClientPrivacy
 from fedpeptao.utils.device import to_device
@@ -127,7 +128,7 @@ class ClientWorker:
         test and validation examples; several clients per pass where the tuning allows."""
         tensors = {job.client_id: self.algorithm.client_start(job.message, job.state) for job in jobs}
         replies = {job.client_id: EvalReply(job.client_id) for job in jobs}
-        num_labels = self.fed.num_labels
+        score = self._generated if self.model.task.generative else self._classified
         for group in self.passes(list(tensors), self.pooled_eval):
             for split, data, parts in self.splits():
                 members = [k for k in group if len(parts[self.partition_of(k)])]
@@ -137,9 +138,23 @@ class ClientWorker:
                 own = [tensors[k] for k in members]
                 if len(members) > 1:
                     own = to_device(own, self.model.device)
-                for k, part, (preds, loss_sum) in zip(members, indices, predict(self.model, data, indices, own)):
-                    replies[k].splits[split] = SplitResult(confusion(preds, data.labels[part], num_labels), loss_sum)
+                for k, result in zip(members, score(data, indices, own)):
+                    replies[k].splits[split] = result
         return [replies[job.client_id] for job in jobs]
+
+    def _classified(self, data: EncodedDataset, parts: list[np.ndarray], tensors: list) -> list[SplitResult]:
+        """Each client's confusion counts and summed loss on its examples ``parts[k]``."""
+        return [SplitResult(confusion(preds, data.labels[part], self.fed.num_labels), loss_sum)
+                for part, (preds, loss_sum) in zip(parts, predict(self.model, data, parts, tensors))]
+
+    def _generated(self, data, parts: list[np.ndarray], tensors: list) -> list[SplitResult]:
+        """Each client's greedy answers scored against the references, and its summed completion loss."""
+        gen = self.cfg.generation
+        scores = evaluate_generation(self.model, self.fed.backbone.tokenizer, data, parts, tensors,
+                                     gen.max_new_tokens, gen.batch_size, self.cfg.model.max_length)
+        losses = completion_loss(self.model, data, parts, tensors, gen.batch_size)
+        return [SplitResult(None, loss_sum, {**score.counts(), "tokens": tokens})
+                for score, (loss_sum, tokens) in zip(scores, losses)]
 
     # -- an algorithm phase's task ----------------------------------------------------------
     def run_task(self, task: ClientTask, clients: Sequence[int]) -> dict[int, dict]:

@@ -20,8 +20,9 @@ from torch import nn
 #: which transformers class the backbone loads as: ``AutoModel``, ``AutoModelForMaskedLM``, ``AutoModelForCausalLM``
 BackboneClass = Literal["base", "masked_lm", "causal_lm"]
 #: how an example's text is laid out (:func:`fedpeptao.data.encoding.encode`): the text alone, a template
-#: with a ``{mask}``, or a template whose last token predicts the label word
-Layout = Literal["plain", "mask", "next_word"]
+#: with a ``{mask}``, a template whose last token predicts the label word, or an instruction prompt
+#: followed by its completion (:func:`fedpeptao.data.instruct.encode_instruct`)
+Layout = Literal["plain", "mask", "next_word", "instruct"]
 
 
 @dataclass
@@ -80,6 +81,8 @@ class Task:
     kinds: ClassVar[tuple[str, ...]] = ("encoder", "decoder")
     #: whether the task reads one word per class (``model.label_words``)
     label_words: ClassVar[bool] = False
+    #: whether the task is scored by generating (instruction data, exact match) rather than by classes
+    generative: ClassVar[bool] = False
 
     def __init__(self, backbone: nn.Module, num_labels: int, label_word_ids: list[int] | None = None) -> None:
         if self.label_words and (label_word_ids is None or len(label_word_ids) != num_labels):

@@ -95,8 +95,9 @@ class Generate(Task):
 
     name = "generate"
     backbone_class = "causal_lm"
-    layout = "instruct"  # type: ignore[assignment]  (data from fedpeptao.data.instruct.encode_instruct)
+    layout = "instruct"  # data from fedpeptao.data.instruct.encode_instruct
     kinds = ("decoder",)
+    generative = True
 
     def __init__(self, backbone: nn.Module, num_labels: int = 0, label_word_ids: list[int] | None = None) -> None:
         super().__init__(backbone, num_labels, None)
