@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedpeptao.config import ConfigError, load_config
 from fedpeptao.sim.simulator import Simulation
@@ -61,3 +62,16 @@ def test_a_classification_metric_or_an_input_dependent_prompt_is_refused_in_one_
     for extra, key in ((["data.metric=mcc"], "data.metric"), (["tuning.name=idpg"], "tuning.name")):
         with pytest.raises(ConfigError, match=rf"^{key}: "):
             load_config(None, [*base, *extra])
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_a_quantized_real_backbone_runs_on_the_cpu_and_keeps_trainables_fp32(tmp_path, quantization):
+    sim = Simulation(load_config(None, [
+        "model.name=smollm2-135m", "model.head=generate", f"data.task={write_instruct(tmp_path / 'd', repeat=1)}",
+        "data.max_train_examples=12", "data.max_eval_examples=4", "model.max_length=64", "federated.num_clients=2",
+        "federated.clients_per_round=2", "federated.rounds=1", "generation.max_new_tokens=2", "progress=false",
+        f"model.quantization={quantization}", "method.ratio=0.5", "tuning.num_prompt_tokens=4"]))
+    sim.run()
+    assert any("Linear8bitLt" in type(m).__name__ or "Linear4bit" in type(m).__name__ for m in sim.model.modules())
+    assert all(p.dtype == torch.float32 for p in sim.model.parameters() if p.requires_grad)
+    assert math.isfinite(sim.history[-1]["eval_loss"]) and 0.0 <= sim.history[-1]["exact_match"] <= 1.0

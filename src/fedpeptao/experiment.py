@@ -128,6 +128,9 @@ def load_configured_backbone(cfg: ExperimentConfig) -> Backbone:
     """The run's backbone: pretrained weights, or (``model.random_init``) an architecture untrained."""
     if cfg.model.random_init:
         return load_random_backbone(cfg.model.name, cfg.model.head, seed=cfg.seed)
+    if cfg.model.quantization != "none":  # quantized while loading, on its device, computing in the run's precision
+        return load_backbone(cfg.model.name, head=cfg.model.head, dtype=DTYPES[cfg.precision],
+                             quantization=cfg.model.quantization, device=resolve_device(cfg.device))
     return load_backbone(cfg.model.name, head=cfg.model.head)
 
 
