@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_report)
     evaluate = sub.add_parser("evaluate", help="metrics of a finished run's global or client model")
     _model_arguments(evaluate)
-    evaluate.add_argument("--data", type=Path, help="task folder or labelled table (default: the run's own test split)")
+    evaluate.add_argument("--data", type=Path, help="task folder or labelled table; for a generative run an instruct "
+                                                    "folder or file (default: the run's own test split)")
     evaluate.add_argument("--split", choices=["test"], default="test", help="which split of the run's data")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.set_defaults(func=_evaluate)
@@ -103,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", type=Path, help="where to write the JSON lines (default: standard output)")
     predict.add_argument("--batch-size", type=int, default=32)
     predict.set_defaults(func=_predict)
+    generate = sub.add_parser("generate", help="answer prompts with a finished generative run's model (greedy): one "
+                                               "JSON line per prompt")
+    _model_arguments(generate)
+    generate.add_argument("--input", required=True,
+                          help="JSON lines with a 'prompt' field (text, or a list of {role, content} messages), or - "
+                               "for standard input; or any instruction file/folder the run could train on (its "
+                               "prompts are answered)")
+    generate.add_argument("--output", type=Path, help="where to write the JSON lines (default: standard output)")
+    generate.add_argument("--max-new-tokens", type=int, help="answer tokens at most (default: the run's "
+                                                             "generation.max_new_tokens)")
+    generate.add_argument("--batch-size", type=int, help="prompts per pass (default: the run's generation.batch_size)")
+    generate.set_defaults(func=_generate)
     export = sub.add_parser("export", help="write a finished run's model as a PEFT adapter or plain safetensors")
     _model_arguments(export)
     export.add_argument("--format", choices=["peft", "safetensors"], required=True)
@@ -157,6 +170,57 @@ def _predict(args: argparse.Namespace) -> int:
                         "probabilities": {name: float(v) for name, v in zip(model.labels, p)}})
             for x, p in zip(inputs, probs)]
     out = "\n".join(rows) + "\n"
+    if args.output:
+        args.output.write_text(out, encoding="utf-8")
+    else:
+        sys.stdout.write(out)
+    return 0
+
+
+def _read_prompts(source: str) -> list:
+    """``--input`` of ``generate``: JSON lines with a ``prompt`` field (text, or a list of messages),
+    or any instruction file or folder :func:`~fedpeptao.data.instruct.read_instruct` reads (its prompts)."""
+    path = None if source == "-" else Path(source)
+    if path is None or (path.is_file() and path.suffix.lower() == ".jsonl"):
+        text = sys.stdin.read() if path is None else path.read_text(encoding="utf-8")
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"--input {source}: line {number} is not JSON ({exc.msg})") from None
+        if not rows:
+            raise ValueError(f"--input {source}: no prompts")
+        if all(isinstance(row, dict) and "prompt" in row for _, row in rows):
+            for number, row in rows:
+                prompt = row["prompt"]
+                if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                                    and all(isinstance(m, dict) for m in prompt))):
+                    raise ValueError(f"--input {source}: line {number}: 'prompt' should be text or a list of "
+                                     f"{{role, content}} messages")
+            return [row["prompt"] for _, row in rows]
+        if path is None:
+            raise ValueError("--input -: every line needs a 'prompt' field (text or a list of {role, content} "
+                             "messages)")
+    from fedpeptao.data.instruct import load_instruct_dir, read_instruct  # noqa: PLC0415
+
+    if path.is_dir() and not (path / "state.json").is_file():  # a task folder: its test split
+        return load_instruct_dir(path)[2].prompts
+    return read_instruct(path).prompts
+
+
+def _generate(args: argparse.Namespace) -> int:
+    prompts = _read_prompts(args.input)  # before the model loads: bad input costs nothing
+    model = _load(args)
+    truncated = model.count_truncated_prompts(prompts, args.max_new_tokens)
+    if truncated:
+        new = args.max_new_tokens or model.cfg.generation.max_new_tokens
+        print(f"warning: {truncated} of {len(prompts)} prompts do not fit model.max_length "
+              f"({model.cfg.model.max_length} tokens) with {new} answer tokens; their beginnings were cut",
+              file=sys.stderr)
+    answers = model.generate(prompts, args.max_new_tokens, args.batch_size, progress=len(prompts) > 200)
+    out = "".join(json.dumps({"prompt": p, "generated": a}) + "\n" for p, a in zip(prompts, answers))
     if args.output:
         args.output.write_text(out, encoding="utf-8")
     else:

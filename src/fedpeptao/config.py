@@ -216,6 +216,35 @@ class ExperimentConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> "ExperimentConfig":
+        """Secure aggregation with what needs one client's update, refused before any work (one line)."""
+        privacy, method = self.privacy, self.method
+        if not privacy.secure_aggregation:
+            return self
+        if method.secure_aggregation_refusal:
+            raise ValueError(f"privacy.secure_aggregation: {method.secure_aggregation_refusal}")
+        if self.server.aggregation != "weighted_mean":
+            raise ValueError(f"server.aggregation: {self.server.aggregation} needs every client's update, but under "
+                             f"privacy.secure_aggregation the server learns only their sum (use weighted_mean)")
+        if self.server.max_update_norm is not None:
+            raise ValueError("server.max_update_norm: under privacy.secure_aggregation the server sees no single "
+                             "update to bound; unset it (privacy.mode=central or distributed clips on the devices)")
+        refusal = privacy.secagg.refusal(self.federated.clients_per_round)
+        if refusal:
+            raise ValueError(refusal)
+        devices_noise = privacy.mode in ("local", "distributed")
+        if privacy.enabled and not privacy.adaptive and not (devices_noise and self.private_releases()):
+            clip_norm = float(privacy.clip_norm)  # (a refused selection is _privacy_fits' line)
+            per_round = self.federated.clients_per_round
+            share = {"central": 0.0, "local": 1.0, "distributed": per_round ** -0.5}[privacy.mode]
+            needed = clip_norm * (1.0 + 6.0 * share * self.noise_multiplier())
+            if privacy.secagg.clipping_range < needed:
+                raise ValueError(f"privacy.secagg.clipping_range: {privacy.secagg.clipping_range:g} is below the "
+                                 f"clipped update plus 6 std of a device's noise ({needed:.3g}); a device whose "
+                                 f"value falls outside it leaves the round")
+        return self
+
+    @model_validator(mode="after")
     def _privacy_fits(self) -> "ExperimentConfig":
         """DP settings that cannot work with the rest, refused before any work (one line each)."""
         privacy, method, fed = self.privacy, self.method, self.federated
@@ -227,9 +256,10 @@ class ExperimentConfig(_Section):
             raise ValueError(f"server.aggregation: {self.server.aggregation} cannot run under privacy.mode="
                              f"{privacy.mode}; the noise is calibrated to the sum of clipped updates (use weighted_mean)")
         releases = self.private_releases()
-        if privacy.mode == "local" and releases:
-            raise ValueError(f"privacy.selection: {method.name} under privacy.mode=local needs privacy.selection=public"
-                             f" (its layer scores and Hessian ratio are not noised on the devices)")
+        if privacy.mode in ("local", "distributed") and releases:
+            raise ValueError(f"privacy.selection: {method.name} under privacy.mode={privacy.mode} needs "
+                             f"privacy.selection=public (its layer scores and Hessian ratio are not noised on the "
+                             f"devices)")
         z = resolve_noise_multiplier(privacy, fed.num_clients, fed.clients_per_round, fed.rounds, releases)
         if privacy.adaptive:
             update_noise_multiplier(z, privacy.resolved_count_stddev(fed.clients_per_round))

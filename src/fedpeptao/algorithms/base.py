@@ -69,6 +69,8 @@ class AlgorithmSettings(BaseModel):
     needs_layer_groups: ClassVar[bool] = False
     #: why client-level DP cannot cover what this algorithm sends (None: it can)
     dp_refusal: ClassVar[str | None] = None
+    #: why the algorithm cannot run on the sum of its clients' updates alone (None: it can)
+    secure_aggregation_refusal: ClassVar[str | None] = None
 
     def private_releases(self) -> int:
         """How many data-dependent releases before training DP must count (FedPepTAO's selection)."""

@@ -34,6 +34,8 @@ class ScaffoldSettings(AlgorithmSettings):
     robust_averaging = False
     dp_refusal = ("scaffold sends per-client control-variate deltas that client-level DP does not cover; use "
                   "fedpeptao, whose control variates come from the privatised mean, or fedavg")
+    secure_aggregation_refusal = ("scaffold's server step needs each client's control-variate delta, which "
+                                  "secure aggregation does not reveal; use fedpeptao (its population form) or fedavg")
 
 
 def scaffold_client_control(c_k: Tensor, c: Tensor, x: Tensor, y: Tensor, num_steps: int, local_lr: float) -> Tensor:

@@ -6,7 +6,7 @@ A round yields one of two things, and an algorithm's server step is told which:
   each client's tensors;
 * only their mean (a :class:`PopulationUpdate`), when the clients' updates are known together
   and never one by one: central DP releases a noised mean of clipped changes, and secure
-  aggregation would reveal only the sum.
+  aggregation reveals only the sum (:mod:`fedpeptao.privacy.secure`).
 
 The averaging rule is runtime-wide (``server.aggregation``, :func:`averaging`): the weighted mean,
 or a robust coordinate median or trimmed mean. The robust rules are *unweighted* per

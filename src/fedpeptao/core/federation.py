@@ -19,6 +19,7 @@ from fedpeptao.utils.state import State, add_prefix, take_prefix
 Tensors = dict[str, torch.Tensor]
 
 TRAIN_STREAM, SCORE_STREAM, HESSIAN_STREAM, PRIVACY_STREAM, COUNT_STREAM, ORDER_STREAM = 0, 1, 2, 3, 4, 5
+QUANTIZE_STREAM = 6  # the simulator's stochastic rounding under secure aggregation
 
 
 def round_seed(seed: int, round_index: int, client_id: int, stream: int = TRAIN_STREAM) -> int:

@@ -10,6 +10,8 @@ strategy wraps them in Flower messages. Either way a round reads::
     messages = engine.train_messages(sampled)    # each client's Message (bytes counted)
     ... the transport delivers them and collects TrainReply's ...
     engine.receive_training(replies)             # acknowledge, validate, privacy, algorithm step
+    # or, under privacy.secure_aggregation, only the sum (Flower's SecAgg+ or privacy.secure.sum_of):
+    engine.receive_secure(summed)                # acknowledge, privacy, the step on the population's mean
     if engine.evaluates(t):
         ... deliver engine.message(k) to the evaluated clients, collect EvalReply's ...
         engine.receive_evaluation(replies)       # pooled metrics, one way
@@ -45,6 +47,7 @@ from fedpeptao.core.payload import Message
 from fedpeptao.core.validation import ValidationPolicy, filter_updates
 from fedpeptao.generation import GenerationScore
 from fedpeptao.privacy.engine import ClientPrivacy
+from fedpeptao.privacy.secure import SecureRound, layout_problem, masked_bytes, mean_update, summed_tensors
 from fedpeptao.report.summary import config_difference
 from fedpeptao.utils.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from fedpeptao.utils.round_log import RoundLog, close_row
@@ -213,6 +216,47 @@ class RoundEngine:
         elif not updates:
             log.warning("round %d: no valid update; global state unchanged", row["round"])
             return
+        algo.aggregate(t, row["sampled"], learned)
+
+    def receive_secure(self, summed: SecureRound | None, halted: str = "") -> None:
+        """Secure aggregation (``privacy.secure_aggregation``): the round's sum instead of replies,
+        from Flower's SecAgg+ or the simulator's :func:`~fedpeptao.privacy.secure.sum_of`; ``None``
+        when the protocol halted (``halted`` says why): nothing was revealed, the round is skipped.
+        The contributors are acknowledged and the algorithm's step receives a
+        :class:`~fedpeptao.core.aggregation.PopulationUpdate` built from the sum (privatised under
+        DP), never one client's update; the row counts ``contributors`` and ``dropped``."""
+        t, algo, row = self.t, self.algorithm, self.row
+        contributors = [] if summed is None else sorted(summed.contributors)
+        for k in contributors:
+            algo.acknowledge(k)
+        reference = algo.global_shared()
+        row.update({"clients": contributors, "failed": sorted(set(row["sampled"]) - set(contributors)),
+                    "contributors": len(contributors), "dropped": len(row["sampled"]) - len(contributors),
+                    "bytes_up": len(contributors) * masked_bytes(reference),
+                    "slowest_client_s": max(summed.seconds.values(), default=0.0) if summed else 0.0,
+                    "train_loss": float(np.nanmean(list(summed.losses.values())))
+                    if summed and summed.losses else float("nan")})
+        if summed is None:
+            log.warning("round %d: secure aggregation halted (%s); nothing revealed, global tensors unchanged",
+                        row["round"], halted or "no sum")
+            row["skipped"] = True
+            return
+        if row["failed"]:
+            log.warning("round %d: clients %s are not in the secure sum (error, timeout or dropped out)",
+                        row["round"], row["failed"])
+        problem = layout_problem(summed, reference)
+        if len(contributors) < self.min_replies or problem is not None:
+            log.warning("round %d: %s; global tensors unchanged", row["round"], problem or
+                        f"{len(contributors)} of {len(row['sampled'])} sampled clients in the sum, fewer than "
+                        f"min-replies={self.min_replies}")
+            row["skipped"] = True
+            return
+        if self.privacy is not None:
+            learned = self.privacy.aggregate_sum(t, summed_tensors(summed, reference), len(contributors), reference,
+                                                 self._population, len(row["sampled"]), summed.mean_steps())
+            row["epsilon"] = self.privacy.epsilon()
+        else:
+            learned = mean_update(summed, reference)
         algo.aggregate(t, row["sampled"], learned)
 
     def evaluates(self, t: int) -> bool:

@@ -28,7 +28,9 @@ from fedpeptao.flower import records as R
 from fedpeptao.flower.build import cached_federation, cached_public_data, resolve_data_path
 from fedpeptao.flower.logs import route_to_flower
 from fedpeptao.flower.node_state import ClientStore, StoredClient
+from fedpeptao.flower.secagg import contribution, is_secure, secaggplus_when_asked
 from fedpeptao.flower.settings import NodeSettings
+from fedpeptao.privacy.secure import device_contribution
 
 app = ClientApp()
 
@@ -97,16 +99,34 @@ def task(message: Message, context: Context) -> Message:
                               R.METRICS: MetricRecord({"client-id": cid})})
 
 
-@app.train()
+@app.train(mods=[secaggplus_when_asked])
 def train(message: Message, context: Context) -> Message:
     """One round of local training, seeded exactly as the simulator seeds this client in this round,
-    inside the algorithm's device hooks with this client's own previous state."""
+    inside the algorithm's device hooks with this client's own previous state.
+
+    In a SecAgg+ round (``privacy.secure_aggregation``) Flower's mod runs the protocol's stages and
+    calls this handler in its 'collect masked vectors' stage; the reply is then the client's
+    :func:`~fedpeptao.privacy.secure.device_contribution` (weighted change and weight, which the mod
+    quantizes and masks) with plaintext metrics only (client id, steps, loss, seconds). A
+    contribution that cannot be summed raises: the node leaves the round."""
     job = _job(message, context)
     round_index = int(message.content[R.CONFIG][R.ROUND])
     stored = job.load(before=round_index)
     received = R.read_message(R.GLOBAL, message.content)
     (reply,) = job.worker.train(round_index, [Job(job.node.client_id, received, stored.state)])
     job.store.save(StoredClient(stored.state, round_index + 1))  # the index is from 0, stored rounds from 1
+    if is_secure(message):
+        if not job.cfg.privacy.secure_aggregation:
+            raise ValueError("a SecAgg+ round for an experiment without privacy.secure_aggregation")
+        given = device_contribution(job.cfg.privacy, job.worker.privacy, reply.client_id, round_index,
+                                    reply.sent.model, received.model, num_examples=reply.num_examples,
+                                    num_steps=reply.num_steps, loss=reply.loss, seconds=reply.seconds,
+                                    extras=reply.sent.extras)
+        return Message(contribution(given.arrays, given.weight, metrics=given.metrics(), context=context),
+                       reply_to=message)
+    if job.cfg.privacy.secure_aggregation:  # never send one client's update in plaintext
+        raise ValueError("privacy.secure_aggregation: a plain train message; this node replies only in SecAgg+ "
+                         "rounds")
     metrics = {"client-id": reply.client_id, "num-examples": reply.num_examples, "num-steps": reply.num_steps,
                "train-loss": float(reply.loss), "seconds": float(reply.seconds)}
     return _reply(message, **R.message_records(R.UPDATE, reply.sent), **{R.METRICS: MetricRecord(metrics)})
@@ -115,7 +135,10 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Own tensors plus the global shared ones on this client's eval data: counts, not scores,
-    so the server pools predictions as the simulator does."""
+    so the server pools predictions as the simulator does. Per split: the confusion counts
+    (``<split>-confusion``), or for a generative task the generated answers' counts and the
+    completion tokens its loss sums over (``<split>-generation-<name>``, one integer each); and the
+    summed loss (``<split>-loss-sum``). A split the client holds no examples of reports zeros."""
     job = _job(message, context)
     round_index = int(message.content[R.CONFIG][R.ROUND])
     stored = job.load(before=round_index + 1)
@@ -125,9 +148,16 @@ def evaluate(message: Message, context: Context) -> Message:
     if stored.state.algo_state != kept:  # the device kept something of this message
         job.store.save(StoredClient(stored.state, round_index + 1))
     metrics: dict = {"client-id": job.node.client_id}
+    generative = job.fed.model.task.generative
     for split in SPLITS:
         result = reply.splits.get(split)
-        counts = result.confusion if result is not None else np.zeros((job.fed.num_labels,) * 2, dtype=np.int64)
-        metrics.update({f"{split}-confusion": counts.reshape(-1).tolist(),
-                        f"{split}-loss-sum": 0.0 if result is None else float(result.loss_sum)})
+        if generative:
+            from fedpeptao.generation import GenerationScore  # noqa: PLC0415
+
+            counts = result.generation if result is not None else {**GenerationScore().counts(), "tokens": 0}
+            metrics.update({f"{split}-generation-{name}": int(value) for name, value in counts.items()})
+        else:
+            counts = result.confusion if result is not None else np.zeros((job.fed.num_labels,) * 2, dtype=np.int64)
+            metrics[f"{split}-confusion"] = counts.reshape(-1).tolist()
+        metrics[f"{split}-loss-sum"] = 0.0 if result is None else float(result.loss_sum)
     return _reply(message, **{R.METRICS: MetricRecord(metrics)})

@@ -12,9 +12,14 @@ Four exchanges, each a Flower message type (``<category>.<action>``):
     in the config; the tensors to load in ``global``); reply: the algorithm's numbers as JSON.
 ``train``
     What the algorithm sends this client (``Algorithm.client_message``); reply: what the client's
-    algorithm sends back (``Algorithm.client_reply``) and step counts.
+    algorithm sends back (``Algorithm.client_reply``) and step counts. Under
+    ``privacy.secure_aggregation`` the train messages are SecAgg+'s four stages
+    (:mod:`fedpeptao.flower.secagg`) and the reply holds no tensors, only a masked vector.
 ``evaluate``
-    The same message; reply: a confusion matrix and summed loss on the client's eval data.
+    The same message; reply, per split of the client's eval data: a confusion matrix
+    (``<split>-confusion``), or for a generative task the generated answers' counts and the
+    completion tokens (``<split>-generation-examples``, ``-exact``, ``-choice_examples``,
+    ``-choice_correct``, ``-tokens``), and the summed loss (``<split>-loss-sum``).
 
 An algorithm's :class:`~fedpeptao.core.payload.Message` travels as one ArrayRecord for its model
 tensors (``global`` down, ``update`` up) and one more per extra group, named

@@ -8,6 +8,9 @@ before a round), so this strategy is a transport around the run's
 * the engine's phases run before each round, their client tasks sent as ``query.task`` messages;
 * the engine's message for client ``k`` is what travels to it (and is counted there);
 * replies go back to the engine (validation, privacy, the algorithm's step, pooled metrics);
+  under ``privacy.secure_aggregation`` no reply holds an update: :meth:`configure_train` runs
+  Flower's SecAgg+ over the sampled nodes (:func:`~fedpeptao.flower.secagg.secure_sum`) and the
+  engine receives only the sum (a halted protocol skips the round, as no replies would);
 * the same random stream (``numpy.random.default_rng(cfg.seed)``) draws the clients of each
   round, so with every client online a Flower run samples exactly as the simulator does;
 * clients are identified by their ``client-id`` (the partition id), not Flower's node id,
@@ -48,6 +51,8 @@ from fedpeptao.engine.rounds import SPLITS, EvalReply, RoundEngine, SplitResult,
 from fedpeptao.experiment import make_privacy, make_run_algorithm
 from fedpeptao.flower import records as R
 from fedpeptao.flower.logs import global_round_numbers
+from fedpeptao.flower.secagg import SecAggSettings, SecureAggregationError, secure_sum
+from fedpeptao.privacy.secure import SecureRound, secure_summary
 from fedpeptao.report.summary import run_summary
 from fedpeptao.utils.state import State
 
@@ -75,6 +80,7 @@ class FederatedStrategy(Strategy):
         self._grid: Grid | None = None
         self._sampled: dict[int, int] = {}
         self._failed_nodes: set[int] = set()
+        self._secure: tuple[SecureRound | None, str] = (None, "")  # the round's sum under secure aggregation
 
     @property
     def algorithm(self) -> Algorithm | None:
@@ -112,16 +118,50 @@ class FederatedStrategy(Strategy):
         sampled = engine.sample(self._online(grid))
         self._sampled = {cid: self.clients[cid] for cid in sampled}
         messages = engine.train_messages(sampled)
-        return [self._message(self._content(messages[cid], round=t), node, MessageType.TRAIN, t + 1)
-                for cid, node in self._sampled.items()]
+        out = [self._message(self._content(messages[cid], round=t), node, MessageType.TRAIN, t + 1)
+               for cid, node in self._sampled.items()]
+        if not self.cfg.privacy.secure_aggregation:
+            return out
+        # SecAgg+: the protocol's four exchanges run here and only the sum comes back; Flower's loop
+        # then sends nothing and aggregate_train hands the sum to the engine
+        self._secure = self._secure_round(grid, out, t)
+        return []
+
+    def _secure_round(self, grid: Grid, messages: list[Message], t: int) -> tuple[SecureRound | None, str]:
+        """One SecAgg+ round over the sampled nodes: the sum, by client id; ``(None, why)`` when it halted."""
+        settings = SecAggSettings(**self.cfg.privacy.secagg.flower(), timeout=self.timeout)
+        if len(messages) < 2:
+            return None, f"{len(messages)} client(s) online to sample; SecAgg+ needs 2"
+        try:
+            result = secure_sum(grid, messages, settings, round_index=t + 1)
+        except SecureAggregationError as exc:
+            return None, str(exc)
+        client_of = {node: cid for cid, node in self._sampled.items()}
+        steps, losses, seconds = {}, {}, {}
+        for node in result.contributors:
+            metrics = result.metrics.get(node, {})
+            cid = int(metrics.get("client-id", -1))
+            if client_of.get(node) != cid:
+                return None, f"node {node} answered for client {cid}, not the client it was sent"
+            steps[cid], losses[cid] = int(metrics["num-steps"]), float(metrics["train-loss"])
+            seconds[cid] = float(metrics.get("seconds", 0.0))
+        contributors = sorted(client_of[node] for node in result.contributors)
+        dropped = sorted(client_of[node] for node in result.dropped)
+        return SecureRound(result.arrays, result.weight_sum, contributors, dropped, steps, losses, seconds), ""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         engine = self._engine()
         if engine.stopped:
             return None, None
-        parsed = [reply for reply in (self._parse_train(m) for m in replies) if reply is not None]
-        engine.receive_training(parsed)
+        if self.cfg.privacy.secure_aggregation:
+            summed, halted = self._secure
+            self._secure = (None, "")
+            engine.receive_secure(summed, halted)
+            parsed = [] if summed is None else summed.contributors
+        else:
+            parsed = [reply for reply in (self._parse_train(m) for m in replies) if reply is not None]
+            engine.receive_training(parsed)
         row = engine.row
         self._failed_nodes = {self._sampled[cid] for cid in row["failed"]}
         metrics = {"num-replies": len(parsed), "num-failed": len(row["failed"]),
@@ -191,9 +231,11 @@ class FederatedStrategy(Strategy):
     def run_summary(self) -> dict:
         failed = int(np.sum([len(r["failed"]) for r in self.history]))
         privacy = self.engine.privacy
+        secure = ({"secure_aggregation": secure_summary(self.cfg, self.history, "flower")}
+                  if self.cfg.privacy.secure_aggregation else {})
         return run_summary(self.cfg, self.metric, self.history, self._engine().algorithm.summary(), runtime="flower",
                            clients=sorted(self.clients), failed_client_rounds=failed,
-                           privacy=None if privacy is None else privacy.summary())
+                           privacy=None if privacy is None else privacy.summary(), **secure)
 
     # -- checkpoints -----------------------------------------------------------------------
     def _checkpoint_section(self) -> dict[str, State]:
@@ -319,7 +361,10 @@ class FederatedStrategy(Strategy):
             return None
 
     def _parse_evaluation(self, message: Message) -> EvalReply | None:
-        """A node's confusion counts and summed loss per split, as the worker computed them."""
+        """A node's results per split, as the worker computed them: confusion counts, or a generative
+        task's answer counts and completion tokens (``<split>-generation-<name>``), and the summed loss."""
+        from fedpeptao.generation import GenerationScore  # noqa: PLC0415
+
         if message.has_error():
             log.warning("evaluate: node %s failed: %s", message.metadata.src_node_id, message.error.reason)
             return None
@@ -327,9 +372,19 @@ class FederatedStrategy(Strategy):
             metrics = message.content[R.METRICS]
             reply = EvalReply(int(metrics["client-id"]))
             for split in SPLITS:
+                loss_sum = float(metrics[f"{split}-loss-sum"])
+                prefix = f"{split}-generation-"
+                generation = {key[len(prefix):]: int(value) for key, value in metrics.items() if key.startswith(prefix)}
+                if generation:
+                    missing = {"examples", "tokens"} - generation.keys()
+                    if missing:
+                        raise KeyError(f"{split}: generation counts without {', '.join(sorted(missing))}")
+                    GenerationScore.from_counts({k: v for k, v in generation.items() if k != "tokens"})  # all known
+                    reply.splits[split] = SplitResult(None, loss_sum, generation)
+                    continue
                 counts = np.asarray(list(metrics[f"{split}-confusion"]), dtype=np.int64)
                 side = math.isqrt(len(counts))
-                reply.splits[split] = SplitResult(counts.reshape(side, side), float(metrics[f"{split}-loss-sum"]))
+                reply.splits[split] = SplitResult(counts.reshape(side, side), loss_sum)
             return reply
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("evaluate: unusable reply from node %s: %s", message.metadata.src_node_id, exc)

@@ -8,7 +8,9 @@ one client's data, everything else (and ``N``) public. Replacing one client move
 clipped updates by up to ``2 C``, so Gaussian noise of std ``z C`` is a Gaussian mechanism with
 noise multiplier ``z / 2`` relative to that sensitivity; that is what the accountant is given.
 
-* ``central`` rounds: sampled Gaussian (amplified by the sampling);
+* ``central`` rounds: sampled Gaussian (amplified by the sampling); ``distributed`` rounds too, with
+  the multiplier of the noise actually in the sum (``z sqrt(m / n)`` when ``m`` of the ``n``
+  expected devices contributed their share);
 * ``local`` rounds: the server sees who took part, so no amplification: each round counts as a
   full Gaussian release for a client that takes part in every round (the worst case);
 * selection releases (FedPepTAO's layer scores and Hessian ratio, when privatised): a Gaussian
@@ -64,7 +66,7 @@ def composed(events: Iterable[Event]) -> dp_accounting.DpEvent:
 
 def planned_events(mode: str, num_clients: int, per_round: int, rounds: int, releases: int, z: float) -> list[Event]:
     """What a whole run will release with noise multiplier ``z``."""
-    kind = "round" if mode == "central" else "local"
+    kind = "round" if mode in ("central", "distributed") else "local"
     return [(kind, num_clients, per_round, z)] * rounds + [("release", num_clients, num_clients, z)] * releases
 
 

@@ -11,6 +11,13 @@ rounded mean of the clients' step counts (treated as public, see docs/privacy.md
 step (FedAvg, FedOpt, FedPepTAO's control variates and momentum) is post-processing of
 privatised quantities only.
 
+Under secure aggregation (:mod:`fedpeptao.privacy.secure`) the server never sees an update, so
+each device clips its own (:meth:`ClientPrivacy.device_share`): ``central`` then adds the noise to
+the sum the server learns; ``distributed`` has every device add its share ``N(0, (z C)^2 / n)``
+(``n = federated.clients_per_round``), so the sum of ``m`` surviving shares has std
+``z C sqrt(m / n)``, and the ledger records that multiplier, ``z sqrt(m / n)``
+(:meth:`ClientPrivacy.aggregate_sum`).
+
 Adaptive clipping (Andrew et al., 2021): the server also counts the updates that were not
 clipped, noised with std ``sigma_b``; the clip moves as ``C <- C exp(-eta (b - gamma))``. The two
 releases together cost what one Gaussian of multiplier ``z`` does when the update noise uses
@@ -30,7 +37,7 @@ from fedpeptao.core.aggregation import ClientUpdate, PopulationUpdate
 from fedpeptao.core.federation import COUNT_STREAM, PRIVACY_STREAM, round_seed
 from fedpeptao.core.payload import Message
 from fedpeptao.privacy.accountant import ACCOUNTANT, PrivacyAccountant, solve_noise_multiplier
-from fedpeptao.privacy.mechanism import change, clip, noisy_sum, privatise_locally
+from fedpeptao.privacy.mechanism import Tensors, change, clip, gaussian_noise, noisy_sum, privatise_locally
 from fedpeptao.privacy.settings import PrivacySettings
 
 RELEASE_ROUND = 1_000_000  # seeds of selection releases: apart from every round's
@@ -80,9 +87,17 @@ class ClientPrivacy:
         return self.noise_multiplier
 
     # -- budget ----------------------------------------------------------------------------
-    def round_event(self, population: int, sample: int) -> tuple[str, int, int, float]:
-        kind = "round" if self.mode == "central" else "local"
-        return kind, int(population), int(min(sample, population)), self.noise_multiplier
+    def round_event(self, population: int, sample: int, multiplier: float | None = None
+                    ) -> tuple[str, int, int, float]:
+        """A round's ledger event; ``multiplier``: the noise actually present, when not ``z``."""
+        kind = "round" if self.settings.sampled_rounds else "local"
+        z = self.noise_multiplier if multiplier is None else float(multiplier)
+        return kind, int(population), int(min(sample, population)), z
+
+    def distributed_multiplier(self, contributors: int) -> float:
+        """The multiplier of the noise in a distributed round's sum when ``contributors`` of the
+        ``per_round`` expected devices added their share: ``z sqrt(m / n)``."""
+        return self.noise_multiplier * math.sqrt(min(contributors, self.per_round) / self.per_round)
 
     def epsilon(self) -> float:
         return self.accountant.epsilon()
@@ -92,7 +107,10 @@ class ClientPrivacy:
         target = self.settings.target_epsilon
         if target is None:
             return None
-        after = self.accountant.epsilon([self.round_event(population, sample)])
+        multiplier = None
+        if self.mode == "distributed":  # the worst case: only the reconstruction threshold's shares survive
+            multiplier = self.distributed_multiplier(self.settings.secagg.threshold(min(sample, self.per_round)))
+        after = self.accountant.epsilon([self.round_event(population, sample, multiplier)])
         return after if after > target else None
 
     def stop_reason(self, round_index: int) -> str | None:
@@ -125,6 +143,30 @@ class ClientPrivacy:
         steps = max(1, round(float(np.mean([u.num_steps for u in updates])))) if updates else 1
         return PopulationUpdate(params, count, steps)
 
+    def aggregate_sum(self, round_index: int, total: Mapping[str, Tensor], contributors: int,
+                      reference: Mapping[str, Tensor], population: int, sample: int, num_steps: int
+                      ) -> PopulationUpdate:
+        """Secure aggregation: the round's privatised mean from the sum of ``contributors`` device
+        contributions (each already clipped by :meth:`device_share`, or noised locally), never one of
+        them; the round recorded with the noise actually in it."""
+        multiplier = self.distributed_multiplier(contributors) if self.mode == "distributed" else None
+        self.accountant.record(self.round_event(population, sample, multiplier))
+        like = {n: r.to(torch.promote_types(r.dtype, torch.float64)) for n, r in reference.items()}
+        if self.mode == "local":  # already private: average what arrived
+            mean = {n: total[n].to(like[n]) / max(1, contributors) for n in reference}
+            count = contributors
+        else:
+            if self.mode == "central":  # the server adds the noise to the sum it learned
+                noise = gaussian_noise(like, self.update_multiplier * self.clip_norm,
+                                       round_seed(self.seed, round_index, self.num_clients, PRIVACY_STREAM))
+                summed = {n: total[n].to(like[n]) + noise[n] for n in reference}
+            else:  # distributed: the devices' shares are in the sum already
+                summed = {n: total[n].to(like[n]) for n in reference}
+            mean = {n: t / self.per_round for n, t in summed.items()}
+            count = self.per_round
+        params = {n: (ref.to(mean[n].dtype) + mean[n].to(ref.device)).to(ref.dtype) for n, ref in reference.items()}
+        return PopulationUpdate(params, count, max(1, int(num_steps)))
+
     def _adapt(self, norms: Sequence[float], round_index: int) -> None:
         unclipped = sum(1.0 for n in norms if n <= self.clip_norm)
         rng = np.random.default_rng(round_seed(self.seed, round_index, self.num_clients, COUNT_STREAM))
@@ -146,6 +188,19 @@ class ClientPrivacy:
         return (total + rng.normal(0.0, self.noise_multiplier * bound, size=total.shape)) / max(1, count)
 
     # -- device ----------------------------------------------------------------------------
+    def device_share(self, delta: Mapping[str, Tensor], client_id: int, round_index: int) -> Tensors:
+        """Under secure aggregation, what a device contributes of its change ``delta``: ``central``:
+        clipped to ``C``; ``distributed``: clipped, plus its share ``N(0, (z C)^2 / n)`` of the
+        noise (seeded per client and round, as local DP's); ``local``: unchanged (the worker noised it)."""
+        if self.mode == "local":
+            return dict(delta)
+        clipped, _ = clip(delta, self.clip_norm)
+        if self.mode != "distributed":
+            return clipped
+        std = self.update_multiplier * self.clip_norm / math.sqrt(self.per_round)
+        noise = gaussian_noise(clipped, std, round_seed(self.seed, round_index, client_id, PRIVACY_STREAM))
+        return {n: clipped[n] + noise[n] for n in clipped}
+
     def device_reply(self, reply: Message, received: Mapping[str, Tensor], client_id: int, round_index: int
                      ) -> Message:
         """Local mode: the reply's model tensors clipped and noised on the device, around the

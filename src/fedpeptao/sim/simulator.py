@@ -26,12 +26,14 @@ from tqdm.auto import tqdm
 from fedpeptao.algorithms import Algorithm
 from fedpeptao.algorithms.base import ClientTask
 from fedpeptao.config import ExperimentConfig, load_config, save_config
-from fedpeptao.core.federation import ClientState
+from fedpeptao.core.federation import QUANTIZE_STREAM, ClientState, round_seed
 from fedpeptao.engine.rounds import RESUMABLE_CHANGES, RoundEngine
 from fedpeptao.engine.worker import ClientWorker, Job
 from fedpeptao.experiment import (build_federation, device_algorithm, make_privacy, public_selection_data,
                                   write_model_card)
 from fedpeptao.models.loading import Backbone
+from fedpeptao.privacy.secure import (ContributionRefused, SecureAggregationFailed, SecureRound, device_contribution,
+                                      secure_summary, sum_of)
 from fedpeptao.report.summary import run_summary
 from fedpeptao.utils.device import describe_device
 from fedpeptao.utils.state import State, join, split
@@ -95,8 +97,39 @@ class Simulation:
         engine.prepare(round_index, run_task)
         sampled = engine.sample(range(self.cfg.federated.num_clients))
         messages = engine.train_messages(sampled)
-        engine.receive_training(self.worker.train(round_index, [Job(k, messages[k], self.client(k)) for k in sampled]))
+        replies = self.worker.train(round_index, [Job(k, messages[k], self.client(k)) for k in sampled])
+        if self.cfg.privacy.secure_aggregation:
+            engine.receive_secure(*self.secure_sum(round_index, messages, replies))
+        else:
+            engine.receive_training(replies)
         return engine.row
+
+    def secure_sum(self, round_index: int, messages, replies) -> tuple[SecureRound | None, str]:
+        """Secure aggregation without the cryptography: each device's contribution formed as a Flower
+        node forms it (:func:`~fedpeptao.privacy.secure.device_contribution`), then only their sum
+        (:func:`~fedpeptao.privacy.secure.sum_of`, seeded) goes to the engine; ``(None, why)`` when
+        fewer than the reconstruction threshold contributed (SecAgg+ would reveal nothing)."""
+        settings = self.cfg.privacy
+        contributions = []
+        for reply in replies:
+            try:
+                contributions.append(device_contribution(
+                    settings, self.privacy, reply.client_id, round_index, reply.sent.model,
+                    messages[reply.client_id].model, num_examples=reply.num_examples, num_steps=reply.num_steps,
+                    loss=reply.loss, seconds=reply.seconds, extras=reply.sent.extras))
+            except ContributionRefused as exc:
+                log.warning("round %d: %s; it leaves the round", round_index + 1, exc)
+        sampled = sorted(messages)
+        threshold = settings.secagg.threshold(len(sampled))
+        if len(contributions) < threshold:
+            return None, (f"{len(contributions)} of {len(sampled)} clients contributed, reconstruction threshold "
+                          f"{threshold}")
+        rng = np.random.default_rng(round_seed(self.cfg.seed, round_index, 0, QUANTIZE_STREAM))
+        dropped = sorted(set(sampled) - {c.client_id for c in contributions})
+        try:
+            return sum_of(contributions, settings.secagg, rng, dropped), ""
+        except SecureAggregationFailed as exc:
+            return None, str(exc)
 
     def evaluate(self) -> dict:
         """Every client holding test or validation examples, with its own personal tensors plus
@@ -154,7 +187,12 @@ class Simulation:
                            trainable_parameters=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                            params_per_message=sum(t.numel() for t in self.algorithm.global_shared().values()),
                            privacy=None if self.privacy is None else self.privacy.summary(),
-                           compute=self.compute())
+                           compute=self.compute(), **self._secure_summary())
+
+    def _secure_summary(self) -> dict:
+        if not self.cfg.privacy.secure_aggregation:
+            return {}
+        return {"secure_aggregation": secure_summary(self.cfg, self.history, "simulator")}
 
     def compute(self) -> dict:
         """Where and how the clients ran: the device, the backbone's precision, and whether they
