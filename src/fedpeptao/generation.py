@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedpeptao.core.client import client_rows, own_tensors, row_batches
 from fedpeptao.data.instruct import InstructEncoded
-from fedpeptao.models.slots import slot_mode
 from fedpeptao.models.tuned import TunedModel
 from fedpeptao.prompts.prefix import position_ids
 
@@ -190,30 +190,17 @@ def generate(model: TunedModel, tokenizer, data: InstructEncoded, parts: Sequenc
     examples share a batch (slot mode, each client's rows contiguous), one client's tensors are
     simply loaded. ``max_length``: prompts lose tokens on the left so that prompt and answer fit.
     """
-    if tensors is not None and len(parts) == 1:
-        model.load_trainable(tensors[0])
-        tensors = None
-    if tensors is None:
-        tensors = [None] * len(parts)
+    rows = client_rows(model, parts, tensors)
+    owner, position, examples = rows.owner, rows.position, rows.examples
     budget = None if max_length is None else max(1, max_length - max_new_tokens)
-    owner = np.concatenate([np.full(len(part), i) for i, part in enumerate(parts)]).astype(np.int64)
-    position = np.concatenate([np.arange(len(part)) for part in parts]).astype(np.int64)
-    examples = np.concatenate([np.asarray(part, dtype=np.int64) for part in parts])
     prompt_lengths = data.prompt_lengths[examples] if len(examples) else np.zeros(0, dtype=np.int64)
-    order = np.lexsort((owner, prompt_lengths))
     answers: list[list[str]] = [[""] * len(part) for part in parts]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        chunk = chunk[np.argsort(owner[chunk], kind="stable")]
-        clients, sizes = np.unique(owner[chunk], return_counts=True)
+    for chunk in row_batches(rows, prompt_lengths, batch_size):
         prompts = [data.prompt_ids(int(examples[j])) for j in chunk]
         if budget is not None:
             prompts = [p[-budget:] for p in prompts]
-        if tensors[clients[0]] is None:
+        with own_tensors(model, rows, chunk):
             new = greedy_generate(model, prompts, data.eos_ids, data.pad_id, max_new_tokens, use_cache)
-        else:
-            with slot_mode(model, [tensors[i] for i in clients], sizes.tolist()):
-                new = greedy_generate(model, prompts, data.eos_ids, data.pad_id, max_new_tokens, use_cache)
         for j, ids in zip(chunk, new):
             answers[owner[j]][position[j]] = tokenizer.decode(ids, skip_special_tokens=True)
     return answers
@@ -226,25 +213,13 @@ def completion_loss(model: TunedModel, data: InstructEncoded, parts: Sequence[np
     """Client ``k``'s summed completion-token loss over ``parts[k]`` and its number of tokens: pooled
     over clients (sum / sum) it is the token-weighted loss of the union."""
     model.eval()
-    if tensors is not None and len(parts) == 1:
-        model.load_trainable(tensors[0])
-        tensors = None
-    if tensors is None:
-        tensors = [None] * len(parts)
-    owner = np.concatenate([np.full(len(part), i) for i, part in enumerate(parts)]).astype(np.int64)
-    examples = np.concatenate([np.asarray(part, dtype=np.int64) for part in parts])
-    order = np.lexsort((owner, data.lengths(examples)))
+    rows = client_rows(model, parts, tensors)
+    owner, examples = rows.owner, rows.examples
     sums, counts, whose = [], [], []
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        chunk = chunk[np.argsort(owner[chunk], kind="stable")]
-        clients, sizes = np.unique(owner[chunk], return_counts=True)
+    for chunk in row_batches(rows, data.lengths(examples), batch_size):
         batch = data.collate(examples[chunk])
-        if tensors[clients[0]] is None:
+        with own_tensors(model, rows, chunk):
             out = model(**batch)
-        else:
-            with slot_mode(model, [tensors[i] for i in clients], sizes.tolist()):
-                out = model(**batch)
         sums.append(out.row_loss_sums())
         counts.append(out.row_token_counts())
         whose.append(owner[chunk])

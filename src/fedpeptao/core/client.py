@@ -192,6 +192,47 @@ def _kept_state(optimizer: torch.optim.Optimizer, cfg: LocalTrainConfig) -> dict
     return None if cfg.reset_optimizer else to_host(optimizer.state_dict())
 
 
+@dataclass
+class ClientRows:
+    """Several clients' examples as one list of rows: row ``j`` is example ``examples[j]``, the
+    ``position[j]``-th of client ``owner[j]``'s part; ``tensors[k]`` are client ``k``'s (None: the
+    model's own, already loaded)."""
+
+    owner: np.ndarray
+    position: np.ndarray
+    examples: np.ndarray
+    tensors: list
+
+
+def client_rows(model: TunedModel, parts: Sequence[np.ndarray], tensors: Sequence[dict] | None) -> ClientRows:
+    """The rows of clients' ``parts``; one client's tensors are simply loaded into the model."""
+    if tensors is not None and len(parts) == 1:
+        model.load_trainable(tensors[0])
+        tensors = None
+    return ClientRows(np.concatenate([np.full(len(part), i) for i, part in enumerate(parts)]).astype(np.int64),
+                      np.concatenate([np.arange(len(part)) for part in parts]).astype(np.int64),
+                      np.concatenate([np.asarray(part, dtype=np.int64) for part in parts]),
+                      [None] * len(parts) if tensors is None else list(tensors))
+
+
+def row_batches(rows: ClientRows, lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Row indices in batches of ``batch_size``, shortest ``lengths`` first (little padding), each
+    batch's rows grouped by client (what slot mode needs)."""
+    order = np.lexsort((rows.owner, lengths))  # by length, then by client
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        yield chunk[np.argsort(rows.owner[chunk], kind="stable")]
+
+
+def own_tensors(model: TunedModel, rows: ClientRows, chunk: np.ndarray):
+    """A context in which each row of ``chunk`` uses its client's tensors (slot mode), or nothing
+    to do when the model already holds them."""
+    clients, sizes = np.unique(rows.owner[chunk], return_counts=True)
+    if rows.tensors[clients[0]] is None:
+        return nullcontext()
+    return slot_mode(model, [rows.tensors[i] for i in clients], sizes.tolist())
+
+
 @torch.no_grad()
 def predict(model: TunedModel, data: EncodedDataset, parts: Sequence[np.ndarray],
             tensors: Sequence[dict[str, torch.Tensor]] | None = None, batch_size: int = 32
@@ -204,26 +245,13 @@ def predict(model: TunedModel, data: EncodedDataset, parts: Sequence[np.ndarray]
     and use its own tensors (slot mode); one client's tensors are simply loaded into the model.
     """
     model.eval()
-    if tensors is not None and len(parts) == 1:
-        model.load_trainable(tensors[0])
-        tensors = None
-    if tensors is None:
-        tensors = [None] * len(parts)
-    owner = np.concatenate([np.full(len(part), i) for i, part in enumerate(parts)]).astype(np.int64)
-    position = np.concatenate([np.arange(len(part)) for part in parts]).astype(np.int64)
-    examples = np.concatenate([np.asarray(part, dtype=np.int64) for part in parts])
-    order = np.lexsort((owner, data.lengths(examples)))  # by length, then by client
+    rows = client_rows(model, parts, tensors)
+    owner, position, examples = rows.owner, rows.position, rows.examples
     chunks, predicted, row_losses = [], [], []  # kept on the device and read once: no sync per batch
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        chunk = chunk[np.argsort(owner[chunk], kind="stable")]  # each client's rows together
-        clients, sizes = np.unique(owner[chunk], return_counts=True)
+    for chunk in row_batches(rows, data.lengths(examples), batch_size):
         batch = data.collate(examples[chunk])
-        if tensors[clients[0]] is None:
+        with own_tensors(model, rows, chunk):
             out = model(**batch)
-        else:
-            with slot_mode(model, [tensors[i] for i in clients], sizes.tolist()):
-                out = model(**batch)
         chunks.append(chunk)
         predicted.append(out.logits.argmax(-1))
         row_losses.append(out.row_losses())
