@@ -77,7 +77,9 @@ class DataConfig(_Section):
     text_b: str | None = None
     label: str | None = None
     metric: MetricName | None = None  # default: the task's (CoLA: mcc, MRPC: acc_f1), else accuracy
-    partition: Literal["paper-dirichlet", "flwr-dirichlet", "iid"] = "paper-dirichlet"
+    #: natural: one client per value of the column ``partition_by`` (instruction data's ``subject``, ...)
+    partition: Literal["paper-dirichlet", "flwr-dirichlet", "iid", "natural"] = "paper-dirichlet"
+    partition_by: str | None = None
     alpha: float = Field(1.0, gt=0.0)
     size_alpha: float = Field(5.0, gt=0.0)
     max_train_examples: int | None = Field(None, ge=1)
@@ -91,6 +93,18 @@ class DataConfig(_Section):
     def _column_index(cls, value: Any) -> Any:
         """``data.label=1`` names column 1 of a headerless table."""
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _natural_has_its_column(self) -> "DataConfig":
+        """``partition_by`` is read by the natural partition only: one without the other is a
+        mistake (a forgotten key, or a column silently ignored), refused in one line."""
+        if self.partition == "natural" and not self.partition_by:
+            raise ValueError("data.partition_by: data.partition=natural needs the column whose values are the "
+                             "clients (e.g. data.partition_by=subject)")
+        if self.partition_by is not None and self.partition != "natural":
+            raise ValueError(f"data.partition_by: only data.partition=natural reads a column (data.partition is "
+                             f"{self.partition})")
+        return self
 
 
 class FederatedConfig(_Section):
@@ -213,6 +227,16 @@ class ExperimentConfig(_Section):
             per_layer = ", ".join(n for n in TUNINGS if _tuning_class(n).per_layer)
             raise ValueError(f"tuning.name: {method.name} selects among per-layer groups, which {tuning.name} does not "
                              f"have (use {per_layer})")
+        return self
+
+    @model_validator(mode="after")
+    def _natural_partition_fits(self) -> "ExperimentConfig":
+        """Only instruction data keeps the other columns a natural partition reads; classification
+        tables keep text and label alone, so it is refused before any data is read."""
+        if self.data.partition == "natural" and not (self.model.head in TASKS and TASKS[self.model.head].generative):
+            generative = ", ".join(n for n, t in TASKS.items() if t.generative)
+            raise ValueError(f"data.partition: natural reads a column of instruction data (model.head={generative}); "
+                             f"classification data keeps none (use iid, paper-dirichlet or flwr-dirichlet)")
         return self
 
     @model_validator(mode="after")

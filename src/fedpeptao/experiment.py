@@ -22,8 +22,8 @@ from fedpeptao.core.client import LocalTrainConfig
 from fedpeptao.core.metrics import MetricName, default_metric
 from fedpeptao.data.dataset import TextDataset
 from fedpeptao.data.encoding import EncodedDataset, default_label_words, encode, label_word_ids
-from fedpeptao.data.partition import partition
-from fedpeptao.data.instruct import encode_instruct, load_instruct_splits
+from fedpeptao.data.partition import follow_groups, name_list, natural, partition
+from fedpeptao.data.instruct import InstructDataset, encode_instruct, load_instruct_splits
 from fedpeptao.data.tasks import load_splits
 from fedpeptao.models.tuned import TunedModel
 from fedpeptao.models.loading import Backbone, default_head, load_backbone, load_random_backbone
@@ -141,6 +141,8 @@ def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, ow
     generative = task_class(resolve_head(cfg, backbone)).generative
     load = load_instruct_splits if generative else load_splits
     train_set, val_set, eval_set = load(cfg.data, cfg.data_seed())
+    # (partitioned before any model or token is built, so a partition that cannot work fails at once)
+    train_parts, eval_parts, val_parts, groups = client_parts(cfg, train_set, eval_set, val_set, own_data)
     tokenizer = backbone.tokenizer
     built = build_tuned_model(cfg, backbone, train_set.label_names, train_set.is_pair)
     model, head, length = built.model, built.head, built.max_length
@@ -151,28 +153,67 @@ def build_federation(cfg: ExperimentConfig, backbone: Backbone | None = None, ow
         return encode(dataset, tokenizer, model.task.layout, length, cfg.model.template)
 
     train_data, eval_data = encode_split(train_set), encode_split(eval_set)
-    if own_data:
-        train_parts = [np.arange(len(train_set), dtype=np.int64)]
-        eval_parts = [np.arange(len(eval_set), dtype=np.int64)]
-    else:
-        train_parts, eval_parts = partition(
-            train_set.labels, eval_set.labels, cfg.data.partition, cfg.federated.num_clients, cfg.data.alpha,
-            cfg.data_seed(), min_size=2, size_alpha=cfg.data.size_alpha)
     if val_set is not None:
         val_data = encode_split(val_set)
-        val_parts = ([np.arange(len(val_set), dtype=np.int64)] if own_data else
-                     partition(train_set.labels, val_set.labels, cfg.data.partition, cfg.federated.num_clients,
-                               cfg.data.alpha, cfg.data_seed(), min_size=2, size_alpha=cfg.data.size_alpha)[1])
         validation = f"validation split ({val_set.source or 'dev'})"
     else:
         train_parts, val_parts = hold_out(train_parts, cfg.data.validation_fraction, cfg.data_seed())
         val_data = train_data
         validation = f"{cfg.data.validation_fraction:g} of each client's training data, held out (seeded)"
     splits = {"validation": validation, "test": f"test split ({eval_set.source or cfg.data.task})"}
+    if groups is not None:
+        splits["clients"] = f"one per {cfg.data.partition_by}, client k the k-th in sorted order: {name_list(groups)}"
     metric = cfg.data.metric or ("exact_match" if generative else default_metric(train_set.layout))
     return Federation(cfg, model, model.trainable_state(), train_data, eval_data, train_parts, eval_parts,
                       local_config(cfg), metric, len(train_set.label_names),
                       backbone, head, train_set, eval_set, built.label_words, val_data, val_parts, splits)
+
+
+Parts = list[np.ndarray]  # one index array per client
+Examples = TextDataset | InstructDataset
+
+
+def client_parts(cfg: ExperimentConfig, train_set: Examples, eval_set: Examples, val_set: Examples | None,
+                 own_data: bool = False) -> tuple[Parts, Parts, Parts | None, list[str] | None]:
+    """Each client's indices into the training, test and validation split (None without a
+    validation split: :func:`hold_out` then takes it from the training parts), and with
+    ``data.partition=natural`` the group each client is (else None). ``own_data``: one client
+    holding everything."""
+    if own_data:
+        def whole(dataset: Examples) -> Parts:
+            return [np.arange(len(dataset), dtype=np.int64)]
+
+        return whole(train_set), whole(eval_set), None if val_set is None else whole(val_set), None
+    if cfg.data.partition == "natural":
+        return natural_parts(cfg, train_set, eval_set, val_set)
+
+    def by_labels(held: Examples) -> tuple[Parts, Parts]:  # the held split follows the training split's label mix
+        return partition(train_set.labels, held.labels, cfg.data.partition, cfg.federated.num_clients,
+                         cfg.data.alpha, cfg.data_seed(), min_size=2, size_alpha=cfg.data.size_alpha)
+
+    train_parts, eval_parts = by_labels(eval_set)
+    return train_parts, eval_parts, None if val_set is None else by_labels(val_set)[1], None
+
+
+def natural_parts(cfg: ExperimentConfig, train_set: InstructDataset, eval_set: InstructDataset,
+                  val_set: InstructDataset | None) -> tuple[Parts, Parts, Parts | None, list[str]]:
+    """Clients as the data come grouped (``data.partition_by``: a subject, a source): a federation
+    that exists rather than one drawn from the labels. Test and validation examples go to the client
+    of their group, so each client is scored on its own kind of data; no seed is involved."""
+    column = cfg.data.partition_by
+
+    def values(dataset: InstructDataset) -> list[str]:  # (groups() names the columns there are if it is missing)
+        ids, names = dataset.groups(column)
+        return [names[i] for i in ids]
+
+    train_parts, names = natural(values(train_set), cfg.federated.num_clients, column)
+
+    def follow(dataset: InstructDataset | None, split: str) -> Parts | None:
+        if dataset is None:
+            return None
+        return follow_groups(names, values(dataset), column, f"the {split} split ({dataset.source or split})")
+
+    return train_parts, follow(eval_set, "test"), follow(val_set, "validation"), names
 
 
 def hold_out(parts: list[np.ndarray], fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:

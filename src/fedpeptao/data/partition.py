@@ -1,12 +1,16 @@
-"""Split example indices among federated clients: IID, the FedPepTAO paper's Dirichlet scheme, or Flower's.
+"""Split example indices among federated clients: IID, the FedPepTAO paper's Dirichlet scheme, Flower's,
+or the natural one (a client per value of a column such as ``subject``).
 
 Every function returns one sorted int64 index array per client; together they cover every
-example exactly once, and the same seed gives the same split.
+example exactly once, and the same seed gives the same split (the natural split needs none).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,7 +18,7 @@ import numpy as np
 
 from fedpeptao.data.dataset import DataError
 
-Scheme = Literal["iid", "paper-dirichlet", "flwr-dirichlet"]
+Scheme = Literal["iid", "paper-dirichlet", "flwr-dirichlet"]  # by label; "natural" is by column (natural())
 
 
 @dataclass(frozen=True)
@@ -179,4 +183,56 @@ def partition(
         train_parts = flwr_dirichlet(train_labels, num_clients, alpha, seed, min_partition_size=min_size)
         plan = plan_from_partitions(train_labels, train_parts, num_classes)
         return train_parts, apply_plan(eval_labels, plan, seed + 1, min_size=0)
-    raise ValueError(f"unknown partition scheme '{scheme}' (iid, paper-dirichlet, flwr-dirichlet)")
+    raise ValueError(f"unknown partition scheme '{scheme}' (iid, paper-dirichlet, flwr-dirichlet; a natural "
+                     f"partition reads a column, not labels: natural())")
+
+
+# -- natural: one client per value of a column ---------------------------------------------
+
+
+def flwr_natural(groups: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
+    """Flower Datasets' natural-id split, run on an in-memory column (no hub access): one client
+    per distinct value, client k the k-th value in sorted order. Returns each client's indices
+    and the values."""
+    import datasets  # noqa: PLC0415 - heavy, and only this scheme needs it
+    from flwr_datasets.partitioner import NaturalIdPartitioner  # noqa: PLC0415
+
+    partitioner = NaturalIdPartitioner(partition_by="group")
+    partitioner.dataset = datasets.Dataset.from_dict(
+        {"group": [str(g) for g in groups], "idx": np.arange(len(groups), dtype=np.int64)})
+    # Its index pass draws a tqdm bar with no total on stderr, on every run: not ours to show.
+    with contextlib.redirect_stderr(io.StringIO()):
+        parts = [np.sort(np.asarray(partitioner.load_partition(k)["idx"][:], dtype=np.int64))
+                 for k in range(partitioner.num_partitions)]
+    return parts, [partitioner.partition_id_to_natural_id[k] for k in range(len(parts))]
+
+
+def natural(groups: Sequence[str], num_clients: int, column: str) -> tuple[list[np.ndarray], list[str]]:
+    """The training split by ``column``'s values (:func:`flwr_natural`), which must give exactly
+    ``num_clients`` clients: the groups are the federation, so a different count is refused (one
+    line naming both keys and the count) rather than merged or split."""
+    parts, names = flwr_natural(groups)
+    if len(names) != num_clients:
+        raise DataError(f"federated.num_clients: {num_clients}, but data.partition_by={column} has {len(names)} "
+                        f"groups in the training split ({name_list(names)}); set federated.num_clients={len(names)}")
+    return parts, names
+
+
+def follow_groups(names: Sequence[str], groups: Sequence[str], column: str, split: str) -> list[np.ndarray]:
+    """A held-out split (test, validation) by the training split's groups ``names``: each example
+    goes to the client of its group, so every client is scored on its own kind of data. A client
+    whose group has no example here gets an empty part; a group no client trained on is refused."""
+    client = {name: k for k, name in enumerate(names)}
+    groups = [str(g) for g in groups]
+    unseen = sorted(set(groups) - client.keys())
+    if unseen:
+        raise DataError(f"data.partition_by: {split} has {column} {name_list(unseen)}, which no training example "
+                        f"has, so no client holds it (training groups: {name_list(names)})")
+    owner = np.asarray([client[g] for g in groups], dtype=np.int64)
+    return [np.flatnonzero(owner == k).astype(np.int64) for k in range(len(names))]
+
+
+def name_list(names: Sequence[str], most: int = 8) -> str:
+    """Group names for one line (an error, a summary): the first ``most``, then how many in all."""
+    shown = ", ".join(repr(n) for n in names[:most])
+    return shown if len(names) <= most else f"{shown}, ... ({len(names)} in all)"
