@@ -96,6 +96,11 @@ def test_seed_statistics_and_relative_cost_on_synthetic_records():
     assert a["seeds"] == [0, 1] and a["test"] == t_interval([0.80, 0.70]) and a["difference"] is None
     assert same(b["difference"], paired_interval([0.75, 0.68], [0.80, 0.70]))  # paired by seed, not by position
     assert b["validation"] == t_interval([0.9, 0.5]) and b["selected_round"].mean == pytest.approx(1.5)
+    assert a["trained"] is None and a["untrained"] is None  # summaries without the split: no group, no number
+    records[0]["summary"].update(trained_metric_at_selected=0.9, untrained_metric_at_selected=None)
+    records[1]["summary"].update(trained_metric_at_selected=0.7, untrained_metric_at_selected=0.6)
+    a = seed_rows(records)[0]
+    assert a["trained"] == t_interval([0.9, 0.7]) and a["untrained"] == t_interval([0.6])  # only where it existed
     goal, source = resolve_goal(Target(0.9, relative=True), records)
     assert goal == pytest.approx(0.9 * 0.85) and "`a`" in source  # a's mean best validation 0.85 beats b's 0.7
     ca, cb = cost_rows(records, goal)
@@ -121,6 +126,7 @@ def test_compare_seeds_writes_statistics_and_resumes_per_run(task, tmp_path, mon
     assert float(table[1]["difference_mean"]) == pytest.approx(ci.mean)
     assert float(table[1]["difference_ci_high"]) == pytest.approx(ci.high)
     md = (out / "compare.md").read_text()
+    assert "test, trained clients | test, never trained" in md and table[0]["trained_mean"] != ""
     assert "mean ± std | 95% CI | Δ vs fedavg" in md and "Student t over seeds" in md and "scipy.stats.t" in md
     assert "## Cost to target" in md and "judged on the validation split only" in md.lower()
     cost = list(csv.DictReader((out / "cost_to_target.csv").open()))

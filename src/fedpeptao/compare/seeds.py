@@ -11,8 +11,12 @@ replicate of the whole comparison):
 - each client's local training: its shuffling, dropout and the length-grouped batch order;
 - the noise of differential privacy, when it is on.
 
-The configuration has one seed for all of these (``seed``): there is no separate partition seed,
-so the partition cannot be held fixed while the rest varies.
+``data.partition_seed`` (``compare --fixed-partition``) holds the data and the partition fixed
+while the rest varies with ``seed``.
+
+Beside the pooled test metric, each row has the test metric of the clients that trained at least
+once and of those that never did (cross-device runs sample few clients; SPEC section 4), each a
+mean over the seeds where the group existed.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ T_FOOTER = (f"Mean ± std: the sample standard deviation (n - 1) over seeds. {CO
             f"seeds, mean ± t(0.975, n - 1) · s / √n (scipy.stats.t); none with one seed.")
 SEED_COLUMNS = ["method", "seeds", *(f"{name}_{part}" for name in ("test", "difference", "validation")
                                      for part in ("mean", "std", "ci_low", "ci_high")),
-                "selected_round_mean", "mb_mean", "trainable_params", "params_per_message", "wall_s_mean"]
+                "trained_mean", "untrained_mean", "selected_round_mean", "mb_mean", "trainable_params",
+                "params_per_message", "wall_s_mean"]
 COSTS = ("rounds", "mb", "train_s", "wall_s")  # the fields of report.cost.Cost
 COST_COLUMNS = ["method", "goal", "seeds", "reached", *(f"{name}_{part}" for name in COSTS for part in ("mean", "std"))]
 
@@ -73,6 +78,9 @@ def seed_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "method": method, "seeds": sorted(runs), "test": t_interval(list(test.values())),
             "difference": None if index == 0 else paired_interval([test[s] for s in paired], [baseline[s] for s in paired]),
             "validation": t_interval(list(_values(runs, lambda r: r["summary"].get("validation_metric")).values())),
+            "trained": t_interval(list(_values(runs, lambda r: r["summary"].get("trained_metric_at_selected")).values())),
+            "untrained": t_interval(list(_values(runs, lambda r: r["summary"].get("untrained_metric_at_selected")
+                                                 ).values())),
             "selected_round": t_interval(list(_values(runs, lambda r: r["summary"]["best_round"]).values())),
             "mb": t_interval(list(_values(runs, lambda r: r["summary"]["total_mb"]).values())),
             "trainable_params": first["summary"]["trainable_parameters"],
@@ -93,6 +101,7 @@ def seed_csv_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """:func:`seed_rows` flattened to :data:`SEED_COLUMNS` for ``compare.csv``."""
     return [{"method": r["method"], "seeds": len(r["seeds"]), **_flat("test", r["test"]),
              **_flat("difference", r["difference"]), **_flat("validation", r["validation"]),
+             "trained_mean": _mean(r["trained"]), "untrained_mean": _mean(r["untrained"]),
              "selected_round_mean": _mean(r["selected_round"]), "mb_mean": _mean(r["mb"]),
              "trainable_params": r["trainable_params"], "params_per_message": r["params_per_message"],
              "wall_s_mean": _mean(r["wall_s"])} for r in rows]
@@ -117,19 +126,23 @@ def seed_table(rows: Sequence[dict[str, Any]], metric: str) -> list[str]:
     """The Markdown table of :func:`seed_rows` and its footer saying how every number is made."""
     first = rows[0]["method"]
     lines = [f"| method | seeds | test {metric} at selected, mean ± std | {CONFIDENCE:.0%} CI | Δ vs {first}, mean "
-             f"± std | Δ {CONFIDENCE:.0%} CI | validation {metric}, mean ± std | selected round, mean | MB communicated, "
+             f"± std | Δ {CONFIDENCE:.0%} CI | validation {metric}, mean ± std | test, trained clients | test, never "
+             f"trained | selected round, mean | MB communicated, "
              f"mean | trainable params | params/message | wall s, mean |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append("| " + " | ".join([
             r["method"], ",".join(map(str, r["seeds"])), mean_std(r["test"]), ci(r["test"]),
             "—" if r["difference"] is None else mean_std(r["difference"]), ci(r["difference"]),
-            mean_std(r["validation"]), mean_std(r["selected_round"], 1), mean_std(r["mb"], 2),
+            mean_std(r["validation"]), mean_std(r["trained"]), mean_std(r["untrained"]),
+            mean_std(r["selected_round"], 1), mean_std(r["mb"], 2),
             f"{r['trainable_params']:,}", f"{r['params_per_message']:,}", mean_std(r["wall_s"], 0)]) + " |")
     return lines + ["", f"Test {metric} at the round selected on validation, per seed. {T_FOOTER} Δ: the method's "
                         f"test {metric} minus `{first}`'s, paired by seed (one seed gives both the same partition, "
                         f"sampling and data order), the mean, std and Student t {CONFIDENCE:.0%} CI of the per-seed "
-                        f"differences over the seeds both ran."]
+                        f"differences over the seeds both ran. Trained / never trained: the test {metric} at the "
+                        f"selected round of the clients that trained at least once / never, mean ± std over the "
+                        f"seeds where the group had test examples (— where none did)."]
 
 
 def resolve_goal(target: Target, records: Sequence[dict[str, Any]]) -> tuple[float | None, str]:
