@@ -243,6 +243,35 @@ def test_secure_fedavg_under_flower_equals_the_plain_run_within_the_quantization
     assert summary["protocol"].startswith("SecAgg+ (Flower")
 
 
+def test_secure_scaffold_sums_its_control_variate_deltas_in_the_masked_vector(tmp_path, observed):
+    """SCAFFOLD's step needs the weighted mean and the sum of the clients' ``dc_k``: both travel in
+    one masked vector, so a secure run matches the plain one within the bound (global tensors and
+    the server's control variate c), and under Flower no reply holds one client's ``dc_k``."""
+    task = write_task(tmp_path / "task")
+    scaffold3 = {**FEDAVG3, "method": {"name": "scaffold"}}
+    plain = simulate(tiny_experiment(task, **scaffold3))
+    observed["plain_replies"].clear()  # the plain run's, by design
+    experiment = tiny_experiment(task, **scaffold3, privacy=SECURE)
+    secure = simulate(experiment)
+    (summed,) = observed["sums"]
+    assert list(summed.extras()) == ["scaffold.delta_control"] and summed.contributors == [0, 1, 2]
+    secagg = secure.cfg.privacy.secagg
+    assert within_bound(plain.algorithm.params, secure.algorithm.params, secure.fed.initial, secagg, 3,
+                        summed.weight_sum) <= 1.0
+    # c = sum_k dc_k / N: an entry's error below m q / N, plus one float32 rounding
+    for name, c in plain.algorithm.control.items():
+        bound = secagg.error_bound(3) / 3 + 2 * torch.finfo(torch.float32).eps * c.double().abs() + 1e-12
+        assert float(((secure.algorithm.control[name].double() - c.double()).abs() / bound).max()) <= 1.0
+    assert any(float(c.abs().max()) > 0 for c in plain.algorithm.control.values())  # c moved: a real check
+    (row,) = secure.history
+    assert row["bytes_up"] == 3 * 8 * (2 * sum(t.numel() for t in secure.fed.initial.values()) + 2)  # x and dc_k
+    observed["sums"].clear()
+    out, grid = run_flower(tmp_path / "flower", experiment)
+    assert_server_held_no_update(observed, grid)
+    assert within_bound(secure.algorithm.params, load_file(out / "global.safetensors"), secure.fed.initial, secagg, 3,
+                        summed.weight_sum - 3 * secagg.quantum, factor=2.0) <= 1.0
+
+
 def test_secure_fedavg_on_flowers_simulation_engine(tmp_path, observed):
     """The same on 2 virtual SuperNodes of Flower's simulation engine (Ray): within the bound of the
     plain simulator run, and the strategy and engine received only the sum."""
@@ -379,7 +408,7 @@ def test_distributed_dp_under_flower_accounts_the_noise_actually_present(tmp_pat
 @pytest.mark.parametrize("overrides,key", [
     (["method.name=fedavg", "server.aggregation=median"], "server.aggregation"),
     (["method.name=fedavg", "server.aggregation=trimmed_mean"], "server.aggregation"),
-    (["method.name=scaffold"], "privacy.secure_aggregation"),
+    (["method.name=scaffold", "privacy.mode=central", "privacy.noise_multiplier=1"], "privacy.mode"),
     (["method.name=fedavg", "server.max_update_norm=1.0"], "server.max_update_norm"),
     (["method.name=fedavg", "federated.clients_per_round=1"], "federated.clients_per_round"),
     (["method.name=fedavg", "federated.clients_per_round=20", "privacy.secagg.quantization_range=1073741824",
@@ -405,9 +434,20 @@ def test_refused_combinations_are_one_line_naming_the_key(overrides, key):
     assert message.startswith(key + ":") and "\n" not in message, message
 
 
+def test_an_algorithm_that_needs_individual_updates_is_refused_in_one_line(monkeypatch):
+    """The protocol's hook: an algorithm states why it cannot run on a sum, and the config refuses it."""
+    from fedpeptao.algorithms.fedavg import FedAvgSettings  # noqa: PLC0415
+
+    monkeypatch.setattr(FedAvgSettings, "secure_aggregation_refusal", "fedavg reads every update here", raising=False)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["federated.num_clients=20", "federated.clients_per_round=10",
+                           "privacy.secure_aggregation=true", "method.name=fedavg"])
+    assert str(err.value) == "privacy.secure_aggregation: fedavg reads every update here"
+
+
 def test_a_refused_combination_stops_the_server_app_before_any_message(tmp_path):
     task = write_task(tmp_path / "task")
-    experiment = tiny_experiment(task, method={"name": "scaffold"}, privacy=SECURE)
+    experiment = tiny_experiment(task, method={"name": "fedavg"}, server={"aggregation": "median"}, privacy=SECURE)
     config = write_yaml(tmp_path / "experiment.yaml", experiment)
     grid = WireGrid(client_app, node_configs(tmp_path, 2))
     run_server_app(grid, config, tmp_path / "out")

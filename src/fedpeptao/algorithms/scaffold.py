@@ -34,8 +34,6 @@ class ScaffoldSettings(AlgorithmSettings):
     robust_averaging = False
     dp_refusal = ("scaffold sends per-client control-variate deltas that client-level DP does not cover; use "
                   "fedpeptao, whose control variates come from the privatised mean, or fedavg")
-    secure_aggregation_refusal = ("scaffold's server step needs each client's control-variate delta, which "
-                                  "secure aggregation does not reveal; use fedpeptao (its population form) or fedavg")
 
 
 def scaffold_client_control(c_k: Tensor, c: Tensor, x: Tensor, y: Tensor, num_steps: int, local_lr: float) -> Tensor:
@@ -75,7 +73,8 @@ class Scaffold(Algorithm):
 
     def aggregate(self, round_index: int, sampled: Sequence[int], updates: RoundUpdates) -> None:
         if isinstance(updates, PopulationUpdate):
-            raise TypeError("SCAFFOLD needs every client's update (its control-variate delta), not only their mean")
+            self._aggregate_sum(updates)
+            return
         weights = aggregation_weights(updates)
         new = {}
         for name in self.shared:
@@ -86,6 +85,22 @@ class Scaffold(Algorithm):
                 [u.extras[DELTA_CONTROL][name].to(dtype) for u in updates], weights, self.ctx.num_clients,
                 self.settings.server_lr)
             new[name] = x_new
+        self._set_shared(new)
+
+    def _aggregate_sum(self, population: PopulationUpdate) -> None:
+        """Under secure aggregation: the step needs only the clients' weighted mean and the sum of
+        their ``dc_k``, which travel in the same masked vector (``population.extras``), so it is
+        :func:`scaffold_server`'s with the mean in place of the weighted sum of ``y_k``."""
+        deltas = population.extras.get(DELTA_CONTROL)
+        if deltas is None:
+            raise TypeError("SCAFFOLD needs the sum of the clients' control-variate deltas, not only their mean")
+        new = {}
+        for name in self.shared:
+            x = self.params[name]
+            dtype = work_dtype(x)
+            new[name], self.control[name] = scaffold_server(
+                x.to(dtype), self._c(name, x), [population.params[name].to(dtype)], [deltas[name].to(dtype)], [1.0],
+                self.ctx.num_clients, self.settings.server_lr)
         self._set_shared(new)
 
     def state(self) -> State:

@@ -47,6 +47,9 @@ class PopulationUpdate:
     params: Tensors  # the global tensors moved by the population's mean change
     num_clients: int  # the clients the mean stands for (central DP: the public expected count it divides by)
     num_steps: int  # their mean number of local steps, rounded (treated as public, see docs/privacy.md)
+    #: per extras group, the SUM over the clients of their replies' tensors (secure aggregation sums an
+    #: algorithm's own groups, e.g. SCAFFOLD's ``dc_k``, in the same masked vector); empty otherwise
+    extras: dict[str, Tensors] = field(default_factory=dict)
 
 
 #: what an algorithm's server step receives for a round

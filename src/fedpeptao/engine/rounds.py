@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import Tensor
 
 from fedpeptao.algorithms.base import Algorithm, ClientTask
 from fedpeptao.config import ConfigError, ExperimentConfig
@@ -47,7 +48,8 @@ from fedpeptao.core.payload import Message
 from fedpeptao.core.validation import ValidationPolicy, filter_updates
 from fedpeptao.generation import GenerationScore
 from fedpeptao.privacy.engine import ClientPrivacy
-from fedpeptao.privacy.secure import SecureRound, layout_problem, masked_bytes, mean_update, summed_tensors
+from fedpeptao.privacy.secure import (SecureRound, extras_sums, layout_problem, masked_bytes, mean_update,
+                                      summed_tensors)
 from fedpeptao.report.summary import config_difference
 from fedpeptao.utils.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from fedpeptao.utils.round_log import RoundLog, close_row
@@ -232,7 +234,7 @@ class RoundEngine:
         reference = algo.global_shared()
         row.update({"clients": contributors, "failed": sorted(set(row["sampled"]) - set(contributors)),
                     "contributors": len(contributors), "dropped": len(row["sampled"]) - len(contributors),
-                    "bytes_up": len(contributors) * masked_bytes(reference),
+                    "bytes_up": len(contributors) * masked_bytes(summed) if summed else 0,
                     "slowest_client_s": max(summed.seconds.values(), default=0.0) if summed else 0.0,
                     "train_loss": float(np.nanmean(list(summed.losses.values())))
                     if summed and summed.losses else float("nan")})
@@ -244,7 +246,7 @@ class RoundEngine:
         if row["failed"]:
             log.warning("round %d: clients %s are not in the secure sum (error, timeout or dropped out)",
                         row["round"], row["failed"])
-        problem = layout_problem(summed, reference)
+        problem = layout_problem(summed, reference) or self._summed_extras_problem(summed, reference)
         if len(contributors) < self.min_replies or problem is not None:
             log.warning("round %d: %s; global tensors unchanged", row["round"], problem or
                         f"{len(contributors)} of {len(row['sampled'])} sampled clients in the sum, fewer than "
@@ -258,6 +260,15 @@ class RoundEngine:
         else:
             learned = mean_update(summed, reference)
         algo.aggregate(t, row["sampled"], learned)
+
+    def _summed_extras_problem(self, summed: SecureRound, reference: Mapping[str, Tensor]) -> str | None:
+        """The algorithm's check of the summed extras (a sum is laid out like one reply's extras);
+        under DP none may be in the sum (clipping and noise cover the model change only)."""
+        extras = extras_sums(summed, reference)
+        if extras and self.privacy is not None:
+            return f"the sum carries extras {sorted(extras)}, which DP does not cover"
+        problem = self.algorithm.extras_problem(ClientUpdate(-1, {}, 0, 0, extras=extras))
+        return None if problem is None else f"the summed extras: {problem}"
 
     def evaluates(self, t: int) -> bool:
         """Whether round ``t`` ends with an evaluation (every ``eval_every`` rounds, and the last)."""

@@ -16,6 +16,12 @@ change ``delta = y_k - x`` on the shared tensors, in float64, and a weight ``w_k
   clipped (and, for ``distributed``, partly noised) change, see
   :meth:`~fedpeptao.privacy.engine.ClientPrivacy.device_share`.
 
+An algorithm's own reply groups (``extras``: SCAFFOLD's control-variate deltas ``dc_k``) travel
+in the same masked vector, unweighted, under names ``extras:<group>:<tensor>`` (:data:`EXTRAS`), so
+the server learns their sum over contributors and never one of them: SCAFFOLD's
+``c + (1/N) sum_k dc_k`` needs nothing else. Under DP a reply with extras is refused (DP's clipping
+covers the model change only).
+
 Quantization is Flower's (``flwr.common.secure_aggregation.quantization``), entry by entry: clip to
 ``[-c, c]``, map to ``y = (x + c) T / (2c)``, round stochastically to ``floor(y)`` or ``ceil(y)``
 with ``E = y``; the integers are summed modulo ``M`` and mapped back. :func:`quantize` is Flower's
@@ -48,6 +54,8 @@ log = logging.getLogger("fedpeptao.privacy.secure")
 
 #: bytes of one masked entry on the wire (Flower's masked vectors are int64)
 MASKED_ENTRY_BYTES = 8
+#: the prefix of an extras tensor's name in a contribution: ``extras:<group>:<tensor>``
+EXTRAS = "extras:"
 
 
 class ContributionRefused(ValueError):
@@ -102,6 +110,19 @@ class SecureRound:
         steps = list(self.num_steps.values())
         return max(1, round(float(np.mean(steps)))) if steps else 1
 
+    def model_arrays(self) -> dict[str, np.ndarray]:
+        """The summed model arrays (the weighted changes), without the extras."""
+        return {n: a for n, a in self.arrays.items() if not n.startswith(EXTRAS)}
+
+    def extras(self) -> dict[str, dict[str, np.ndarray]]:
+        """The summed extras, by group and tensor name (unweighted sums over the contributors)."""
+        groups: dict[str, dict[str, np.ndarray]] = {}
+        for name, value in self.arrays.items():
+            if name.startswith(EXTRAS):
+                group, _, tensor = name[len(EXTRAS):].partition(":")
+                groups.setdefault(group, {})[tensor] = value
+        return groups
+
 
 # -- the device -------------------------------------------------------------------------------
 
@@ -119,15 +140,18 @@ def device_contribution(settings: PrivacySettings, privacy, client_id: int, roun
     ``sent`` (after training, and local DP) and those it ``received``. ``privacy``: the run's
     :class:`~fedpeptao.privacy.engine.ClientPrivacy` (None without DP). Raises
     :class:`ContributionRefused` when the contribution cannot be summed."""
-    if extras:
-        raise ContributionRefused(f"client {client_id}: its reply carries extras {sorted(extras)}, which secure "
-                                  f"aggregation does not sum")
+    if extras and privacy is not None:
+        raise ContributionRefused(f"client {client_id}: its reply carries extras {sorted(extras)}, which DP's "
+                                  f"clipping does not cover")
     delta: dict[str, Tensor] = {n: sent[n].detach().to("cpu", torch.float64) - ref.detach().to("cpu", torch.float64)
                                 for n, ref in received.items()}
     if privacy is not None:
         delta = privacy.device_share(delta, client_id, round_index)
     weight = contribution_weight(settings, num_examples)
     arrays = {n: weight * t.detach().to("cpu", torch.float64).numpy() for n, t in delta.items()}
+    for group, tensors in (extras or {}).items():  # summed as they are: the algorithm's step wants their sum
+        for name, value in tensors.items():
+            arrays[f"{EXTRAS}{group}:{name}"] = value.detach().to("cpu", torch.float64).numpy()
     bound = settings.secagg.clipping_range
     for name, value in arrays.items():
         if not np.all(np.isfinite(value)):
@@ -200,28 +224,48 @@ def sum_of(contributions: Sequence[Contribution], secagg: SecAggConfig, rng: Ran
 # -- the server ------------------------------------------------------------------------------
 
 def layout_problem(summed: SecureRound, reference: Mapping[str, Tensor]) -> str | None:
-    """Why the sum does not fit the shared tensors (names, shapes); None when it does."""
-    if set(summed.arrays) != set(reference):
-        return f"the sum holds tensors {sorted(summed.arrays)}, expected {sorted(reference)}"
+    """Why the summed model arrays do not fit the shared tensors (names, shapes); None when they do.
+    (The extras are the algorithm's to check: :func:`extras_sums` feeds its ``extras_problem``.)"""
+    arrays = summed.model_arrays()
+    if set(arrays) != set(reference):
+        return f"the sum holds tensors {sorted(arrays)}, expected {sorted(reference)}"
     for name, ref in reference.items():
-        if tuple(summed.arrays[name].shape) != tuple(ref.shape):
-            return f"'{name}' summed with shape {tuple(summed.arrays[name].shape)}, expected {tuple(ref.shape)}"
+        if tuple(arrays[name].shape) != tuple(ref.shape):
+            return f"'{name}' summed with shape {tuple(arrays[name].shape)}, expected {tuple(ref.shape)}"
     return None
 
 
+def _tensor(value: np.ndarray, device: torch.device) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64)).to(device)
+
+
 def summed_tensors(summed: SecureRound, reference: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The sum as float64 tensors on the reference's devices."""
-    return {n: torch.from_numpy(np.ascontiguousarray(summed.arrays[n], dtype=np.float64)).to(ref.device)
-            for n, ref in reference.items()}
+    """The summed model arrays as float64 tensors on the reference's devices."""
+    return {n: _tensor(summed.arrays[n], ref.device) for n, ref in reference.items()}
+
+
+def extras_sums(summed: SecureRound, reference: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """The summed extras as tensors in the dtype and on the device of the shared tensor of the same
+    name (as one reply's extras are typed, so the algorithm's ``extras_problem`` can check them),
+    or float64 on the CPU for a name that has none."""
+    out: dict[str, dict[str, Tensor]] = {}
+    for group, tensors in summed.extras().items():
+        out[group] = {}
+        for name, value in tensors.items():
+            ref = reference.get(name)
+            out[group][name] = (_tensor(value, torch.device("cpu")) if ref is None
+                                else _tensor(value, ref.device).to(ref.dtype))
+    return out
 
 
 def mean_update(summed: SecureRound, reference: Mapping[str, Tensor]) -> PopulationUpdate:
-    """Without DP: ``x + sum_k w_k delta_k / sum_k w_k`` for the contributors, in each tensor's dtype."""
+    """Without DP: ``x + sum_k w_k delta_k / sum_k w_k`` for the contributors, in each tensor's dtype,
+    and the sums of the extras (:func:`extras_sums`)."""
     if not summed.weight_sum > 0:
         raise SecureAggregationFailed(f"the contributors' weights sum to {summed.weight_sum}")
     total = summed_tensors(summed, reference)
     params = {n: (ref.to(torch.float64) + total[n] / summed.weight_sum).to(ref.dtype) for n, ref in reference.items()}
-    return PopulationUpdate(params, len(summed.contributors), summed.mean_steps())
+    return PopulationUpdate(params, len(summed.contributors), summed.mean_steps(), extras_sums(summed, reference))
 
 
 def mean_error_bound(secagg: SecAggConfig, contributors: int, weight_sum: float | None = None,
@@ -234,10 +278,11 @@ def mean_error_bound(secagg: SecAggConfig, contributors: int, weight_sum: float 
     return secagg.error_bound(contributors) * (1.0 + abs(mean_change)) / weight_sum
 
 
-def masked_bytes(reference: Mapping[str, Tensor]) -> int:
-    """The bytes of one masked vector on the wire: int64 entries for every shared value, the weight
-    and Flower's weighting factor (the key exchange's few hundred bytes per pair not counted)."""
-    return MASKED_ENTRY_BYTES * (sum(t.numel() for t in reference.values()) + 2)
+def masked_bytes(summed: SecureRound) -> int:
+    """The bytes of one masked vector on the wire: int64 entries for every summed value (shared
+    tensors and extras), the weight and Flower's weighting factor (the key exchange's few hundred
+    bytes per pair not counted)."""
+    return MASKED_ENTRY_BYTES * (sum(int(np.size(a)) for a in summed.arrays.values()) + 2)
 
 
 def secure_summary(cfg, history: Sequence[Mapping[str, Any]], runtime: str) -> dict[str, Any]:
@@ -260,5 +305,5 @@ def secure_summary(cfg, history: Sequence[Mapping[str, Any]], runtime: str) -> d
 
 
 __all__ = ["Contribution", "ContributionRefused", "SecureAggregationFailed", "SecureRound", "contribution_weight",
-           "dequantize_sum", "device_contribution", "layout_problem", "masked_bytes", "mean_error_bound",
+           "dequantize_sum", "device_contribution", "EXTRAS", "extras_sums", "layout_problem", "masked_bytes", "mean_error_bound",
            "mean_update", "quantize", "secure_summary", "sum_of", "summed_tensors"]
