@@ -70,7 +70,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
              shared="selected layers + head")
       for suffix, what, setting in [("no-cv", "without control variates", "method.use_control_variates=false"),
                                     ("no-momentum", "without server momentum", "method.use_momentum=false"),
-                                    ("sgd", "with device SGD instead of AdamW", "client.optimizer=sgd")]],
+                                    ("sgd", "with device SGD instead of AdamW", "client.optimizer=sgd"),
+                                    # the stable variant where few local steps make the published form unstable
+                                    ("previous", "correcting with the c_k of the previous round, as SCAFFOLD's "
+                                     "clients do", "method.correction=previous")]],
 ]}
 
 # The paper's comparison (SPEC section 5): FedPepTAO and the nine baselines, the server optimisers split out.

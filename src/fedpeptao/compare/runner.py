@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated presets (default: FedPepTAO and the paper's baselines: fedpeptao, fedavg, "
                              "fedprompt, lpt, lora, adapter, idpg, attempt, fedprox, scaffold, moon, fedadam, fedyogi, "
                              "fedadagrad; also fedpeptao-lora, fedpeptao-all-layers, fedpeptao-no-cv, "
-                             "fedpeptao-no-momentum, fedpeptao-sgd)")
+                             "fedpeptao-no-momentum, fedpeptao-sgd, fedpeptao-previous)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the finished runs already in the output folder whose config is the same")
