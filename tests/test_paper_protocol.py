@@ -1,0 +1,61 @@
+"""``benchmarks/paper_protocol.py``: its pieces are resumable compare commands, an ablation starts
+from the main comparison's FedPepTAO runs, and the README it writes reads the pieces' tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import paper_protocol as study  # noqa: E402
+
+from fedpeptao.compare.seeds import SEED_COLUMNS  # noqa: E402
+
+
+@pytest.fixture
+def out(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "OUT", tmp_path / "paper-protocol")
+    monkeypatch.setattr(study, "REPO", tmp_path)
+    return tmp_path / "paper-protocol"
+
+
+def write_csv(folder: Path, rows: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "compare.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SEED_COLUMNS)
+        writer.writeheader()
+        writer.writerows([{c: row.get(c, "") for c in SEED_COLUMNS} for row in rows])
+
+
+def test_every_piece_is_a_resumable_compare_over_its_seeds(out):
+    pieces = study.pieces()
+    assert {"main:mr", "main:sst-2", "main:rte", "main:mrpc", "ablations:mr", "ablations:rte", "sweep:steps-1"} <= set(pieces)
+    main = pieces["main:mr"].command()
+    assert main[:3] == ["fedpeptao", "compare", "configs/paper/mr.toml"] and main[-1] == "--resume"
+    assert main[main.index("--seeds") + 1] == "0,1,2" and main[main.index("--methods") + 1].startswith("fedpeptao,")
+    steps = pieces["sweep:steps-1"].command()
+    assert "client.batch_size=64" in steps and steps[steps.index("--methods") + 1] == "fedpeptao,fedpeptao-previous,fedavg"
+
+
+def test_an_ablation_starts_from_the_main_runs_and_the_readme_reads_the_tables(out):
+    pieces = study.pieces()
+    runs = pieces["main:mr"].out / "runs" / "fedpeptao"
+    runs.mkdir(parents=True)
+    (runs / "seed-0.json").write_text(json.dumps({"method": "fedpeptao", "wall_s": 100.0, "summary": {}}))
+    study.borrow_runs(pieces["ablations:mr"])
+    assert (pieces["ablations:mr"].out / "runs" / "fedpeptao" / "seed-0.json").is_file()
+    study.borrow_runs(pieces["sweep:steps-1"])  # overrides: nothing of main's fits
+    assert not pieces["sweep:steps-1"].out.exists()
+    write_csv(pieces["main:mr"].out, [
+        {"method": "fedpeptao", "seeds": 3, "test_mean": 0.8, "test_ci_low": 0.75, "test_ci_high": 0.85, "mb_mean": 14.0},
+        {"method": "fedavg", "seeds": 2, "test_mean": 0.7, "test_ci_low": 0.6, "test_ci_high": 0.8, "mb_mean": 22.0,
+         "difference_mean": -0.1, "difference_ci_low": -0.2, "difference_ci_high": 0.0}])
+    text = study.report("2")
+    assert "| fedpeptao | 0.800 ± 0.050 | not run | not run | not run |" in text
+    assert "| fedavg | 0.700 ± 0.100 (2 seeds) |" in text and "| fedavg | -0.100 [-0.200, +0.000] |" in text
+    assert "| main:mr | 1/15 | 100 |" in text and "OMP_NUM_THREADS=2" in text
