@@ -13,6 +13,7 @@ from fedpeptao.algorithms.base import ServerContext
 from fedpeptao.algorithms.fedavg import FedAvgSettings
 from fedpeptao.algorithms.fedopt import fedopt_update
 from fedpeptao.algorithms.fedpeptao import POPULATION, step_clients
+from fedpeptao.algorithms.fedpeptao.settings import FedPepTAOSettings
 from fedpeptao.algorithms.scaffold import (CONTROL, DELTA_CONTROL, ScaffoldSettings, scaffold_client_control,
                                           scaffold_server)
 from fedpeptao.core.aggregation import ClientUpdate, PopulationUpdate, averaging
@@ -64,7 +65,7 @@ def test_scaffold_sends_and_checks_its_own_extras():
     assert "expected ['scaffold.delta_control']" in algo.extras_problem(reply({}))
     assert "shape" in algo.extras_problem(reply({DELTA_CONTROL: {**dc, "w": torch.zeros(3)}}))
     assert "non-finite" in algo.extras_problem(reply({DELTA_CONTROL: {**dc, "b": torch.full((3,), float("nan"))}}))
-    with pytest.raises(TypeError, match="every client"):
+    with pytest.raises(TypeError, match="sum of the clients. control-variate deltas"):
         algo.aggregate(0, [1], PopulationUpdate(dict(SHARED), 3, 2))
 
 
@@ -82,6 +83,25 @@ def test_a_population_mean_is_taken_as_released():
     assert (client.client_id, client.params, client.num_examples, client.num_steps) == (POPULATION, population.params, 1, 2)
     updates = [ClientUpdate(3, {"w": torch.ones(2)}, 4, 1)]
     assert step_clients(updates) is updates
+
+
+def test_fedpeptao_on_a_population_mean_follows_its_clients_round_after_round():
+    """The population's mean is one client that returns every round; counted as every client, its
+    correction stays zero and the step stays with a direction every client agrees on (counted as
+    |S| of N it turned against them by the third round: see the algorithm's docstring)."""
+    ctx = ServerContext(num_clients=20, local_lr=0.02, seed=0, rounds=8, layer_groups={0: ["w"]}, head_names=["b"],
+                        average=averaging("weighted_mean"))
+    algo = make_algorithm(FedPepTAOSettings(ratio=1.0, warmup_rounds=0), ctx, dict(SHARED))
+    ratios = []
+    for t in range(8):
+        algo.prepare_round(t, lambda *a, **k: {0: {"scores": [1.0], "num_train": 4}})  # one layer, one score
+        x = algo.global_shared()
+        moved = {n: v + 6 * 0.02 for n, v in x.items()}  # 6 local steps of lr 0.02 along +1
+        algo.aggregate(t, list(range(5)), PopulationUpdate(moved, 5, 6))
+        step = {n: algo.global_shared()[n] - x[n] for n in x}
+        ratios.append(min(float((d / (6 * 0.02)).min()) for d in step.values()))
+    assert all(r > 0.9 for r in ratios), ratios
+    assert algo.stability()["first_contact_ratio"] > 1.0  # and the start-up check agrees: no warning
 
 
 def test_a_message_counts_its_extras_under_their_group():

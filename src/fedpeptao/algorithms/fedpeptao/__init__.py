@@ -14,8 +14,16 @@ server step:
 * after it: :func:`~fedpeptao.core.server.fedpeptao_step` on the shared tensors; the unshared
   layers never leave the device.
 
-When the server learns only the population's mean (central DP), the step takes that mean as one
-client of weight one, whose control variate is the population's (kept under :data:`POPULATION`).
+When the server learns only the population's mean (central DP, secure aggregation), the step
+takes that mean as one client of weight one standing for the whole population: its control
+variate is the population's (kept under :data:`POPULATION`) and it counts as every client
+(``|S_t| / N = 1`` in the update of ``c``), so ``c`` and its ``c_k`` stay equal and the correction
+``c - c_k`` is zero: the population form is the selected layers' FedAvg with server momentum.
+Per-client drift correction needs per-client updates. Counting it as ``|S_t|`` of ``N`` instead
+(an earlier version) made ``c_k`` outrun ``c`` by ``1 - |S_t| / N`` of the clients' change every
+round, because this one client returns every round: the server's step turned against the clients
+within three rounds at any number of local steps (``tests/test_algorithms.py``; on MR under secure
+aggregation the run fell to the majority class at round 10).
 """
 
 from __future__ import annotations
@@ -122,8 +130,10 @@ class FedPepTAO(Algorithm):
         if self.server_state is None:  # warm-up: FedAvg on every tensor
             self._set_shared(self.ctx.average(updates))
             return
+        # a population's mean stands for every client (see the module docstring)
+        sampled_count = self.ctx.num_clients if isinstance(updates, PopulationUpdate) else len(sampled)
         self._set_shared(fedpeptao_step(self.global_shared(), step_clients(updates), self.server_state,
-                                        self.step_config, num_sampled=len(sampled)))
+                                        self.step_config, num_sampled=sampled_count))
 
     def state(self) -> State:
         """Adds ``base/<name>`` and the selective step's ``server/...`` tensors; the layer
@@ -164,7 +174,8 @@ class FedPepTAO(Algorithm):
         """Warn once where the published correction turns the server's step against the clients."""
         clients = step_clients(updates)
         self.local_steps = sum(u.num_steps for u in clients) / max(len(clients), 1)
-        self.participation = num_sampled / self.ctx.num_clients
+        # a population's mean counts as every client (module docstring): its correction is zero
+        self.participation = 1.0 if isinstance(updates, PopulationUpdate) else num_sampled / self.ctx.num_clients
         s, ratio = self.settings, self.stability()["first_contact_ratio"]
         if s.use_control_variates and s.correction == "published" and ratio < STABLE_RATIO:
             log.warning("fedpeptao: %.1f local steps per client round (client.epochs x examples per client / "
