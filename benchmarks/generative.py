@@ -25,6 +25,8 @@ from common import child, collect, start
 INSTRUCT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "instruct"
 RUNS = {
     "fedpeptao": ["method.name=fedpeptao", "method.ratio=0.5", "tuning.name=deep_prompt", "tuning.num_prompt_tokens=10", "client.lr=0.02"],
+    "fedpeptao-previous": ["method.name=fedpeptao", "method.ratio=0.5", "method.correction=previous",
+                           "tuning.name=deep_prompt", "tuning.num_prompt_tokens=10", "client.lr=0.02"],
     "lora": ["method.name=fedavg", "tuning.name=lora", "client.lr=0.005"],
     "fedprompt": ["method.name=fedavg", "tuning.name=input_prompt", "tuning.num_prompt_tokens=10", "client.lr=0.02"],
     "fedpeptao-nf4": ["method.name=fedpeptao", "method.ratio=0.5", "tuning.name=deep_prompt", "tuning.num_prompt_tokens=10", "client.lr=0.02",
@@ -32,7 +34,8 @@ RUNS = {
     "fedpeptao-int8": ["method.name=fedpeptao", "method.ratio=0.5", "tuning.name=deep_prompt", "tuning.num_prompt_tokens=10", "client.lr=0.02",
                        "model.quantization=int8"],
 }
-LABELS = {"fedpeptao": "FedPepTAO (deep prompts, ratio 0.5)", "lora": "FedAvg + LoRA", "fedprompt": "FedPrompt",
+LABELS = {"fedpeptao": "FedPepTAO (deep prompts, ratio 0.5)",
+          "fedpeptao-previous": "FedPepTAO, correction with the previous round's c_k (method.correction=previous)", "lora": "FedAvg + LoRA", "fedprompt": "FedPrompt",
           "fedpeptao-nf4": "FedPepTAO, nf4 backbone", "fedpeptao-int8": "FedPepTAO, int8 backbone"}
 
 
