@@ -331,6 +331,9 @@ def test_normalised_exact_match():
     assert normalize_answer("  The Pantry! ") == "pantry"
     assert exact_match("the  pantry.", "Pantry") and exact_match("An apple", "apple")
     assert not exact_match("pantry box", "pantry")
+    # an option letter that is an article is still an answer: "A" matches "a." and not "The" or "B"
+    assert exact_match("A.", "A") and exact_match("a", "A")
+    assert not exact_match("The", "A") and not exact_match("", "A") and not exact_match("B", "A")
 
 
 MMLU = "Question?\nA. Easy\nB. Difficult\nC. Slow to warm up\nD. Secure\nAnswer:"

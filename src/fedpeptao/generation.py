@@ -244,7 +244,17 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(prediction: str, reference: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(reference)
+    """Normalised equality. A reference that is all article or punctuation (the option letter
+    ``A``) keeps its articles on both sides: SQuAD's rule would turn it into the empty string,
+    which every answer made of articles (``The.``) would then match."""
+    wanted = normalize_answer(reference)
+    if wanted:
+        return normalize_answer(prediction) == wanted
+
+    def bare(text: str) -> str:
+        return " ".join("".join(ch for ch in text.lower() if ch not in _PUNCTUATION).split())
+
+    return bare(prediction) == bare(reference)
 
 
 #: option lines as multiple-choice prompts list them: ``A. text`` / ``(A) text`` on their own lines,
