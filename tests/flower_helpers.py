@@ -27,6 +27,8 @@ import pytest
 import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -131,11 +133,17 @@ def write_toml(path: Path, data: Mapping[str, Any]) -> Path:
 # -- in-process Flower ----------------------------------------------------------------------------
 
 class InProcessGrid(Grid):
-    """Delivers messages synchronously to ``client_app``; nodes in ``silent`` never answer (a timeout),
-    nodes in ``raising`` answer with an error, as a crashed ClientApp does."""
+    """Delivers messages synchronously to ``client_app``, one ``Context`` per node: nodes in ``silent``
+    never answer (a timeout), nodes in ``raising`` answer with an error, as a crashed ClientApp does,
+    nodes in ``offline`` are not listed and never answer. With ``wire``, each message and reply goes
+    through Flower's protobuf serde, as over a connection (SecAgg+'s mod edits what it gets). Every
+    message is kept in ``sent``, every reply the server code receives in ``received``; a subclass
+    decides a node's reply in ``answer`` (e.g. silence or an error at one SecAgg+ stage)."""
 
-    def __init__(self, client_app: ClientApp, node_configs: Mapping[int, Mapping[str, Any]], run_id: int = 1) -> None:
+    def __init__(self, client_app: ClientApp, node_configs: Mapping[int, Mapping[str, Any]], run_id: int = 1,
+                 *, wire: bool = False) -> None:
         self.client_app = client_app
+        self.wire = wire
         # Flower stamps new messages with the running task's identity; in-process we are that task.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
         self.contexts = {node: Context(run_id, node, dict(conf), RecordDict(), {})
@@ -144,6 +152,7 @@ class InProcessGrid(Grid):
         self.raising: set[int] = set()
         self.offline: set[int] = set()
         self.sent: list[Message] = []
+        self.received: list[Message] = []
 
     def set_run(self, run) -> None:  # pragma: no cover - not used in-process
         raise NotImplementedError
@@ -164,22 +173,36 @@ class InProcessGrid(Grid):
     def pull_messages(self, message_ids):  # pragma: no cover
         raise NotImplementedError
 
+    def carry(self, message: Message) -> Message:
+        """``message`` as it arrives at the other side of a connection (itself unless ``wire``)."""
+        return message_from_proto(message_to_proto(message)) if self.wire else message
+
+    def answer(self, node: int, message: Message) -> Message | None:
+        """Node ``node``'s reply to ``message``, None for none (a timeout). Not asked for a node in
+        ``silent`` or ``offline``."""
+        if node in self.raising:
+            return Message(Error(code=0, reason="ClientApp raised"), reply_to=message)
+        try:
+            return self.client_app(message=self.carry(message), context=self.contexts[node])
+        except Exception as exc:  # as Flower's ClientApp runner does: the error travels as the reply
+            return Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = message.object_id
             self.sent.append(message)
             node = message.metadata.dst_node_id
-            if node in self.silent or node in self.offline:
-                continue
-            if node in self.raising:
-                replies.append(Message(Error(code=0, reason="ClientApp raised"), reply_to=message))
-                continue
-            try:
-                replies.append(self.client_app(message=message, context=self.contexts[node]))
-            except Exception as exc:  # as Flower's ClientApp runner does: the error travels as the reply
-                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message))
+            reply = None if node in self.silent or node in self.offline else self.answer(node, message)
+            if reply is not None:
+                replies.append(self.carry(reply))
+        self.received.extend(replies)
         return replies
+
+
+def secagg_stage(message: Message) -> str | None:
+    """The SecAgg+ stage ``message`` asks for (None: not a SecAgg+ message)."""
+    return message.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(Key.STAGE)
 
 
 def node_configs(root: Path, num_clients: int, **extra: Any) -> dict[int, dict[str, Any]]:

@@ -11,21 +11,27 @@ apps on Flower's simulation engine.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.quantization import quantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedpeptao.flower.secagg import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flower_helpers import InProcessGrid, secagg_stage  # noqa: E402
+
+from fedpeptao.flower.secagg import (  # noqa: E402
     SecAggSettings,
     SecureAggregationError,
     contribution,
@@ -73,62 +79,25 @@ def round_content(drop: Iterable[int] = ()) -> RecordDict:
 
 # -- an in-process grid that records what the server code receives --------------------------------
 
-def _wire(message: Message) -> Message:
-    """``message`` as it arrives at the other side of a connection."""
-    return message_from_proto(message_to_proto(message))
-
-
-class WireGrid(Grid):
-    """Delivers each message to ``app`` with one Context per node, through Flower's serde both ways.
-    Nodes in ``silent_at[stage]`` do not answer that SecAgg+ stage (a timeout); every reply is kept
-    in ``received``."""
+class WireGrid(InProcessGrid):
+    """The project's in-process grid over ``app`` (node ``100 + k`` is partition ``k``), through Flower's
+    serde both ways, every reply kept in ``received``. Nodes in ``silent_at[stage]`` do not answer
+    that SecAgg+ stage (a timeout)."""
 
     def __init__(self, num_nodes: int) -> None:
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-        self.contexts = {100 + k: Context(1, 100 + k, {"partition-id": k}, RecordDict(), {}) for k in range(num_nodes)}
+        super().__init__(app, {100 + k: {"partition-id": k} for k in range(num_nodes)}, wire=True)
         self.silent_at: dict[str, set[int]] = {}
-        self.received: list[Message] = []
-        self.stages: list[str] = []
+
+    @property
+    def stages(self) -> list[str]:
+        """The SecAgg+ stage of every message sent, in order."""
+        return [secagg_stage(message) for message in self.sent]
 
     def partition(self, node: int) -> int:
         return int(self.contexts[node].node_config["partition-id"])
 
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = message.object_id
-            stage = str(message.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
-            self.stages.append(stage)
-            node = message.metadata.dst_node_id
-            if node in self.silent_at.get(stage, ()):
-                continue
-            try:
-                reply = app(message=_wire(message), context=self.contexts[node])
-            except Exception as exc:  # as Flower's ClientApp runner: the error travels as the reply
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
-            replies.append(_wire(reply))
-        self.received.extend(replies)
-        return replies
-
-    # unused parts of the Grid interface
-    def set_run(self, run_id):  # pragma: no cover
-        raise NotImplementedError
-
-    @property
-    def run(self):  # pragma: no cover
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # pragma: no cover
-        raise NotImplementedError
-
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
+    def answer(self, node: int, message: Message) -> Message | None:
+        return None if node in self.silent_at.get(secagg_stage(message), ()) else super().answer(node, message)
 
 
 def expected_sum(partitions: Iterable[int]) -> tuple[dict[str, np.ndarray], float]:

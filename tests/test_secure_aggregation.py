@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import dp_accounting
@@ -30,14 +29,14 @@ import yaml
 from dp_accounting.rdp import RdpAccountant
 from flwr.app import Error, Message
 from flwr.common.secure_aggregation.quantization import quantize as flower_quantize
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
+from flwr.common.serde import message_to_proto
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flower_helpers import (InProcessGrid, keep_process_settings, metrics, node_configs,  # noqa: E402,F401
-                            run_server_app, tiny_experiment, write_task)
+                            run_server_app, secagg_stage, tiny_experiment, write_task)
 
 import fedpeptao.flower.client_app as client_module  # noqa: E402
 from fedpeptao.config import ConfigError, ExperimentConfig, load_config  # noqa: E402
@@ -61,11 +60,6 @@ FEDAVG3 = {"method": {"name": "fedavg"}, "federated": {"num_clients": 3, "client
 
 # -- an in-process grid through Flower's serde, and what the server side receives ------------------
 
-def _wire(message: Message) -> Message:
-    """``message`` as it arrives at the other side of a connection (SecAgg+'s mod edits what it gets)."""
-    return message_from_proto(message_to_proto(message))
-
-
 class WireGrid(InProcessGrid):
     """The project's in-process grid, each message and reply through Flower's protobuf serde, every
     reply the server code receives kept in ``received``; a node in ``drop_at`` fails at that SecAgg+
@@ -73,31 +67,17 @@ class WireGrid(InProcessGrid):
     the first time with ``once``."""
 
     def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.received: list[Message] = []
+        super().__init__(*args, wire=True, **kwargs)
         self.drop_at: dict[int, str] = {}
         self.once = False
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = message.object_id
-            self.sent.append(message)
-            node = message.metadata.dst_node_id
-            if node in self.silent or node in self.offline:
-                continue
-            stage = message.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(Key.STAGE)
-            if stage is not None and self.drop_at.get(node) == stage:
-                if self.once:
-                    del self.drop_at[node]
-                replies.append(Message(Error(code=0, reason=f"node {node} lost at {stage}"), reply_to=message))
-                continue
-            try:
-                replies.append(_wire(self.client_app(message=_wire(message), context=self.contexts[node])))
-            except Exception as exc:  # as Flower's runner does: the error travels as the reply
-                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message))
-        self.received.extend(replies)
-        return replies
+    def answer(self, node: int, message: Message) -> Message | None:
+        stage = secagg_stage(message)
+        if stage is None or self.drop_at.get(node) != stage:
+            return super().answer(node, message)
+        if self.once:
+            del self.drop_at[node]
+        return Message(Error(code=0, reason=f"node {node} lost at {stage}"), reply_to=message)
 
 
 def write_yaml(path: Path, experiment: dict) -> Path:
