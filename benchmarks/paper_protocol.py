@@ -73,8 +73,11 @@ class Piece:
         return OUT / kind / label
 
     def command(self) -> list[str]:
+        """The piece's compare: resumable, and with the cost to 95% of the best method's mean
+        validation accuracy (rounds, MB, seconds; judged on validation)."""
         return ["fedpeptao", "compare", self.config, *self.overrides, "--methods", ",".join(self.methods),
-                "--seeds", ",".join(map(str, self.seeds)), "--out", str(self.out.relative_to(REPO)), "--resume"]
+                "--seeds", ",".join(map(str, self.seeds)), "--target", "95%", "--out", str(self.out.relative_to(REPO)),
+                "--resume"]
 
     def records(self) -> list[dict]:
         """The finished (method, seed) runs of this piece, as compare stored them."""
@@ -138,6 +141,23 @@ def seed_table(piece: Piece) -> dict[str, dict[str, str]]:
     return {row["method"]: row for row in csv.DictReader(path.open())}
 
 
+def cost_table(piece: Piece) -> dict[str, dict[str, str]]:
+    """method -> the piece's cost_to_target.csv row."""
+    path = piece.out / "cost_to_target.csv"
+    return {row["method"]: row for row in csv.DictReader(path.open())} if path.is_file() else {}
+
+
+def cost_cell(row: dict[str, str] | None) -> str:
+    """``3/3: 6.0 rounds, 4.1 MB, 9.8 s``."""
+    if not row:
+        return "not run"
+    reached = f"{row['reached']}/{row['seeds']}"
+    if _float(row.get("rounds_mean")) is None:
+        return reached
+    return (f"{reached}: {_float(row['rounds_mean']):.1f} rounds, {_float(row['mb_mean']):.1f} MB, "
+            f"{_float(row['train_s_mean']):.1f} s")
+
+
 def cell(row: dict[str, str] | None) -> str:
     """``0.812 ± 0.021 (n)``: the mean test metric and the half-width of its 95% interval."""
     if not row:
@@ -187,6 +207,12 @@ def report(threads: str) -> str:
     for method in MAIN_METHODS:
         lines.append(f"| {method} | " + " | ".join(
             f"{_float(r['mb_mean']):.1f}" if (r := tables[t].get(method)) else "not run" for t in TASKS) + " |")
+    lines += ["", "Cost to 95% of the best method's mean validation accuracy (judged on validation; seeds that "
+              "reached it / seeds run, then mean rounds, MB and summed slowest-client training seconds over the seeds "
+              "that reached it):", "", "| method | " + " | ".join(TASKS) + " |", "|---|" + "---:|" * len(TASKS)]
+    costs = {t: cost_table(all_pieces[f"main:{t}"]) for t in TASKS}
+    for method in MAIN_METHODS:
+        lines.append(f"| {method} | " + " | ".join(cost_cell(costs[t].get(method)) for t in TASKS) + " |")
     lines += ["", "## FedPepTAO's ablations", "", "| variant | mr | rte |", "|---|---:|---:|"]
     ablations = {t: seed_table(all_pieces[f"ablations:{t}"]) for t in ("mr", "rte")}
     for method in ABLATIONS:
