@@ -103,7 +103,7 @@ def main() -> None:
         print(f"| zero-shot (the bare backbone) | {zero['metrics']['exact_match']:.3f} | - | "
               f"{'-' if choice is None else f'{choice:.3f}'} | 0 | {zero['seconds']:.0f} | {zero['peak_mb']:.0f} |",
               flush=True)
-        for run in args.runs.split(","):
+        for run in filter(None, args.runs.split(",")):  # --runs "": the zero-shot row alone
             result = collect(start([__file__, "--child", "run", *overrides, *RUNS[run]]), run)
             print(row(run, result), flush=True)
         print(f"\n{name}: {time.perf_counter() - began:.0f} s\n", flush=True)
