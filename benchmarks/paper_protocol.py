@@ -169,6 +169,14 @@ def cell(row: dict[str, str] | None) -> str:
     return f"{mean:.3f} ± {(high - low) / 2:.3f}" + ("" if n == len(SEEDS) else f" ({n} seeds)")
 
 
+def sweep_cell(row: dict[str, str] | None, record: dict | None) -> str:
+    """One seed's test metric at the selected round, and (in brackets) at the last round."""
+    if not row:
+        return "not run"
+    final = (record or {}).get("summary", {}).get("final_metric")
+    return cell(row).replace(" (1 seed)", "") + ("" if final is None else f" ({final:.3f})")
+
+
 def difference(row: dict[str, str] | None) -> str:
     if not row or _float(row.get("difference_ci_low")) is None:
         return "—"
@@ -219,7 +227,8 @@ def report(threads: str) -> str:
         lines.append(f"| {method} | {cell(ablations['mr'].get(method))} | {cell(ablations['rte'].get(method))} |")
     lines += ["", "## Regime sweep on MR (seed 0)", "",
               "One setting changed from the preset at a time. Test accuracy at the round chosen on validation; "
-              "the first-contact ratio is FedPepTAO's server step over the clients' mean update in its first round "
+              "in brackets the test accuracy at the last round (12), which shows a run that learns and then turns "
+              "back; the first-contact ratio is FedPepTAO's server step over the clients' mean update in its first round "
               "(`core.server.first_contact_ratio`; below 0.5 a run warns).", "",
               "| regime | " + " | ".join(SWEEP_METHODS) + " | FedPepTAO local steps | first-contact ratio (published) |",
               "|---|" + "---:|" * (len(SWEEP_METHODS) + 2)]
@@ -228,7 +237,7 @@ def report(threads: str) -> str:
         table, runs = seed_table(piece), {r["method"]: r for r in piece.records()}
         stability = runs.get("fedpeptao", {}).get("summary", {}).get("stability") or {}
         steps, ratio = stability.get("local_steps"), stability.get("first_contact_ratio")
-        lines.append(f"| {about} | " + " | ".join(cell(table.get(m)).replace(" (1 seed)", "") for m in SWEEP_METHODS)
+        lines.append(f"| {about} | " + " | ".join(sweep_cell(table.get(m), runs.get(m)) for m in SWEEP_METHODS)
                      + f" | {'—' if steps is None else f'{steps:g}'} | {'—' if ratio is None else f'{ratio:+.2f}'} |")
     lines += ["", "## Pieces, commands and wall time", "",
               "| piece | runs done | wall s (sum of runs) | command |", "|---|---:|---:|---|"]
