@@ -1,6 +1,6 @@
 """Reference runs: tiny-model experiments whose outputs are committed as fixtures, so a change of
 structure can prove it computes exactly what the code computed before (global and per-client
-tensors within 1e-6, every metrics row equal).
+tensors within 5e-5, every metrics row equal to 1e-4 relative: library releases move them by about 1e-5).
 
 ``python tests/reference_runs.py`` (re)records ``tests/fixtures/reference/``; do that only when a
 change of numbers is intended, and say which and why in the commit message.
