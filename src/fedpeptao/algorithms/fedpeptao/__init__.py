@@ -125,15 +125,17 @@ class FedPepTAO(Algorithm):
 
     def aggregate(self, round_index: int, sampled: Sequence[int], updates: RoundUpdates) -> None:
         if self.local_steps is None:
-            self._check_stability(updates, len(sampled))
+            self._check_stability(updates, self._step_sampled(updates, sampled))
         self.layer_selection.record(sampled)
         if self.server_state is None:  # warm-up: FedAvg on every tensor
             self._set_shared(self.ctx.average(updates))
             return
-        # a population's mean stands for every client (see the module docstring)
-        sampled_count = self.ctx.num_clients if isinstance(updates, PopulationUpdate) else len(sampled)
         self._set_shared(fedpeptao_step(self.global_shared(), step_clients(updates), self.server_state,
-                                        self.step_config, num_sampled=sampled_count))
+                                        self.step_config, num_sampled=self._step_sampled(updates, sampled)))
+
+    def _step_sampled(self, updates: RoundUpdates, sampled: Sequence[int]) -> int:
+        """``|S_t|`` as the step counts it: a population's mean stands for every client (module docstring)."""
+        return self.ctx.num_clients if isinstance(updates, PopulationUpdate) else len(sampled)
 
     def state(self) -> State:
         """Adds ``base/<name>`` and the selective step's ``server/...`` tensors; the layer
@@ -174,8 +176,7 @@ class FedPepTAO(Algorithm):
         """Warn once where the published correction turns the server's step against the clients."""
         clients = step_clients(updates)
         self.local_steps = sum(u.num_steps for u in clients) / max(len(clients), 1)
-        # a population's mean counts as every client (module docstring): its correction is zero
-        self.participation = 1.0 if isinstance(updates, PopulationUpdate) else num_sampled / self.ctx.num_clients
+        self.participation = num_sampled / self.ctx.num_clients
         s, ratio = self.settings, self.stability()["first_contact_ratio"]
         if s.use_control_variates and s.correction == "published" and ratio < STABLE_RATIO:
             log.warning("fedpeptao: %.1f local steps per client round (client.epochs x examples per client / "
