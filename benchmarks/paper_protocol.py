@@ -125,6 +125,17 @@ def run(piece: Piece) -> None:
     began = time.perf_counter()
     subprocess.run(command, cwd=REPO, env=env, check=True)
     print(f"== {piece.name}: {time.perf_counter() - began:.0f} s", flush=True)
+    write_stability(piece)
+
+
+def write_stability(piece: Piece) -> None:
+    """``stability.json`` beside the piece's tables: each method's start-up stability figures
+    (expected local steps, first-contact ratio, correction) of its seed-0 run, which compare's
+    CSVs do not carry and the sweep's table shows."""
+    found = {r["method"]: r["summary"].get("stability") for r in piece.records()
+             if r.get("config", {}).get("seed", 0) == piece.seeds[0] and r.get("summary", {}).get("stability")}
+    if found:
+        (piece.out / "stability.json").write_text(json.dumps(found, indent=1, sort_keys=True) + "\n")
 
 
 # -- the README ---------------------------------------------------------------------------------
@@ -139,6 +150,19 @@ def seed_table(piece: Piece) -> dict[str, dict[str, str]]:
     if not path.is_file():
         return {}
     return {row["method"]: row for row in csv.DictReader(path.open())}
+
+
+def run_rows(piece: Piece) -> list[dict[str, str]]:
+    """The piece's compare_runs.csv: one row per finished (method, seed) run. The README reads
+    these (committed) rows rather than the run records, so it can be rewritten from any checkout."""
+    path = piece.out / "compare_runs.csv"
+    return list(csv.DictReader(path.open())) if path.is_file() else []
+
+
+def stability_of(piece: Piece) -> dict[str, dict]:
+    """method -> the start-up stability figures ``write_stability`` kept for the piece."""
+    path = piece.out / "stability.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def cost_table(piece: Piece) -> dict[str, dict[str, str]]:
@@ -169,11 +193,11 @@ def cell(row: dict[str, str] | None) -> str:
     return f"{mean:.3f} ± {(high - low) / 2:.3f}" + ("" if n == len(SEEDS) else f" ({n} seeds)")
 
 
-def sweep_cell(row: dict[str, str] | None, record: dict | None) -> str:
+def sweep_cell(row: dict[str, str] | None, run: dict[str, str] | None) -> str:
     """One seed's test metric at the selected round, and (in brackets) at the last round."""
     if not row:
         return "not run"
-    final = (record or {}).get("summary", {}).get("final_metric")
+    final = _float((run or {}).get("final"))
     return cell(row).replace(" (1 seed)", "") + ("" if final is None else f" ({final:.3f})")
 
 
@@ -234,17 +258,17 @@ def report(threads: str) -> str:
               "|---|" + "---:|" * (len(SWEEP_METHODS) + 2)]
     for name, (about, _) in REGIMES.items():
         piece = all_pieces[f"sweep:{name}"]
-        table, runs = seed_table(piece), {r["method"]: r for r in piece.records()}
-        stability = runs.get("fedpeptao", {}).get("summary", {}).get("stability") or {}
+        table, runs = seed_table(piece), {r["method"]: r for r in run_rows(piece)}
+        stability = stability_of(piece).get("fedpeptao") or {}
         steps, ratio = stability.get("local_steps"), stability.get("first_contact_ratio")
         lines.append(f"| {about} | " + " | ".join(sweep_cell(table.get(m), runs.get(m)) for m in SWEEP_METHODS)
                      + f" | {'—' if steps is None else f'{steps:g}'} | {'—' if ratio is None else f'{ratio:+.2f}'} |")
     lines += ["", "## Pieces, commands and wall time", "",
               "| piece | runs done | wall s (sum of runs) | command |", "|---|---:|---:|---|"]
     for piece in all_pieces.values():
-        records = piece.records()
-        wall = sum(float(r.get("wall_s", 0.0)) for r in records)
-        lines.append(f"| {piece.name} | {len(records)}/{len(piece.methods) * len(piece.seeds)} | {wall:.0f} | "
+        rows = run_rows(piece)
+        wall = sum(_float(r.get("wall_s")) or 0.0 for r in rows)
+        lines.append(f"| {piece.name} | {len(rows)}/{len(piece.methods) * len(piece.seeds)} | {wall:.0f} | "
                      f"`{' '.join(piece.command())}` |")
     return "\n".join(lines) + "\n"
 
@@ -258,7 +282,7 @@ def main() -> None:
     known = pieces()
     if args.list:
         for piece in known.values():
-            print(f"{piece.name:>22}  {len(piece.records())}/{len(piece.methods) * len(piece.seeds)} runs  "
+            print(f"{piece.name:>22}  {len(run_rows(piece))}/{len(piece.methods) * len(piece.seeds)} runs  "
                   f"{piece.about}")
         return
     chosen = [p.strip() for p in args.pieces.split(",") if p.strip()]

@@ -55,7 +55,18 @@ def test_an_ablation_starts_from_the_main_runs_and_the_readme_reads_the_tables(o
         {"method": "fedpeptao", "seeds": 3, "test_mean": 0.8, "test_ci_low": 0.75, "test_ci_high": 0.85, "mb_mean": 14.0},
         {"method": "fedavg", "seeds": 2, "test_mean": 0.7, "test_ci_low": 0.6, "test_ci_high": 0.8, "mb_mean": 22.0,
          "difference_mean": -0.1, "difference_ci_low": -0.2, "difference_ci_high": 0.0}])
+    with (pieces["main:mr"].out / "compare_runs.csv").open("w", newline="") as f:
+        f.write("method,seed,final,wall_s\nfedpeptao,0,0.79,100.0\n")
+    sweep = pieces["sweep:steps-1"]
+    write_csv(sweep.out, [{"method": "fedpeptao", "seeds": 1, "test_mean": 0.65}])
+    (sweep.out / "compare_runs.csv").write_text("method,seed,final,wall_s\nfedpeptao,0,0.472,90.0\n")
+    (sweep.out / "runs" / "fedpeptao").mkdir(parents=True)
+    (sweep.out / "runs" / "fedpeptao" / "seed-0.json").write_text(json.dumps(
+        {"method": "fedpeptao", "config": {"seed": 0},
+         "summary": {"stability": {"local_steps": 1.0, "first_contact_ratio": -1.25, "correction": "published"}}}))
+    study.write_stability(sweep)  # kept beside the tables: the run records need not travel
     text = study.report("2")
+    assert "| 0.650 (0.472) | not run | not run | 1 | -1.25 |" in text
     assert "| fedpeptao | 0.800 ± 0.050 | not run | not run | not run |" in text
     assert "| fedavg | 0.700 ± 0.100 (2 seeds) |" in text and "| fedavg | -0.100 [-0.200, +0.000] |" in text
     assert "| main:mr | 1/15 | 100 |" in text and "OMP_NUM_THREADS=2" in text
