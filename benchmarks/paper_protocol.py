@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedpeptao.algorithms.fedpeptao import STABLE_RATIO
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "results" / "paper-protocol"
 SEEDS = (0, 1, 2)
@@ -253,7 +255,7 @@ def report(threads: str) -> str:
               "One setting changed from the preset at a time. Test accuracy at the round chosen on validation; "
               "in brackets the test accuracy at the last round (12), which shows a run that learns and then turns "
               "back; the first-contact ratio is FedPepTAO's server step over the clients' mean update in its first round "
-              "(`core.server.first_contact_ratio`; below 0.5 a run warns).", "",
+              f"(`core.server.first_contact_ratio`; below {STABLE_RATIO} a run warns).", "",
               "| regime | " + " | ".join(SWEEP_METHODS) + " | FedPepTAO local steps | first-contact ratio (published) |",
               "|---|" + "---:|" * (len(SWEEP_METHODS) + 2)]
     for name, (about, _) in REGIMES.items():

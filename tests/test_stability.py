@@ -12,6 +12,7 @@ import torch
 
 from fedpeptao.config import load_config
 from fedpeptao.core.aggregation import ClientUpdate
+from fedpeptao.algorithms.fedpeptao import STABLE_RATIO
 from fedpeptao.core.server import ServerState, ServerStepConfig, fedpeptao_step, first_contact_ratio
 from fedpeptao.sim.simulator import Simulation
 
@@ -75,4 +76,4 @@ def test_the_default_config_is_outside_the_unstable_range():
     steps = cfg.client.epochs * -(-per_client // cfg.client.batch_size)
     ratio = first_contact_ratio(steps, cfg.client.lr, cfg.method.server_lr, cfg.method.momentum,
                                 cfg.federated.clients_per_round / cfg.federated.num_clients)
-    assert ratio > 0.5
+    assert ratio > STABLE_RATIO
