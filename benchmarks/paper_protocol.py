@@ -146,19 +146,24 @@ def _float(text: str | None) -> float | None:
     return None if text in (None, "") else float(text)
 
 
+def _csv_rows(piece: Piece, name: str) -> list[dict[str, str]]:
+    """The rows of one of the piece's CSVs (written by compare; none before it has run)."""
+    path = piece.out / name
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def seed_table(piece: Piece) -> dict[str, dict[str, str]]:
     """method -> the piece's compare.csv row (over seeds)."""
-    path = piece.out / "compare.csv"
-    if not path.is_file():
-        return {}
-    return {row["method"]: row for row in csv.DictReader(path.open())}
+    return {row["method"]: row for row in _csv_rows(piece, "compare.csv")}
 
 
 def run_rows(piece: Piece) -> list[dict[str, str]]:
     """The piece's compare_runs.csv: one row per finished (method, seed) run. The README reads
     these (committed) rows rather than the run records, so it can be rewritten from any checkout."""
-    path = piece.out / "compare_runs.csv"
-    return list(csv.DictReader(path.open())) if path.is_file() else []
+    return _csv_rows(piece, "compare_runs.csv")
 
 
 def stability_of(piece: Piece) -> dict[str, dict]:
@@ -169,8 +174,7 @@ def stability_of(piece: Piece) -> dict[str, dict]:
 
 def cost_table(piece: Piece) -> dict[str, dict[str, str]]:
     """method -> the piece's cost_to_target.csv row."""
-    path = piece.out / "cost_to_target.csv"
-    return {row["method"]: row for row in csv.DictReader(path.open())} if path.is_file() else {}
+    return {row["method"]: row for row in _csv_rows(piece, "cost_to_target.csv")}
 
 
 def cost_cell(row: dict[str, str] | None) -> str:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedpeptao.algorithms.fedpeptao import STABLE_RATIO
 from fedpeptao.config import load_config
 from fedpeptao.core.aggregation import ClientUpdate
-from fedpeptao.algorithms.fedpeptao import STABLE_RATIO
 from fedpeptao.core.server import ServerState, ServerStepConfig, fedpeptao_step, first_contact_ratio
 from fedpeptao.sim.simulator import Simulation
 
