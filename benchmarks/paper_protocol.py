@@ -12,7 +12,10 @@ stopped half-way resumes at its first unfinished (method, seed) run):
   are the sweep's ``base`` runs from ``main:mr``);
 * ``sweep:<regime>``: MR, seed 0, FedPepTAO (published correction and ``method.correction=previous``)
   against FedAvg, one setting changed at a time: Dirichlet alpha 0.1 / 10, participation 5% / 50%,
-  local steps per client round about 1 / 3 / 10 (``base`` is the preset: alpha 1, 10%, about 6).
+  local steps per client round about 1 / 3 / 10 (``base`` is the preset: alpha 1, 10%, about 6);
+* ``stable:<task>``: MR and SST-2, the same three methods as the sweep at the preset over seeds 0, 1, 2
+  (FedPepTAO's and FedAvg's runs are copied from ``main:<task>``, MR's seed-0 stable run from
+  ``sweep:base``), so the stable correction is judged with intervals, not on one seed.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/paper_protocol.py --pieces main:mr,main:rte
     .venv/bin/python benchmarks/paper_protocol.py --list        # the pieces and how far each is
@@ -45,7 +48,9 @@ SEEDS = (0, 1, 2)
 TASKS = ("mr", "sst-2", "rte", "mrpc")
 MAIN_METHODS = ("fedpeptao", "fedavg", "lora", "fedprompt", "scaffold")
 ABLATIONS = ("fedpeptao", "fedpeptao-all-layers", "fedpeptao-no-cv", "fedpeptao-no-momentum")
+#: the published correction, the stable one (``method.correction=previous``) and FedAvg
 SWEEP_METHODS = ("fedpeptao", "fedpeptao-previous", "fedavg")
+STABLE_TASKS = ("mr", "sst-2")
 #: about 18 training examples per client (2,000 over 100 clients, 10% held out for validation):
 #: local steps per client round = epochs * ceil(18 / batch)
 REGIMES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -97,25 +102,29 @@ def pieces() -> dict[str, Piece]:
            for t in TASKS]
     out += [Piece(f"ablations:{t}", f"configs/paper/{t}.toml", ABLATIONS, SEEDS, about=f"{t}, FedPepTAO's ablations")
             for t in ("mr", "rte")]
+    out += [Piece(f"stable:{t}", f"configs/paper/{t}.toml", SWEEP_METHODS, SEEDS,
+                  about=f"{t}, the published and the stable correction over seeds") for t in STABLE_TASKS]
     out += [Piece(f"sweep:{name}", "configs/paper/mr.toml", SWEEP_METHODS, (0,), overrides, about)
             for name, (about, overrides) in REGIMES.items()]
     return {p.name: p for p in out}
 
 
 def borrow_runs(piece: Piece) -> None:
-    """A piece on a preset without overrides (an ablation, the sweep's base) starts with the runs of
-    ``main:<task>`` it shares (compare's ``--resume`` reuses a record only when its config is exactly
-    the run's, so a copy that does not fit is run again and overwritten)."""
+    """A piece on a preset without overrides (an ablation, the stable pieces, the sweep's base) starts
+    with the runs it shares with the other pieces on that preset (compare's ``--resume`` reuses a
+    record only when its config is exactly the run's, so a copy that does not fit is run again and
+    overwritten)."""
     if piece.overrides or piece.name.startswith("main:"):
         return
-    source = next(p for p in pieces().values() if p.name.startswith("main:") and p.config == piece.config)
-    for method in set(piece.methods) & set(source.methods):
-        for seed in piece.seeds:
-            src = source.out / "runs" / method / f"seed-{seed}.json"
-            dst = piece.out / "runs" / method / f"seed-{seed}.json"
-            if src.is_file() and not dst.is_file():
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(src, dst)
+    sources = [p for p in pieces().values() if p.config == piece.config and not p.overrides and p.name != piece.name]
+    for source in sources:
+        for method in set(piece.methods) & set(source.methods):
+            for seed in set(piece.seeds) & set(source.seeds):
+                src = source.out / "runs" / method / f"seed-{seed}.json"
+                dst = piece.out / "runs" / method / f"seed-{seed}.json"
+                if src.is_file() and not dst.is_file():
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(src, dst)
 
 
 def run(piece: Piece) -> None:
@@ -255,6 +264,21 @@ def report(threads: str) -> str:
     ablations = {t: seed_table(all_pieces[f"ablations:{t}"]) for t in ("mr", "rte")}
     for method in ABLATIONS:
         lines.append(f"| {method} | {cell(ablations['mr'].get(method))} | {cell(ablations['rte'].get(method))} |")
+    lines += ["", "## The stable correction over seeds", "",
+              "The preset, 3 seeds: the published correction, `method.correction=previous` and FedAvg (the first "
+              "and last are `main:<task>`'s runs). Test metric at the round chosen on validation, the paired "
+              "difference to the published form, and the test metric at the last round per seed (seeds 0 / 1 / 2).",
+              "", "| method | " + " | ".join(f"{t} | {t}: difference | {t}: last round" for t in STABLE_TASKS) + " |",
+              "|---|" + "---:|---:|---|" * len(STABLE_TASKS)]
+    stable = {t: all_pieces[f"stable:{t}"] for t in STABLE_TASKS}
+    for method in SWEEP_METHODS:
+        cells = []
+        for t in STABLE_TASKS:
+            row = seed_table(stable[t]).get(method)
+            finals = {r["seed"]: _float(r.get("final")) for r in run_rows(stable[t]) if r["method"] == method}
+            last = " / ".join("—" if finals.get(str(s)) is None else f"{finals[str(s)]:.3f}" for s in SEEDS)
+            cells.append(f"{cell(row)} | {difference(row)} | {last}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "## Regime sweep on MR (seed 0)", "",
               "One setting changed from the preset at a time. Test accuracy at the round chosen on validation; "
               "in brackets the test accuracy at the last round (12), which shows a run that learns and then turns "

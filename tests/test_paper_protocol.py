@@ -70,3 +70,23 @@ def test_an_ablation_starts_from_the_main_runs_and_the_readme_reads_the_tables(o
     assert "| fedpeptao | 0.800 ± 0.050 | not run | not run | not run |" in text
     assert "| fedavg | 0.700 ± 0.100 (2 seeds) |" in text and "| fedavg | -0.100 [-0.200, +0.000] |" in text
     assert "| main:mr | 1/15 | 100 |" in text and "OMP_NUM_THREADS=2" in text
+
+
+def test_a_stable_piece_borrows_every_run_it_shares_and_reports_each_seeds_last_round(out):
+    pieces = study.pieces()
+    for piece, method, seed in [("main:mr", "fedavg", 1), ("sweep:base", "fedpeptao-previous", 0),
+                                ("sweep:alpha-10", "fedpeptao-previous", 1)]:
+        folder = pieces[piece].out / "runs" / method
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"seed-{seed}.json").write_text(json.dumps({"method": method}))
+    stable = pieces["stable:mr"]
+    study.borrow_runs(stable)
+    assert sorted(p.relative_to(stable.out / "runs").as_posix() for p in (stable.out / "runs").rglob("*.json")) == [
+        "fedavg/seed-1.json", "fedpeptao-previous/seed-0.json"]  # not alpha-10's: its config differs
+    write_csv(stable.out, [{"method": "fedpeptao-previous", "seeds": 3, "test_mean": 0.77, "test_ci_low": 0.76,
+                            "test_ci_high": 0.78, "difference_mean": 0.05, "difference_ci_low": 0.01,
+                            "difference_ci_high": 0.09}])
+    (stable.out / "compare_runs.csv").write_text(
+        "method,seed,final,wall_s\nfedpeptao-previous,0,0.771,90.0\nfedpeptao-previous,2,0.765,90.0\n")
+    assert "| fedpeptao-previous | 0.770 ± 0.010 | +0.050 [+0.010, +0.090] | 0.771 / — / 0.765 | not run |" \
+        in study.report("2")
