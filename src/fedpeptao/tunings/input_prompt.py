@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -31,7 +32,9 @@ class FedPromptModel(TunedModel):
         self.num_input_tokens = num_tokens
         config = PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=num_tokens,
                                     prompt_tuning_init="SAMPLE_VOCAB")
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # PEFT reads transformers' deprecated ``is_gradient_checkpointing``; nothing a user can act on
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             torch.manual_seed(seed)
             self.peft = get_peft_model(self.body(), config)
         for name, param in self.peft.named_parameters():
