@@ -295,11 +295,17 @@ def report(threads: str) -> str:
                      + f" | {'—' if steps is None else f'{steps:g}'} | {'—' if ratio is None else f'{ratio:+.2f}'} |")
     lines += ["", "## Pieces, commands and wall time", "",
               "| piece | runs done | wall s (sum of runs) | command |", "|---|---:|---:|---|"]
+    unique: dict[tuple, float] = {}  # a run shared by pieces (borrowed) counts once in the total
     for piece in all_pieces.values():
         rows = run_rows(piece)
         wall = sum(_float(r.get("wall_s")) or 0.0 for r in rows)
+        unique.update({(piece.config, piece.overrides, r["method"], r["seed"]): _float(r.get("wall_s")) or 0.0
+                       for r in rows})
         lines.append(f"| {piece.name} | {len(rows)}/{len(piece.methods) * len(piece.seeds)} | {wall:.0f} | "
                      f"`{' '.join(piece.command())}` |")
+    total = sum(unique.values())
+    lines += ["", f"The whole study, each run counted once (pieces share the runs they borrow): {len(unique)} runs, "
+              f"{total:.0f} s ({total / 3600:.1f} h) of run wall time."]
     return "\n".join(lines) + "\n"
 
 

@@ -70,6 +70,7 @@ def test_an_ablation_starts_from_the_main_runs_and_the_readme_reads_the_tables(o
     assert "| fedpeptao | 0.800 ± 0.050 | not run | not run | not run |" in text
     assert "| fedavg | 0.700 ± 0.100 (2 seeds) |" in text and "| fedavg | -0.100 [-0.200, +0.000] |" in text
     assert "| main:mr | 1/15 | 100 |" in text and "OMP_NUM_THREADS=2" in text
+    assert "2 runs, 190 s (0.1 h)" in text
 
 
 def test_a_stable_piece_borrows_every_run_it_shares_and_reports_each_seeds_last_round(out):
