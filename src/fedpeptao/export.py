@@ -41,6 +41,7 @@ from fedpeptao.data.instruct import eos_ids, has_chat_template
 from fedpeptao.models.loading import load_backbone
 from fedpeptao.tasks import task_class
 from fedpeptao.trained import TrainedModel
+from fedpeptao.tunings.common import wrap_with_peft
 
 PEFT_TUNINGS = ("deep_prompt", "lora", "input_prompt")
 CLASSIFIER_FILE, HEAD_FILE, GENERATION_FILE = "classifier.json", "head.safetensors", "generation.json"
@@ -107,8 +108,6 @@ def _classifier_files(trained: TrainedModel, out: Path) -> None:
 
 
 def _peft_adapter(trained: TrainedModel):
-    from peft import get_peft_model  # noqa: PLC0415
-
     tuning = trained.cfg.tuning
     if tuning.name == "input_prompt":
         peft_model = trained.model.peft
@@ -116,11 +115,11 @@ def _peft_adapter(trained: TrainedModel):
         return peft_model
     base = load_backbone(trained.cfg.model.name, head=trained.head).model  # fresh: ours carries our own prefix hook
     if tuning.name == "deep_prompt":
-        return _prefix_adapter(trained, base, get_peft_model)
-    return _lora_adapter(trained, base, get_peft_model)
+        return _prefix_adapter(trained, base)
+    return _lora_adapter(trained, base)
 
 
-def _prefix_adapter(trained: TrainedModel, base, get_peft_model):
+def _prefix_adapter(trained: TrainedModel, base):
     from peft import PrefixTuningConfig  # noqa: PLC0415
 
     prompt = trained.model.prompt
@@ -129,7 +128,7 @@ def _prefix_adapter(trained: TrainedModel, base, get_peft_model):
         raise ExportError("deep prompts on a subset of layers have no PEFT prefix-tuning form")
     config = PrefixTuningConfig(task_type=peft_task_type(trained), num_virtual_tokens=prompt.num_tokens,
                                 prefix_projection=False)
-    peft_model = get_peft_model(base, config)
+    peft_model = wrap_with_peft(base, config)
     weight = torch.cat([prompt.layers[str(i)].detach().reshape(prompt.num_tokens, -1) for i in layers], dim=1)
     embedding = peft_model.prompt_encoder["default"].embedding.weight
     if embedding.shape != weight.shape:
@@ -139,13 +138,13 @@ def _prefix_adapter(trained: TrainedModel, base, get_peft_model):
     return peft_model
 
 
-def _lora_adapter(trained: TrainedModel, base, get_peft_model):
+def _lora_adapter(trained: TrainedModel, base):
     from peft import LoraConfig  # noqa: PLC0415
 
     s = trained.cfg.tuning
     config = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=s.target_modules, bias="none",
                         task_type=peft_task_type(trained))
-    peft_model = get_peft_model(base, config)
+    peft_model = wrap_with_peft(base, config)
     ours = {n.removeprefix("model."): t for n, t in trained.model.trainable_state().items() if "lora_" in n}
     theirs = {n.removeprefix("base_model.model."): p for n, p in peft_model.named_parameters() if "lora_" in n}
     if ours.keys() != theirs.keys():

@@ -1,4 +1,4 @@
-"""What several tunings share: vocabulary-sampled inits, cutting prompt positions, input prompts.
+"""What several tunings share: vocabulary-sampled inits, cutting prompt positions, input prompts, PEFT wrapping.
 
 Input-level prompts follow PEFT's prompt tuning exactly:
 ``P`` vectors prepended to the input embeddings, ``P`` ones prepended to the attention mask, no
@@ -8,6 +8,7 @@ from the outputs again, so every task reads the text tokens where it always does
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -15,6 +16,16 @@ import torch
 from fedpeptao.models.tuned import TunedModel
 
 INIT_STD = 0.02
+
+
+def wrap_with_peft(model, config):
+    """``peft.get_peft_model``, without the FutureWarning PEFT triggers by reading transformers'
+    deprecated ``is_gradient_checkpointing`` (printed on every call, nothing a user can act on)."""
+    from peft import get_peft_model  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, config)
 
 
 def hidden_size(model) -> int:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Literal
 
 import torch
@@ -14,7 +13,7 @@ from pydantic import Field
 
 from fedpeptao.models.tuned import TunedModel
 from fedpeptao.tunings.base import TuningSettings, register_tuning
-from fedpeptao.tunings.common import strip_prompt
+from fedpeptao.tunings.common import strip_prompt, wrap_with_peft
 
 
 class InputPromptSettings(TuningSettings):
@@ -27,16 +26,14 @@ class FedPromptModel(TunedModel):
 
     def __init__(self, model, task, num_tokens: int, seed: int = 0):
         super().__init__(model, task)
-        from peft import PromptTuningConfig, get_peft_model  # noqa: PLC0415
+        from peft import PromptTuningConfig  # noqa: PLC0415
 
         self.num_input_tokens = num_tokens
         config = PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=num_tokens,
                                     prompt_tuning_init="SAMPLE_VOCAB")
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            # PEFT reads transformers' deprecated ``is_gradient_checkpointing``; nothing a user can act on
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.peft = get_peft_model(self.body(), config)
+            self.peft = wrap_with_peft(self.body(), config)
         for name, param in self.peft.named_parameters():
             param.requires_grad_(name.startswith("prompt_encoder."))
 
