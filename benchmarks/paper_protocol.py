@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 
 from fedpeptao.algorithms.fedpeptao import STABLE_RATIO
@@ -118,13 +119,13 @@ def borrow_runs(piece: Piece) -> None:
         return
     sources = [p for p in pieces().values() if p.config == piece.config and not p.overrides and p.name != piece.name]
     for source in sources:
-        for method in set(piece.methods) & set(source.methods):
-            for seed in set(piece.seeds) & set(source.seeds):
-                src = source.out / "runs" / method / f"seed-{seed}.json"
-                dst = piece.out / "runs" / method / f"seed-{seed}.json"
-                if src.is_file() and not dst.is_file():
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(src, dst)
+        shared = product(set(piece.methods) & set(source.methods), set(piece.seeds) & set(source.seeds))
+        for method, seed in shared:
+            src = source.out / "runs" / method / f"seed-{seed}.json"
+            dst = piece.out / "runs" / method / f"seed-{seed}.json"
+            if src.is_file() and not dst.is_file():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(src, dst)
 
 
 def run(piece: Piece) -> None:
@@ -270,13 +271,14 @@ def report(threads: str) -> str:
               "difference to the published form, and the test metric at the last round per seed (seeds 0 / 1 / 2).",
               "", "| method | " + " | ".join(f"{t} | {t}: difference | {t}: last round" for t in STABLE_TASKS) + " |",
               "|---|" + "---:|---:|---|" * len(STABLE_TASKS)]
-    stable = {t: all_pieces[f"stable:{t}"] for t in STABLE_TASKS}
+    stable = {t: seed_table(all_pieces[f"stable:{t}"]) for t in STABLE_TASKS}
+    finals = {(t, r["method"], r["seed"]): _float(r.get("final"))
+              for t in STABLE_TASKS for r in run_rows(all_pieces[f"stable:{t}"])}
     for method in SWEEP_METHODS:
         cells = []
         for t in STABLE_TASKS:
-            row = seed_table(stable[t]).get(method)
-            finals = {r["seed"]: _float(r.get("final")) for r in run_rows(stable[t]) if r["method"] == method}
-            last = " / ".join("—" if finals.get(str(s)) is None else f"{finals[str(s)]:.3f}" for s in SEEDS)
+            row = stable[t].get(method)
+            last = " / ".join("—" if (final := finals.get((t, method, str(s)))) is None else f"{final:.3f}" for s in SEEDS)
             cells.append(f"{cell(row)} | {difference(row)} | {last}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "## Regime sweep on MR (seed 0)", "",
@@ -297,11 +299,10 @@ def report(threads: str) -> str:
               "| piece | runs done | wall s (sum of runs) | command |", "|---|---:|---:|---|"]
     unique: dict[tuple, float] = {}  # a run shared by pieces (borrowed) counts once in the total
     for piece in all_pieces.values():
-        rows = run_rows(piece)
-        wall = sum(_float(r.get("wall_s")) or 0.0 for r in rows)
-        unique.update({(piece.config, piece.overrides, r["method"], r["seed"]): _float(r.get("wall_s")) or 0.0
-                       for r in rows})
-        lines.append(f"| {piece.name} | {len(rows)}/{len(piece.methods) * len(piece.seeds)} | {wall:.0f} | "
+        walls = {(piece.config, piece.overrides, r["method"], r["seed"]): _float(r.get("wall_s")) or 0.0
+                 for r in run_rows(piece)}
+        unique.update(walls)
+        lines.append(f"| {piece.name} | {len(walls)}/{len(piece.methods) * len(piece.seeds)} | {sum(walls.values()):.0f} | "
                      f"`{' '.join(piece.command())}` |")
     total = sum(unique.values())
     lines += ["", f"The whole study, each run counted once (pieces share the runs they borrow): {len(unique)} runs, "
